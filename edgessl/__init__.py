@@ -1,0 +1,15 @@
+"""edgessl: single-view self-supervised pretraining of small timm backbones, shipped to the edge."""
+
+__version__ = "0.1.0"
+
+from edgessl.errors import ConfigError, EdgesslError  # noqa: E402
+
+
+def create_backbone(name, image_size=32, downsample="auto", init_weights=None):
+    """timm backbone with pooled features and a small-input stem; see edgessl.backbones."""
+    from edgessl.backbones import create_backbone as _create
+
+    return _create(name, image_size, downsample, init_weights)
+
+
+__all__ = ["__version__", "create_backbone", "ConfigError", "EdgesslError"]

@@ -1,0 +1,3 @@
+from edgessl.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""Self-describing checkpoints: written atomically, loaded with weights_only=True.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no
+numpy arrays, no Namespace: MEASURED.md's weights_only pitfalls), holding what a
+run needs to continue exactly: resolved config, versions, position, model (backbone,
+head, bank), optimizer, scaler and every RNG state.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgessl.errors import EdgesslError
+
+FORMAT = "edgessl-checkpoint"
+FORMAT_VERSION = 1
+
+
+def versions() -> dict:
+    import timm
+
+    import edgessl
+
+    return {"edgessl": edgessl.__version__, "torch": torch.__version__, "timm": timm.__version__}
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": _to_lists(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
+
+
+def save(state: dict, path: Path) -> None:
+    """Write `state` to `path` atomically: temp file in the same folder, fsync, rename.
+
+    A crash at any moment leaves either the old checkpoint or the new one, never half of one.
+    """
+    path = Path(path)
+    state = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: Path) -> dict:
+    """Load an edgessl checkpoint safely; anything else is one clear EdgesslError."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgesslError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgesslError(f"refusing to load {path}: it is not a plain-data checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise EdgesslError(f"cannot read checkpoint {path}: truncated or not a torch file "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise EdgesslError(f"{path} is not an edgessl checkpoint")
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise EdgesslError(f"{path} has checkpoint format {state['format_version']}; this edgessl reads "
+                           f"up to {FORMAT_VERSION} (upgrade edgessl)")
+    return state

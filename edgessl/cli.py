@@ -1,0 +1,103 @@
+"""The `edgessl` command: a thin shell over the library (heavy imports inside commands)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from click.core import ParameterSource
+
+from edgessl import __version__
+from edgessl.config import Config
+from edgessl.errors import EdgesslError
+
+_D = Config()  # the recipe defaults, shown by --help
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="edgessl")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@click.pass_context
+def cli(ctx, debug):
+    """Self-supervised pretraining of small timm backbones, shipped to the edge."""
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+@cli.command()
+@click.option("--data", "data_spec", help="Training images: npz:PATH, cifar10:DIR, cifar100:DIR, "
+              "fashion-mnist[:DIR], folder:DIR.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--backbone", default=_D.backbone.name, help="Alias (mobilenetv3, mobilenetv3-large, "
+              "mobilenetv4, resnet18) or any timm model name.")
+@click.option("--method", default=_D.method.name, type=click.Choice(["memdistill", "npid"]), help="Method.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe overriding the defaults.")
+@click.option("--epochs", type=int, default=_D.optim.epochs, help="Epochs (wins over --minutes).")
+@click.option("--minutes", type=float, help="Budget: stop at the first epoch end after this many minutes.")
+@click.option("--batch-size", type=int, default=_D.optim.batch_size)
+@click.option("--image-size", type=int, help="Resize images to this size (default: the dataset's own).")
+@click.option("--val-fraction", type=float, default=_D.data.val_fraction,
+              help="Hold out this fraction (fixed seed) for the kNN monitor.")
+@click.option("--val-data", "val_spec", help="A second dataset spec for the kNN monitor.")
+@click.option("--init-weights", type=click.Path(dir_okay=False), help="Local timm state dict to start from.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=_D.run.precision)
+@click.option("--device", default=_D.run.device, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=_D.run.seed)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
+@click.pass_context
+def pretrain(ctx, out, config_path, resume, as_json, **flags):
+    """Pretrain a backbone on unlabelled images with a single-view method."""
+    from edgessl import config as config_lib, train
+    from edgessl.methods import PRESETS
+
+    cfg = train.config_from_checkpoint(out) if resume else Config()
+    yaml_overrides = config_lib.load_yaml(config_path) if config_path else {}
+    if not resume:
+        name = flags["method"] if _given(ctx, "method") else yaml_overrides.get("method", {}).get("name", "memdistill")
+        if name not in PRESETS:
+            raise EdgesslError(f"unknown method {name!r} (known: {', '.join(PRESETS)})")
+        config_lib.from_dict({"method": {"name": name, **PRESETS[name]}}, cfg)
+        config_lib.from_dict(yaml_overrides, cfg)
+    elif config_path:
+        raise EdgesslError("--resume uses the run's stored config; drop --config")
+    where = {"data_spec": ("data", "spec"), "val_spec": ("data", "val_spec"), "val_fraction": ("data", "val_fraction"),
+             "image_size": ("data", "image_size"), "backbone": ("backbone", "name"),
+             "init_weights": ("backbone", "init_weights"), "method": ("method", "name"),
+             "epochs": ("optim", "epochs"), "minutes": ("optim", "minutes"), "batch_size": ("optim", "batch_size"),
+             "precision": ("run", "precision"), "device": ("run", "device"), "seed": ("run", "seed")}
+    overrides: dict = {}
+    for flag, (section, key) in where.items():
+        if _given(ctx, flag) and not (flag == "method" and not resume and flags[flag] == cfg.method.name):
+            overrides.setdefault(section, {})[key] = flags[flag]
+    if _given(ctx, "minutes") and not _given(ctx, "epochs") and not resume:
+        overrides.setdefault("optim", {})["epochs"] = None  # the schedule is fitted to the minute budget
+    config_lib.from_dict(overrides, cfg)
+    result = train.pretrain(cfg, out, resume=resume)
+    if as_json:
+        click.echo(json.dumps(result))
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:3]
+    try:
+        cli.main(standalone_mode=False, prog_name="edgessl")
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except EdgesslError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

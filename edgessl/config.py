@@ -1,0 +1,245 @@
+"""Typed, strict configuration.
+
+The dataclass defaults are the recommended recipe; YAML files in configs/ and CLI
+flags only override them. An unknown key or a value of the wrong type is a
+ConfigError that names the key. The resolved config is written next to the run
+(config.yaml) and into every checkpoint, as a plain dict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import yaml
+
+from edgessl.errors import ConfigError
+
+# timm's IMAGENET_DEFAULT_MEAN / STD: one normalisation for every dataset, so an
+# exported model's metadata has a single rule (no import of timm here: --help stays fast).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    spec: str = ""  # dataset spec, e.g. npz:PATH (see edgessl.data)
+    val_spec: Optional[str] = None  # a second spec for the kNN monitor ...
+    val_fraction: float = 0.0  # ... or a fraction of `spec` held out (fixed split_seed)
+    split_seed: int = 0  # the held-out split does not move with the run's seed
+    image_size: Optional[int] = None  # None: the dataset's own size (folder: 64)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class AugmentConfig:
+    # METHOD.md's single view: RandomResizedCrop(scale 0.2-1), flip, jitter p 0.8, grayscale p 0.2
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "mobilenetv3"  # alias or any timm model name
+    downsample: Union[str, int] = "auto"  # total output stride: auto | 32 | 16 | 8
+    init_weights: Optional[str] = None  # local timm state dict (safetensors or .pth)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "memdistill"
+    head_dims: list[int] = field(default_factory=lambda: [1024, 1024, 128])
+    temperature: float = 0.2  # tau on the instance logits (released script 0.2)
+    bank_momentum: float = 0.5  # m (NPID and released script 0.5)
+    bank_init: str = "calibrated"  # random | calibrated
+    bank_init_augment: bool = False  # calibrate on augmented (True) or clean (False) views
+    bank_update: str = "ema"  # ema | grad
+    negatives: Union[str, int] = "all"  # all | k sampled entries (plus the batch's own)
+    sqrtkl_weight: float = 20.0  # lambda (released script 20); 0 turns SqrtKL off
+    sqrtkl_temperature: float = 1.0  # released script: SqrtKL on raw cosines
+    cutmix_alpha: float = 0.5  # Beta(alpha, alpha) for the mixing ratio
+    cutmix_prob: float = 1.0  # fraction of steps that use CutMix; 0 turns it off
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.25  # released 1.0 at batch 512, scaled linearly to 128
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0  # released script: no warm-up
+    batch_size: int = 128
+    epochs: Optional[int] = 30  # None: as many as fit in `minutes` (the cosine is fitted to them)
+    minutes: Optional[float] = None  # budget: stop at the first epoch end after this
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    threads: int = 0  # intra-op threads for the network; 0: torch's default
+    augment_threads: int = 1  # small element-wise ops: 1 thread is far faster on CPU
+    monitor_every: int = 1  # kNN monitor every N epochs (needs labels); 0: off
+    knn_k: int = 200
+    checkpoint_every_steps: int = 0  # 0: checkpoint at epoch ends only
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_CHOICES = {
+    "method.bank_init": ("random", "calibrated"),
+    "method.bank_update": ("ema", "grad"),
+    "optim.name": ("sgd", "adamw"),
+    "run.precision": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+def _check_type(value, tp, key):
+    """Return `value` converted to `tp` (int->float, list->tuple) or raise naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _check_type(value, arm, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = typing.get_args(tp)
+        if origin is list:
+            return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        if len(value) == len(args):
+            return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp)) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def _apply(obj, overrides: dict, prefix: str = ""):
+    """Set `overrides` (nested dict) on dataclass `obj` in place, strictly."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping, got {overrides!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _check_type(value, hints[key], full))
+
+
+def validate(cfg: Config) -> Config:
+    """Range and choice checks that types alone cannot express."""
+    flat = to_dict(cfg)
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        if flat[section][name] not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {flat[section][name]!r}")
+    m, o, d = cfg.method, cfg.optim, cfg.data
+    if isinstance(m.negatives, str) and m.negatives != "all" or isinstance(m.negatives, int) and m.negatives < 1:
+        raise ConfigError(f"config key 'method.negatives' must be 'all' or a positive integer, got {m.negatives!r}")
+    ds = cfg.backbone.downsample
+    if ds != "auto" and ds not in (8, 16, 32):
+        raise ConfigError(f"config key 'backbone.downsample' must be auto, 8, 16 or 32, got {ds!r}")
+    checks = [
+        ("method.temperature", m.temperature > 0), ("method.bank_momentum", 0 <= m.bank_momentum < 1),
+        ("method.sqrtkl_weight", m.sqrtkl_weight >= 0), ("method.sqrtkl_temperature", m.sqrtkl_temperature > 0),
+        ("method.cutmix_alpha", m.cutmix_alpha > 0), ("method.cutmix_prob", 0 <= m.cutmix_prob <= 1),
+        ("method.head_dims", len(m.head_dims) >= 1 and min(m.head_dims) >= 1),
+        ("optim.lr", o.lr > 0), ("optim.batch_size", o.batch_size >= 2), ("optim.epochs", o.epochs is None and o.minutes is not None or o.epochs is not None and o.epochs >= 1),
+        ("optim.weight_decay", o.weight_decay >= 0), ("optim.warmup_epochs", o.warmup_epochs >= 0),
+        ("optim.minutes", o.minutes is None or o.minutes > 0),
+        ("data.val_fraction", 0 <= d.val_fraction < 1),
+        ("data.image_size", d.image_size is None or 8 <= d.image_size <= 1024),
+        ("augment.crop_scale", 0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[1] <= 1),
+        ("run.threads", cfg.run.threads >= 0), ("run.augment_threads", cfg.run.augment_threads >= 0),
+        ("run.knn_k", cfg.run.knn_k >= 1), ("run.monitor_every", cfg.run.monitor_every >= 0),
+    ]
+    for key, ok in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise ConfigError(f"config key '{key}' is out of range: {flat[section][name]!r}")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (lists, not tuples): safe in YAML and in weights_only checkpoints."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in to_sections()}
+
+
+def to_sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def from_dict(overrides: dict | None = None, base: Config | None = None) -> Config:
+    cfg = base if base is not None else Config()
+    _apply(cfg, overrides or {})
+    return validate(cfg)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML recipe as an overrides dict (not yet applied)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,268 @@
+"""Dataset specs -> uint8 image tensors held whole in memory (airbench's data path).
+
+A spec names where images come from:
+
+    npz:PATH[?x=KEY&y=KEY]   uint8 NHWC / NHW array (+ optional labels)
+    cifar10:DIR, cifar100:DIR the python-pickle release, read without running pickle code
+    fashion-mnist[:DIR]       gzip IDX (default: Debian's dataset-fashion-mnist folder)
+    folder:DIR                image files (one subfolder per class, optional), resized
+                              once to the image size and cached as uint8 .npy
+
+Every loader returns an `ImageData` whose row i is instance i: the memory bank is
+indexed by that position, so no loader ever skips or substitutes an image.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from edgessl.errors import EdgesslError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+FOLDER_DEFAULT_SIZE = 64
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: Optional[torch.Tensor]  # (N,) int64, or None when unlabelled
+    classes: list[str]
+    spec: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: torch.Tensor) -> "ImageData":
+        labels = self.labels[index] if self.labels is not None else None
+        return ImageData(self.images[index], labels, self.classes, self.spec)
+
+    def to(self, device) -> "ImageData":
+        labels = self.labels.to(device) if self.labels is not None else None
+        return ImageData(self.images.to(device), labels, self.classes, self.spec)
+
+
+def load(spec: str, image_size: Optional[int] = None) -> ImageData:
+    """Decode a dataset spec once into an ImageData on the CPU."""
+    kind, _, rest = spec.partition(":")
+    loaders = {"npz": _load_npz, "cifar10": _load_cifar, "cifar100": _load_cifar,
+               "fashion-mnist": _load_fashion_mnist, "folder": _load_folder}
+    if kind not in loaders:
+        raise EdgesslError(f"malformed dataset spec {spec!r}: expected one of "
+                           "npz:PATH, cifar10:DIR, cifar100:DIR, fashion-mnist[:DIR], folder:DIR")
+    if not rest and kind != "fashion-mnist":
+        raise EdgesslError(f"malformed dataset spec {spec!r}: {kind}: needs a path")
+    images, labels, classes = loaders[kind](kind, rest, image_size)
+    if images.shape[1] == 1:  # grayscale replicated to 3 channels: the stock RGB stem stays
+        images = images.expand(-1, 3, -1, -1)
+    size = image_size or max(images.shape[-2:])
+    if images.shape[-2:] != (size, size):
+        images = _resize(images, size)
+    images = images.contiguous()
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels).astype(np.int64).reshape(-1))
+        if labels.shape[0] != images.shape[0]:
+            raise EdgesslError(f"dataset {spec!r}: {images.shape[0]} images but {labels.shape[0]} labels")
+        if not classes:
+            classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
+    if images.shape[0] == 0:
+        raise EdgesslError(f"dataset {spec!r} holds no images")
+    return ImageData(images, labels, list(classes), spec)
+
+
+def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, ImageData]:
+    """Hold out a fixed, seeded fraction (its own seed: the split does not move with the run's)."""
+    n_val = int(round(len(data) * val_fraction))
+    if n_val < 1 or n_val >= len(data):
+        raise EdgesslError(f"val_fraction {val_fraction} leaves no train or no val images out of {len(data)}")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.subset(perm[:-n_val].sort().values), data.subset(perm[-n_val:].sort().values)
+
+
+def _path(p: str, spec_kind: str) -> Path:
+    path = Path(os.path.expanduser(p))
+    if not path.exists():
+        raise EdgesslError(f"{spec_kind}: path not found: {path}")
+    return path
+
+
+def _load_npz(kind, rest, image_size):
+    path_s, _, query = rest.partition("?")
+    names = dict(urllib.parse.parse_qsl(query))
+    unknown = set(names) - {"x", "y"}
+    if unknown:
+        raise EdgesslError(f"malformed dataset spec npz:{rest}: unknown option(s) {', '.join(sorted(unknown))} "
+                           "(known: x, y)")
+    path = _path(path_s, "npz")
+    try:
+        with np.load(path, allow_pickle=False) as f:  # no pickle: an .npz cannot run code
+            keys = list(f.keys())
+            xk = names.get("x") or next((k for k in ("x", "images", "x_train", "x_test") if k in keys), None)
+            if xk is None or xk not in keys:
+                raise EdgesslError(f"{path}: no images array (looked for {names.get('x') or 'x, images, x_train, x_test'}; "
+                                   f"found {', '.join(keys) or 'nothing'})")
+            pair = {"x": "y", "images": "labels", "x_train": "y_train", "x_test": "y_test"}
+            yk = names.get("y") or pair.get(xk)
+            if names.get("y") and yk not in keys:
+                raise EdgesslError(f"{path}: no labels array {yk!r} (found {', '.join(keys)})")
+            images = f[xk]
+            labels = f[yk] if yk in keys else None
+            classes = [str(c) for c in f["classes"]] if "classes" in keys else []
+    except EdgesslError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise EdgesslError(f"{path}: not a readable .npz file ({e})") from None
+    if images.dtype != np.uint8:
+        raise EdgesslError(f"{path}: images array {xk!r} must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise EdgesslError(f"{path}: images array {xk!r} must be NHWC (C=1 or 3) or NHW, got shape {images.shape}")
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), labels, classes
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts/lists/bytes/numpy arrays; any other global (os.system ...) is refused."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as e:
+        raise EdgesslError(f"{path}: not a CIFAR python-pickle batch ({e})") from None
+
+
+def _split_query(kind, rest) -> tuple[str, str]:
+    path_s, _, query = rest.partition("?")
+    opts = dict(urllib.parse.parse_qsl(query))
+    which = opts.pop("split", "train")
+    if opts or which not in ("train", "test"):
+        raise EdgesslError(f"malformed dataset spec {kind}:{rest}: the only option is split=train|test")
+    return path_s, which
+
+
+def _load_cifar(kind, rest, image_size):
+    """cifar10:DIR[?split=test] or cifar100:DIR[?split=test]."""
+    path_s, which = _split_query(kind, rest)
+    root = _path(path_s, kind)
+    sub = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
+    if (root / sub).is_dir():
+        root = root / sub
+    if kind == "cifar10":
+        files = sorted(root.glob("data_batch_*")) if which == "train" else [root / "test_batch"]
+        meta, label_key, names_key = root / "batches.meta", "labels", "label_names"
+    else:
+        files = [root / which]
+        meta, label_key, names_key = root / "meta", "fine_labels", "fine_label_names"
+    if not files or not all(f.exists() for f in files):
+        raise EdgesslError(f"{kind}: no batch files in {root}")
+    xs, ys = [], []
+    for f in files:
+        d = _unpickle(f)
+        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[label_key]))
+    classes = [str(c) for c in _unpickle(meta)[names_key]] if meta.exists() else []
+    return torch.from_numpy(np.concatenate(xs)), np.concatenate(ys), classes
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not a uint8 IDX file")
+        dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, ValueError, struct.error, EOFError) as e:
+        raise EdgesslError(f"{path}: not a gzip IDX file ({e})") from None
+
+
+def _load_fashion_mnist(kind, rest, image_size):
+    """fashion-mnist[:DIR][?split=train|test]."""
+    dir_s, which = _split_query(kind, rest)
+    root = _path(dir_s or FASHION_MNIST_DIR, "fashion-mnist")
+    prefix = "train" if which == "train" else "t10k"
+    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+    return torch.from_numpy(images.copy())[:, None], labels, FASHION_MNIST_CLASSES
+
+
+def _load_folder(kind, rest, image_size):
+    root = _path(rest, "folder")
+    if not root.is_dir():
+        raise EdgesslError(f"folder: {root} is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise EdgesslError(f"folder: no image files under {root}")
+    size = image_size or FOLDER_DEFAULT_SIZE
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    labels = np.array([classes.index(p.relative_to(root).parts[0]) for p in files]) if classes and all(
+        len(p.relative_to(root).parts) > 1 for p in files) else None
+    key = hashlib.sha256(f"{size}\n".encode() + "\n".join(
+        f"{p.relative_to(root)}\t{p.stat().st_size}" for p in files).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgessl" / f"folder-{key}.npy"
+    if cache.exists():
+        return torch.from_numpy(np.load(cache, allow_pickle=False)), labels, classes if labels is not None else []
+    images = np.stack([_decode(p, size) for p in files])  # (N, H, W, 3)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, images)
+    os.replace(tmp, cache)
+    return torch.from_numpy(images).permute(0, 3, 1, 2), labels, classes if labels is not None else []
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    """One image file -> (size, size, 3) uint8: EXIF-rotated, 16-bit scaled, alpha dropped, resized."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255)
+                                     .astype(np.uint8))
+            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise EdgesslError(f"folder: cannot decode {path}: {e}") from None
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize, in chunks (uint8 in, uint8 out)."""
+    import torch.nn.functional as F
+
+    out = []
+    for chunk in images.split(1024):
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def describe(data: ImageData) -> str:
+    n, c, h, w = data.images.shape
+    lab = f", {len(data.classes)} classes" if data.labels is not None else ", unlabelled"
+    return f"{n} images {h}x{w}{lab} ({data.spec})"

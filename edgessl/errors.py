@@ -1,0 +1,9 @@
+"""The one error type users see: a clear line, exit code 2, no traceback (see cli.py)."""
+
+
+class EdgesslError(Exception):
+    """Bad input or a state edgessl refuses to work from (path, spec, config, checkpoint)."""
+
+
+class ConfigError(EdgesslError):
+    """A config key that does not exist, or a value of the wrong type or range."""

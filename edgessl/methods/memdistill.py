@@ -1,0 +1,132 @@
+"""memdistill: single-branch instance discrimination with a memory bank (../shared/METHOD.md).
+
+Cao and Wu, "On Improving the Algorithm-, Model-, and Data- Efficiency of
+Self-Supervised Learning" (arXiv 2404.19289): NPID's memory bank with a calibrated
+initialisation, a gradient-corrected bank update, SqrtKL self-distillation and CutMix,
+one augmented view per image per step. Every part is a switch in MethodConfig; with
+bank_init random, bank_update ema, sqrtkl_weight 0 and cutmix_prob 0 it is NPID.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgessl.augment import cutmix
+from edgessl.config import MethodConfig
+from edgessl.losses import instance_loss, sqrtkl_loss
+from edgessl.methods.heads import projection_head
+
+
+class MemDistill(nn.Module):
+    def __init__(self, backbone: nn.Module, num_samples: int, cfg: MethodConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.head = projection_head(backbone.feature_dim, cfg.head_dims)
+        # W: one unit row per training image, indexed by dataset position (NPID's random init)
+        self.register_buffer("bank", F.normalize(torch.randn(num_samples, cfg.head_dims[-1]), dim=1))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """z = g(f(x)) / ||g(f(x))||, fp32: (B, 3, S, S) -> (B, d)."""
+        return F.normalize(self.head(self.backbone(images)).float(), dim=1)
+
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> dict:
+        cfg, b = self.cfg, images.shape[0]
+        perm, lam = None, 1.0
+        if self.training and cfg.cutmix_prob > 0 and float(torch.rand(())) < cfg.cutmix_prob:
+            images, perm, lam = cutmix(images, cfg.cutmix_alpha)
+        z = self.embed(images)  # (B, d)
+        cols, targets = self._scored_columns(indices)  # (C,) or None for every row; (B,)
+        bank = self.bank if cols is None else self.bank[cols]  # (C, d), before this step's update
+        cosines = z @ bank.T  # (B, C)
+        targets_b = targets[perm] if perm is not None else None
+        loss_id = instance_loss(cosines, targets, cfg.temperature, targets_b, lam)
+        loss = loss_id
+        loss_sq = torch.zeros((), device=z.device)
+        if cfg.sqrtkl_weight > 0:
+            loss_sq = sqrtkl_loss(cosines, cfg.sqrtkl_temperature)
+            loss = loss + cfg.sqrtkl_weight * loss_sq
+        return {"loss": loss, "parts": {"loss_id": loss_id.detach(), "loss_sqrtkl": loss_sq.detach()},
+                "z": z.detach(), "cosines": cosines.detach(), "indices": indices, "cols": cols,
+                "targets": targets, "targets_b": targets_b, "lam": lam, "perm": perm}
+
+    def _scored_columns(self, indices: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """`all`: every bank row, target = own index. k: the batch's rows then k random rows."""
+        n, k = self.bank.shape[0], self.cfg.negatives
+        if k == "all" or k >= n:
+            return None, indices
+        sampled = torch.randperm(n, device=indices.device)[:k]  # may repeat a batch row: kept, as released
+        return torch.cat([indices, sampled]), torch.arange(indices.shape[0], device=indices.device)
+
+    @torch.no_grad()
+    def update(self, out: dict) -> None:
+        """The bank update after the optimizer step (the step's logits used the old bank)."""
+        if self.cfg.bank_update == "ema":
+            self._update_ema(out)
+        else:
+            self._update_grad(out)
+
+    def _update_ema(self, out: dict) -> None:
+        """NPID: w_i <- normalise(m w_i + (1 - m) z_i) for the batch's own rows.
+
+        Under CutMix each row takes the view where its image covers the larger area
+        (lam >= 0.5: its own; else its partner's); perm is a permutation, so every
+        batch row is still updated exactly once.
+        """
+        m, idx, z = self.cfg.bank_momentum, out["indices"], out["z"]
+        if out["perm"] is not None and out["lam"] < 0.5:
+            idx = idx[out["perm"]]
+        self.bank[idx] = F.normalize(m * self.bank[idx] + (1 - m) * z, dim=1)
+
+    def bank_gradient(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """d(sum over batch of L_total)/dW on the scored rows: (rows (R,), grad (R, d)).
+
+        dL/dc_bk = (p_bk - y_bk) / tau + lambda * q_bk (a_bk - <q_b, a_b>) / T, with
+        p = softmax(c / tau), y the (CutMix-mixed) one-hot target, q = softmax(c / T),
+        a = log q - log u the SqrtKL term's log ratio; dL/dw_k = sum_b dL/dc_bk z_b.
+        """
+        cfg, c, z = self.cfg, out["cosines"], out["z"]  # (B, C), (B, d)
+        y = F.one_hot(out["targets"], c.shape[1]).float()  # (B, C)
+        if out["targets_b"] is not None:
+            y = out["lam"] * y + (1 - out["lam"]) * F.one_hot(out["targets_b"], c.shape[1]).float()
+        g = (F.softmax(c / cfg.temperature, 1) - y) / cfg.temperature  # (B, C)
+        if cfg.sqrtkl_weight > 0:
+            log_q = F.log_softmax(c / cfg.sqrtkl_temperature, 1)
+            a = log_q - F.log_softmax(c / (2 * cfg.sqrtkl_temperature), 1)
+            q = log_q.exp()
+            g = g + cfg.sqrtkl_weight * q * (a - (q * a).sum(1, keepdim=True)) / cfg.sqrtkl_temperature
+        grad_cols = g.T @ z  # (C, d)
+        if out["cols"] is None:
+            return torch.arange(c.shape[1], device=c.device), grad_cols
+        rows, inverse = out["cols"].unique(return_inverse=True)  # repeated rows: gradients add
+        return rows, torch.zeros(rows.shape[0], z.shape[1], device=z.device).index_add_(0, inverse, grad_cols)
+
+    def _update_grad(self, out: dict) -> None:
+        """METHOD.md's corrected rule: W <- normalise_rows(W - (1 - m) tau grad_W L) on the scored rows."""
+        rows, grad = self.bank_gradient(out)
+        step = (1 - self.cfg.bank_momentum) * self.cfg.temperature
+        self.bank[rows] = F.normalize(self.bank[rows] - step * grad, dim=1)
+
+    @torch.no_grad()
+    def calibrate_bank(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Feature calibration: w_i = z_i of the untrained network, every row filled.
+
+        Train-mode BatchNorm (batch statistics, as the first steps see them); the
+        BatchNorm running statistics are restored afterwards, so the pass has no side effect.
+        """
+        saved = {k: v.clone() for k, v in self.named_buffers() if k != "bank"}
+        was_training = self.training
+        self.train()
+        filled = torch.zeros(self.bank.shape[0], dtype=torch.bool, device=self.bank.device)
+        for images, indices in batches:
+            self.bank[indices] = self.embed(images)
+            filled[indices] = True
+        self.train(was_training)
+        for k, v in self.named_buffers():
+            if k in saved:
+                v.copy_(saved[k])
+        if not bool(filled.all()):
+            raise RuntimeError(f"calibration left {int((~filled).sum())} bank rows unfilled")
