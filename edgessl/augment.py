@@ -138,7 +138,9 @@ class BatchAugment:
         b, _, h, w = images.shape
         boxes = crop_boxes(b, h, w, c.crop_scale, c.crop_ratio, dev)  # (B, 4)
         rois = torch.cat([torch.arange(b, device=dev, dtype=boxes.dtype)[:, None], boxes], 1)  # (B, 5)
-        x = roi_align(images.float(), rois, (self.size, self.size), 1.0, sampling_ratio=2, aligned=True)
+        # adaptive sampling: one bilinear sample per output pixel when upsampling a crop (as
+        # RandomResizedCrop), an average over ceil(crop/out) samples when shrinking
+        x = roi_align(images.float(), rois, (self.size, self.size), 1.0, sampling_ratio=0, aligned=True)
         x = x.div_(255.0).clamp_(0.0, 1.0)  # (B, 3, S, S) in [0, 1]
         flip = torch.rand(b, device=dev) < c.flip_prob
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)

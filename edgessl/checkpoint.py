@@ -28,7 +28,7 @@ def versions() -> dict:
 
     import edgessl
 
-    return {"edgessl": edgessl.__version__, "torch": torch.__version__, "timm": timm.__version__}
+    return {"edgessl": edgessl.__version__, "torch": str(torch.__version__), "timm": timm.__version__}
 
 
 def rng_state() -> dict:
@@ -89,8 +89,8 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EdgesslError(f"refusing to load {path}: it is not a plain-data checkpoint ({first})") from None
+        why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), type(e).__name__)
+        raise EdgesslError(f"refusing to load {path}: it holds more than plain data ({why.split(' was not')[0]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise EdgesslError(f"cannot read checkpoint {path}: truncated or not a torch file "
                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

@@ -19,6 +19,7 @@ import os
 import pickle
 import struct
 import urllib.parse
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -56,7 +57,9 @@ class ImageData:
 
 def load(spec: str, image_size: Optional[int] = None) -> ImageData:
     """Decode a dataset spec once into an ImageData on the CPU."""
-    kind, _, rest = spec.partition(":")
+    kind, sep, rest = spec.partition(":")
+    if not sep and "?" in kind:  # fashion-mnist?split=test: options without a path
+        kind, rest = kind.split("?", 1)[0], "?" + kind.split("?", 1)[1]
     loaders = {"npz": _load_npz, "cifar10": _load_cifar, "cifar100": _load_cifar,
                "fashion-mnist": _load_fashion_mnist, "folder": _load_folder}
     if kind not in loaders:
@@ -122,7 +125,7 @@ def _load_npz(kind, rest, image_size):
             classes = [str(c) for c in f["classes"]] if "classes" in keys else []
     except EdgesslError:
         raise
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise EdgesslError(f"{path}: not a readable .npz file ({e})") from None
     if images.dtype != np.uint8:
         raise EdgesslError(f"{path}: images array {xk!r} must be uint8, got {images.dtype}")
@@ -225,12 +228,13 @@ def _load_folder(kind, rest, image_size):
         f"{p.relative_to(root)}\t{p.stat().st_size}" for p in files).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgessl" / f"folder-{key}.npy"
     if cache.exists():
-        return torch.from_numpy(np.load(cache, allow_pickle=False)), labels, classes if labels is not None else []
-    images = np.stack([_decode(p, size) for p in files])  # (N, H, W, 3)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, images)
-    os.replace(tmp, cache)
+        images = np.load(cache, allow_pickle=False)  # (N, H, W, 3)
+    else:
+        images = np.stack([_decode(p, size) for p in files])  # (N, H, W, 3)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, images)
+        os.replace(tmp, cache)
     return torch.from_numpy(images).permute(0, 3, 1, 2), labels, classes if labels is not None else []
 
 

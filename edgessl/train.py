@@ -22,7 +22,7 @@ import torch
 
 from edgessl import checkpoint, data as data_lib
 from edgessl.augment import BatchAugment, normalize
-from edgessl.backbones import create_backbone
+from edgessl.backbones import create_backbone, resolve_name
 from edgessl.config import Config, dump_yaml, from_dict, to_dict
 from edgessl.errors import EdgesslError
 from edgessl.knn import knn_accuracy
@@ -114,6 +114,7 @@ def build(cfg: Config) -> Setup:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
+    resolve_name(cfg.backbone.name)  # a typo fails before the data is decoded
     train, val = load_data(cfg)
     if cfg.optim.batch_size > len(train):
         raise EdgesslError(f"batch size {cfg.optim.batch_size} is larger than the {len(train)} training images")

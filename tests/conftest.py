@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny synthetic data, a tiny recipe, and the shared CIFAR-10 file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgessl.config import Config, from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_NPZ = REPO.parent / "shared" / "data" / "cifar10-5k-train.npz"
+
+torch.set_num_threads(1)  # tiny tensors: one thread is faster, and runs are repeatable
+
+
+@pytest.fixture
+def shared_npz() -> Path:
+    if not SHARED_NPZ.exists():
+        pytest.skip(f"shared data not found at {SHARED_NPZ} (../shared is absent)")
+    return SHARED_NPZ
+
+
+def make_npz(path: Path, n: int = 48, size: int = 16, classes: int = 3, seed: int = 0, **keys) -> Path:
+    """Class-dependent colour blobs plus noise: learnable, tiny, deterministic."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    base = rng.integers(0, 256, (classes, 1, 1, 3))
+    x = np.clip(base[y] + rng.normal(0, 40, (n, size, size, 3)), 0, 255).astype(np.uint8)
+    names = keys or {"x_train": x, "y_train": y}
+    np.savez(path, **{k: (x if v is None else v) for k, v in names.items()})
+    return path
+
+
+@pytest.fixture
+def tiny_npz(tmp_path) -> Path:
+    return make_npz(tmp_path / "tiny.npz")
+
+
+def tiny_config(spec: str, **sections) -> Config:
+    """A recipe small enough for a CPU test: MobileNetV3-small-050, 16 px, batch 8."""
+    base = {"data": {"spec": spec, "val_fraction": 0.25},
+            "backbone": {"name": "mobilenetv3_small_050"},
+            "method": {"head_dims": [32, 16]},
+            "optim": {"batch_size": 8, "epochs": 2, "lr": 0.05},
+            "run": {"knn_k": 5, "threads": 1, "augment_threads": 1}}
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return from_dict(base)

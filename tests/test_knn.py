@@ -1,0 +1,29 @@
+"""kNN against a naive loop, and an exact hand-worked answer."""
+import math
+
+import torch
+
+from edgessl.knn import knn_accuracy, knn_predict
+
+
+def test_knn_exact_small_example():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    queries = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_accuracy(train, labels, queries, torch.tensor([0, 1]), 2, k=2) == 100.0
+    scores = knn_predict(train, labels, torch.tensor([[1.0, 0.0]]), 2, k=1, t=0.1)
+    assert torch.allclose(scores, torch.tensor([[math.exp(10.0), 0.0]]))
+
+
+def test_knn_matches_naive_loop():
+    torch.manual_seed(0)
+    train, labels, queries = torch.randn(50, 8), torch.randint(0, 4, (50,)), torch.randn(7, 8)
+    got = knn_predict(train, labels, queries, 4, k=5, t=0.1, chunk=3)
+    tn = torch.nn.functional.normalize(train, dim=1)
+    for qi, q in enumerate(torch.nn.functional.normalize(queries, dim=1)):
+        sims = [(float(q @ tn[i]), int(labels[i])) for i in range(50)]
+        sims.sort(reverse=True)
+        votes = [0.0] * 4
+        for s, c in sims[:5]:
+            votes[c] += math.exp(s / 0.1)
+        assert torch.allclose(got[qi], torch.tensor(votes), rtol=1e-5)

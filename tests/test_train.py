@@ -1,0 +1,145 @@
+"""End to end on tiny data: artefacts, exact resume, budgets, NaN, schedules."""
+import csv
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from edgessl import EdgesslError, checkpoint
+from edgessl.train import lr_at, plan_epochs, pretrain
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def quiet(*_):
+    pass
+
+
+def test_two_epochs_write_every_artefact(tiny_npz, tmp_path):
+    cfg = tiny_config(f"npz:{tiny_npz}")
+    run = tmp_path / "run"
+    out = pretrain(cfg, run, log=quiet)
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.csv", "steps.csv", "checkpoint.pt"}
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 2
+    rows = read_csv(run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # epoch 0: the untrained network
+    for r in rows[1:]:
+        for key in ("loss", "loss_id", "loss_sqrtkl", "lr", "seconds", "images_per_s", "peak_mem_mb", "knn_top1"):
+            assert r[key] != "", key
+    assert len(read_csv(run / "steps.csv")) == out["steps"] == 2 * (36 // 8)
+    assert out["epochs"] == 2 and out["final_loss"] > 0 and out["knn_pixels"] is not None
+    state = checkpoint.load(run / "checkpoint.pt")
+    assert state["position"]["step"] == 8 and state["config"]["optim"]["batch_size"] == 8
+    assert state["backbone"]["timm_name"] == "mobilenetv3_small_050"
+    assert torch.allclose(state["model"]["bank"].norm(dim=1), torch.ones(36), atol=1e-5)
+
+
+def test_training_lowers_loss_and_moves_the_bank(tiny_npz, tmp_path):
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 6, "lr": 0.05},
+                      method={"head_dims": [32, 16], "cutmix_prob": 0.0})
+    pretrain(cfg, tmp_path / "run", log=quiet)
+    losses = [float(r["loss"]) for r in read_csv(tmp_path / "run" / "steps.csv")]
+    assert sum(losses[-4:]) < sum(losses[:4])
+
+
+def _bank_after(cfg, run):
+    pretrain(cfg, run, log=quiet)
+    return checkpoint.load(run / "checkpoint.pt")["model"]["bank"]
+
+
+def test_calibrated_bank_differs_from_random(tiny_npz, tmp_path):
+    torch.manual_seed(0)
+    a = _bank_after(tiny_config(f"npz:{tiny_npz}", optim={"epochs": 1}), tmp_path / "a")
+    b = _bank_after(tiny_config(f"npz:{tiny_npz}", optim={"epochs": 1},
+                                method={"head_dims": [32, 16], "bank_init": "random"}), tmp_path / "b")
+    # calibrated rows start as features of similar images: far more similar to one another than random rows
+    assert (a @ a.T).mean() > (b @ b.T).mean() + 0.1
+
+
+@pytest.mark.parametrize("stop", [5, 4])  # mid-epoch, and exactly at an epoch end
+@pytest.mark.parametrize("update", ["ema", "grad"])
+def test_resume_is_bit_exact(tiny_npz, tmp_path, stop, update):
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 3},
+                      method={"head_dims": [32, 16], "bank_update": update})
+    pretrain(cfg, tmp_path / "full", log=quiet)
+    pretrain(cfg, tmp_path / "cut", stop_at_step=stop, log=quiet)
+    assert checkpoint.load(tmp_path / "cut" / "checkpoint.pt")["position"]["step"] == stop
+    pretrain(cfg, tmp_path / "cut", resume=True, log=quiet)
+    full_steps, cut_steps = (read_csv(tmp_path / r / "steps.csv") for r in ("full", "cut"))
+    assert len(full_steps) == 12 and full_steps == cut_steps  # every loss equal, bit for bit (repr)
+    a, b = (checkpoint.load(tmp_path / r / "checkpoint.pt") for r in ("full", "cut"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    drop = ("seconds", "images_per_s", "peak_mem_mb")
+    strip = [{k: v for k, v in r.items() if k not in drop} for r in read_csv(tmp_path / "full" / "metrics.csv")]
+    assert strip == [{k: v for k, v in r.items() if k not in drop} for r in read_csv(tmp_path / "cut" / "metrics.csv")]
+
+
+def test_resume_refuses_a_changed_recipe(tiny_npz, tmp_path):
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 1})
+    pretrain(cfg, tmp_path / "run", log=quiet)
+    with pytest.raises(EdgesslError, match="optim.lr"):
+        pretrain(tiny_config(f"npz:{tiny_npz}", optim={"epochs": 1, "lr": 0.5}), tmp_path / "run", resume=True)
+    with pytest.raises(EdgesslError, match="already holds a run"):
+        pretrain(cfg, tmp_path / "run")
+    with pytest.raises(EdgesslError, match="no checkpoint"):
+        pretrain(cfg, tmp_path / "other", resume=True)
+
+
+def test_nan_stops_before_the_bank_takes_it(tiny_npz, tmp_path, monkeypatch):
+    from edgessl.methods.memdistill import MemDistill
+
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 2})
+    pretrain(cfg, tmp_path / "run", stop_at_step=2, log=quiet)
+    good = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    real_embed = MemDistill.embed
+    monkeypatch.setattr(MemDistill, "embed", lambda self, x: real_embed(self, x) * float("nan"))
+    with pytest.raises(EdgesslError, match="at step 2"):
+        pretrain(cfg, tmp_path / "run", resume=True, log=quiet)
+    after = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert torch.equal(after["model"]["bank"], good["model"]["bank"])
+
+
+def test_batch_larger_than_dataset(tiny_npz, tmp_path):
+    with pytest.raises(EdgesslError, match="larger than the 36 training images"):
+        pretrain(tiny_config(f"npz:{tiny_npz}", optim={"batch_size": 64}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_minutes_budget_plans_the_schedule(tiny_npz, tmp_path):
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": None, "minutes": 0.001}, run={"monitor_every": 0})
+    out = pretrain(cfg, tmp_path / "run", log=quiet)
+    state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert out["epochs"] >= 1 and state["position"]["planned_epochs"] is None or out["epochs"] <= 3
+
+
+def test_lr_schedule_is_pure():
+    assert lr_at(0, 100, 0, 1.0) == 1.0
+    assert lr_at(50, 100, 0, 1.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 0, 1.0) == pytest.approx(0.0)
+    assert lr_at(4, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(10 + 45, 100, 10, 2.0) == pytest.approx(1.0)
+    assert plan_epochs(60.0, 1.0, 10, 10) == 60  # 0.1 s a step, 10 steps an epoch: 60 epochs in a minute
+    assert plan_epochs(1.0, 10.0, 10, 10) == 1
+
+
+def test_checkpoint_loader_refuses_foreign_files(tmp_path):
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(EdgesslError, match="truncated or not a torch file"):
+        checkpoint.load(tmp_path / "trunc.pt")
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(EdgesslError, match="not an edgessl checkpoint"):
+        checkpoint.load(tmp_path / "foreign.pt")
+    checkpoint.save({"x": 1}, tmp_path / "ok.pt")
+    assert checkpoint.load(tmp_path / "ok.pt")["x"] == 1
+    state = torch.load(tmp_path / "ok.pt", weights_only=True)
+    state["format_version"] = 99
+    torch.save(state, tmp_path / "new.pt")
+    with pytest.raises(EdgesslError, match="format 99"):
+        checkpoint.load(tmp_path / "new.pt")
+    assert math.isfinite(1.0)
