@@ -87,7 +87,10 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     threads: int = 0  # intra-op threads for the network; 0: torch's default
-    augment_threads: int = 1  # small element-wise ops: 1 thread is far faster on CPU
+    # threads for the augmentation alone; 0: the same as the network. MEASURED.md saw small
+    # element-wise ops run far slower on 2 threads; ours ran 8.0 ms/batch on 2 vs 12.5 on 1
+    # (scripts/bench_step.py), so the default does not pin it.
+    augment_threads: int = 0
     monitor_every: int = 1  # kNN monitor every N epochs (needs labels); 0: off
     knn_k: int = 200
     checkpoint_every_steps: int = 0  # 0: checkpoint at epoch ends only

@@ -343,8 +343,9 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop_at_step, log
                     return summary(s, files, pos, log)
         bar.close()
         pos["elapsed"] += time.perf_counter() - t0
+        last = pos["epoch"] + 1 == pos["planned_epochs"] or bool(budget and pos["elapsed"] >= budget)
         end_epoch(s, files, pos, s.optimizer.param_groups[0]["lr"], step_log,
-                  done * bs / max(time.perf_counter() - t_epoch, 1e-9))
+                  done * bs / max(time.perf_counter() - t_epoch, 1e-9), last)
         if pos["step"] == stop_at_step:
             break
     return summary(s, files, pos, log)
@@ -372,10 +373,11 @@ def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int) -> dict:
     return out
 
 
-def end_epoch(s: Setup, files: RunFiles, pos: dict, lr: float, step_log: list, images_per_s: float) -> None:
+def end_epoch(s: Setup, files: RunFiles, pos: dict, lr: float, step_log: list, images_per_s: float,
+              last: bool) -> None:
     c, steps = s.cfg, s.steps_per_epoch
     pos["epoch"] += 1
-    knn = monitor(s) if c.run.monitor_every and pos["epoch"] % c.run.monitor_every == 0 else None
+    knn = monitor(s) if c.run.monitor_every and (pos["epoch"] % c.run.monitor_every == 0 or last) else None
     sums = pos["sums"]
     files.add_steps(step_log)
     files.add_metrics({"epoch": pos["epoch"], "step": pos["step"], "lr": f"{lr:.6g}",

@@ -39,6 +39,14 @@ def test_two_epochs_write_every_artefact(tiny_npz, tmp_path):
     assert torch.allclose(state["model"]["bank"].norm(dim=1), torch.ones(36), atol=1e-5)
 
 
+def test_last_epoch_is_always_monitored(tiny_npz, tmp_path):
+    cfg = tiny_config(f"npz:{tiny_npz}", run={"monitor_every": 5, "knn_k": 5, "threads": 1})
+    out = pretrain(cfg, tmp_path / "run", log=quiet)
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    assert rows[1]["knn_top1"] == "" and rows[2]["knn_top1"] != ""
+    assert out["knn_top1"] == pytest.approx(float(rows[2]["knn_top1"]), abs=0.01)
+
+
 def test_training_lowers_loss_and_moves_the_bank(tiny_npz, tmp_path):
     cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 6, "lr": 0.05},
                       method={"head_dims": [32, 16], "cutmix_prob": 0.0})
