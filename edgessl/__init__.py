@@ -12,4 +12,11 @@ def create_backbone(name, image_size=32, downsample="auto", init_weights=None):
     return _create(name, image_size, downsample, init_weights)
 
 
-__all__ = ["__version__", "create_backbone", "ConfigError", "EdgesslError"]
+def load_backbone(folder):
+    """The backbone of `edgessl export RUN_DIR --format timm --out DIR`, as a timm module."""
+    from edgessl.backbones import load_backbone as _load
+
+    return _load(folder)
+
+
+__all__ = ["__version__", "create_backbone", "load_backbone", "ConfigError", "EdgesslError"]

@@ -163,3 +163,17 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise EdgesslError(f"init weights {p} do not fit {model.default_cfg.get('architecture', '')}: "
                            + "; ".join(x for x in parts if x))
     model.load_state_dict(state, strict=True)
+
+
+def load_backbone(folder: str | Path) -> nn.Module:
+    """A backbone written by `edgessl export --format timm`: a plain timm module, stem included."""
+    import json
+
+    root = Path(folder)
+    try:
+        config = json.loads((root / "config.json").read_text())
+        arch, size = config["architecture"], config["pretrained_cfg"]["input_size"][-1]
+        stride = config["edgessl"]["output_stride"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EdgesslError(f"{root} is not an edgessl timm export ({type(e).__name__}: {e})") from None
+    return create_backbone(arch, size, stride, str(root / "model.safetensors"))

@@ -81,6 +81,64 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
         click.echo(json.dumps(result))
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=True), help="MODEL.onnx, or a folder with --format timm.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "timm"]), default="onnx")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32")
+@click.option("--calib", help="Calibration images for int8 (dataset spec; default: the run's own data).")
+@click.option("--calib-count", type=int, default=256)
+@click.option("--batch", default="dynamic", help="'dynamic' or a fixed batch size (NNAPI, CoreML).")
+@click.option("--opset", type=int, default=18)
+@click.option("--with-head", is_flag=True, help="Export the projection head too (unit-norm z).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
+def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_head, as_json):
+    """Export a run's encoder to ONNX (checked through onnxruntime) or to timm weights."""
+    from edgessl import export as export_lib
+
+    if fmt == "timm":
+        report = export_lib.export_timm(run_dir, out)
+        click.echo(f"wrote {report['path']}/{{model.safetensors, config.json}} ({report['architecture']})")
+    else:
+        if batch != "dynamic" and not (batch.isdigit() and int(batch) >= 1):
+            raise EdgesslError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}")
+        report = export_lib.export_onnx(run_dir, out, precision, calib, calib_count,
+                                        batch if batch == "dynamic" else int(batch), opset, with_head)
+        knn = (f", kNN {report['knn_onnx']:.2f} % ({report['knn_change']:+.2f} vs torch fp32)"
+               if "knn_onnx" in report else "")
+        click.echo(f"wrote {report['path']} ({report['size_bytes'] / 2**20:.2f} MB, {precision}): "
+                   f"max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} vs torch, "
+                   f"batch-1 latency {report['latency_ms_batch1']:.2f} ms{knn}")
+    if as_json:
+        click.echo(json.dumps(report))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--against", type=click.Path(file_okay=False), help="Run directory to compare features with.")
+@click.option("--data", help="Images for the parity check (default: the run's own data).")
+@click.option("--batch-sizes", default="1,8,32", help="Comma-separated batch sizes for latency.")
+@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
+def check(model, against, data, batch_sizes, threads, as_json):
+    """Check an exported ONNX model through onnxruntime: parity and latency."""
+    from edgessl import export as export_lib
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise EdgesslError(f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}") from None
+    report = export_lib.check(model, against, data, sizes, threads or None)
+    click.echo(f"{report['path']} ({report['precision']}, {report['provider']})")
+    if "max_abs_diff" in report:
+        click.echo(f"parity     max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f}")
+    for b, lat in report["latency_ms"].items():
+        click.echo(f"batch {b:>4}  p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  p99 {lat['p99']:.2f} ms  "
+                   f"{report['images_per_s'][b]:.0f} images/s")
+    if as_json:
+        click.echo(json.dumps(report))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:3]
     try:

@@ -1,0 +1,387 @@
+"""Encoder -> ONNX (fp32 / fp16 / int8) or timm weights, each export checked through onnxruntime.
+
+What ships is the ONNX file, so what a user is told about it (parity, latency, kNN) is
+measured on that file through onnxruntime. Preprocessing travels in its metadata.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgessl import checkpoint, data as data_lib
+from edgessl.augment import normalize
+from edgessl.backbones import create_backbone
+from edgessl.config import Config, from_dict
+from edgessl.errors import EdgesslError
+from edgessl.methods import METHODS
+
+META_KEY = "edgessl"
+FP32_MAX_ABS, FP32_MIN_COS = 1e-4, 0.99999  # the export's own bar for an fp32 file
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, Config, dict]:
+    """The method module of a run, rebuilt from the checkpoint's stored config (stem included)."""
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    if Path(run_dir).is_file():
+        raise EdgesslError(f"{run_dir} is a file; give a run directory")
+    state = checkpoint.load(ckpt)
+    cfg = from_dict(state["config"])
+    bb = state["backbone"]
+    backbone = create_backbone(cfg.backbone.name, bb["image_size"], bb["output_stride"])
+    model = METHODS[cfg.method.name](backbone, state["model"]["bank"].shape[0], cfg.method)
+    model.load_state_dict(state["model"], strict=True)
+    return model.eval(), cfg, state
+
+
+class Encoder(nn.Module):
+    """What is exported: pooled backbone features h, or with the head the unit vector z."""
+
+    def __init__(self, backbone: nn.Module, head: Optional[nn.Module] = None):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, D)
+        h = self.backbone(images)
+        return h if self.head is None else F.normalize(self.head(h), dim=1)
+
+
+class HardSwishRelu6(nn.Module):
+    """x * relu6(x + 3) / 6: exactly nn.Hardswish, in ops onnxruntime quantises (Add, Clip, Mul)."""
+
+    def forward(self, x):
+        return x * F.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+class HardSigmoidRelu6(nn.Module):
+    """relu6(x + 3) / 6: exactly nn.Hardsigmoid, quantisable."""
+
+    def forward(self, x):
+        return F.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+def rewrite_hard_activations(module: nn.Module) -> int:
+    """Swap nn.Hardswish / nn.Hardsigmoid for their relu6 forms in place; return how many.
+
+    onnxruntime leaves HardSwish / HardSigmoid in float with Q/DQ around each, which made
+    int8 MobileNetV3-small slower than fp32 (MEASURED.md)."""
+    swaps = {nn.Hardswish: HardSwishRelu6, nn.Hardsigmoid: HardSigmoidRelu6}
+    count = 0
+    for name, child in list(module.named_modules()):
+        if type(child) in swaps:
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, attr, swaps[type(child)]())
+            count += 1
+    return count
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def metadata(cfg: Config, state: dict, encoder: Encoder, precision: str, ckpt: Path, batch) -> dict:
+    import onnx
+
+    import edgessl
+
+    size = state["backbone"]["image_size"]
+    dim = encoder.head[-1].out_features if encoder.head is not None else state["backbone"]["feature_dim"]
+    return {"format": "edgessl-onnx", "input": "images", "output": "features",
+            "input_size": [3, size, size], "layout": "NCHW", "channel_order": "RGB", "scale": 1 / 255,
+            "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+            "resize": {"rule": "stretch to input_size x input_size, no crop", "interpolation": "bicubic"},
+            "feature_dim": dim, "normalized": encoder.head is not None, "with_head": encoder.head is not None,
+            "backbone": state["backbone"]["timm_name"], "output_stride": state["backbone"]["output_stride"],
+            "method": cfg.method.name, "precision": precision, "batch": batch,
+            "source_checkpoint_sha256": sha256(ckpt),
+            "versions": {"edgessl": edgessl.__version__, "torch": str(torch.__version__), "onnx": onnx.__version__}}
+
+
+def read_metadata(model_path: str | Path) -> dict:
+    """The edgessl metadata of an ONNX file; a file that is not one is an EdgesslError."""
+    import onnx
+
+    p = Path(model_path)
+    if not p.is_file():
+        raise EdgesslError(f"no ONNX file at {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and friends: all mean "not a model"
+        raise EdgesslError(f"{p} is not a valid ONNX model ({type(e).__name__})") from None
+    props = {x.key: x.value for x in model.metadata_props}
+    if META_KEY not in props:
+        raise EdgesslError(f"{p} has no edgessl metadata (export it with `edgessl export`)")
+    inputs = model.graph.input
+    dims = [d.dim_value or d.dim_param for d in inputs[0].type.tensor_type.shape.dim] if inputs else []
+    if len(inputs) != 1 or len(dims) != 4 or dims[1] != 3:
+        raise EdgesslError(f"{p}: expected one input of shape (batch, 3, H, W), got {dims}")
+    return json.loads(props[META_KEY])
+
+
+def _write_onnx_metadata(path: Path, meta: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    model.metadata_props.add(key=META_KEY, value=json.dumps(meta))
+    model.producer_name = "edgessl"
+    onnx.checker.check_model(model)
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def session(path: str | Path, threads: Optional[int] = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_features(sess, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Run a float32 (N, 3, S, S) array through the session in batches: (N, D)."""
+    name = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0]
+    if isinstance(fixed, int):
+        batch_size = fixed
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        pad = batch_size - len(chunk) if isinstance(fixed, int) else 0
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+        out.append(sess.run(None, {name: np.ascontiguousarray(chunk, dtype=np.float32)})[0][:len(chunk) - pad])
+    return np.concatenate(out)
+
+
+def parity(a: np.ndarray, b: np.ndarray) -> dict:
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return {"max_abs_diff": float(np.abs(a - b).max()), "min_cosine": float(cos.min())}
+
+
+def run_images(cfg: Config, spec: Optional[str], count: int, image_size: int) -> np.ndarray:
+    """`count` real images, normalised as in evaluation: float32 (count, 3, S, S)."""
+    data = data_lib.load(spec or cfg.data.spec, image_size)
+    idx = torch.linspace(0, len(data) - 1, min(count, len(data))).long()
+    return normalize(data.images[idx], cfg.data.mean, cfg.data.std).numpy()
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over real images, batch 32."""
+
+    def __init__(self, images: np.ndarray, name: str):
+        self.batches = iter([{name: images[i:i + 32]} for i in range(0, len(images), 32)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+    def rewind(self):  # pragma: no cover - only some calibrators rewind
+        pass
+
+
+def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray) -> None:
+    """Static QDQ: uint8 activations, int8 per-channel weights, reduce_range (U8S8 is the fast
+    path on AVX2 without VNNI; S8S8 was not: MEASURED.md, scripts/bench_export.py)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reader = type("Reader", (_Calibration, CalibrationDataReader), {})(calib, "images")
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def convert_fp16(fp32_path: Path, out: Path) -> None:
+    """fp16 weights and activations, float32 input and output (keep_io_types)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    _topological_sort(model.graph)  # the converter appends its input Casts after their consumers
+    onnx.save(model, str(out))
+
+
+def _topological_sort(graph) -> None:
+    """Reorder graph.node so every node follows the producers of its inputs (ONNX requires it)."""
+    produced = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in produced for i in n.input)]
+        if not ready:
+            raise EdgesslError("fp16 conversion produced a graph with a cycle or a dangling input")
+        for n in ready:
+            ordered.append(n)
+            produced.update(n.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", calib: Optional[str] = None,
+                calib_count: int = 256, batch: str | int = "dynamic", opset: int = 18,
+                with_head: bool = False, knn: bool = True) -> dict:
+    """Write MODEL.onnx (+ MODEL.json sidecar), check it against torch, and return the report."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise EdgesslError(f"unknown precision {precision!r} (fp32, fp16, int8)")
+    model, cfg, state = load_run(run_dir)
+    out = Path(out)
+    if not out.parent.exists():
+        raise EdgesslError(f"folder {out.parent} does not exist")
+    size = state["backbone"]["image_size"]
+    images = run_images(cfg, calib, max(16, calib_count if precision == "int8" else 16), size)
+    encoder = Encoder(model.backbone, model.head if with_head else None).eval()
+    with torch.no_grad():
+        reference = encoder(torch.from_numpy(images[:16])).numpy()
+    if precision == "int8":
+        rewrite_hard_activations(encoder)
+    meta = metadata(cfg, state, encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        _torch_export(encoder, fp32, size, batch, opset)
+        if precision == "fp32":
+            final = fp32
+        else:
+            final = Path(tmp) / f"{precision}.onnx"
+            quantize_int8(fp32, final, images) if precision == "int8" else convert_fp16(fp32, final)
+        _write_onnx_metadata(final, meta)
+        sess = session(final)
+        got = ort_features(sess, images[:16])
+        report = {"path": str(out), "size_bytes": final.stat().st_size, "precision": precision,
+                  **parity(reference, got), "latency_ms_batch1": _latency(sess, images[:1], 20)["p50"]}
+        if precision == "fp32" and (report["max_abs_diff"] > FP32_MAX_ABS or report["min_cosine"] < FP32_MIN_COS):
+            raise EdgesslError(f"fp32 export failed its parity check (max abs diff {report['max_abs_diff']:.2e}, "
+                               f"min cosine {report['min_cosine']:.6f}); nothing written")
+        if knn:
+            report.update(knn_change(encoder, sess, cfg, size))
+        _install(final, out)  # only a file that passed its check replaces anything
+    _install_text(out.with_suffix(".json"), json.dumps(meta, indent=1))
+    return report
+
+
+def knn_change(encoder: nn.Module, sess, cfg: Config, size: int) -> dict:
+    """kNN top-1 of torch fp32 features and of the exported file's, on the run's held-out split."""
+    from edgessl.knn import knn_accuracy
+    from edgessl.train import load_data
+
+    train, val = load_data(cfg)
+    if val is None or train.labels is None or val.labels is None:
+        return {}
+    acc = {}
+    for name, fn in (("torch_fp32", lambda x: encoder(torch.from_numpy(x)).numpy()),
+                     ("onnx", lambda x: ort_features(sess, x))):
+        with torch.no_grad():
+            f = [np.concatenate([fn(normalize(c, cfg.data.mean, cfg.data.std).numpy())
+                                 for c in d.images.split(256)]) for d in (train, val)]
+        acc[name] = knn_accuracy(torch.from_numpy(f[0]), train.labels, torch.from_numpy(f[1]), val.labels,
+                                 len(train.classes), cfg.run.knn_k)
+    return {"knn_torch_fp32": acc["torch_fp32"], "knn_onnx": acc["onnx"],
+            "knn_change": acc["onnx"] - acc["torch_fp32"]}
+
+
+def _install(src: Path, dst: Path) -> None:
+    """Copy into place atomically (the temp folder may be on another filesystem)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_bytes(src.read_bytes())
+    os.replace(tmp, dst)
+
+
+def _install_text(dst: Path, text: str) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, dst)
+
+
+def _torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int) -> None:
+    """The TorchScript-based exporter (dynamo=False): parity <= 8e-6 on these backbones
+    (MEASURED.md), sub-second, and no onnxscript dependency; the dynamo exporter failed
+    on timm's MobileNetV3 with a dynamic batch here."""
+    import warnings
+
+    fixed = batch != "dynamic"
+    dummy = torch.zeros(int(batch) if fixed else 2, 3, size, size)  # batch >= 2: no batch-1 specialisation
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(encoder, (dummy,), str(path), input_names=["images"], output_names=["features"],
+                          opset_version=opset, dynamo=False, external_data=False,
+                          dynamic_axes=None if fixed else {"images": {0: "batch"}, "features": {0: "batch"}})
+
+
+def _latency(sess, batch: np.ndarray, iters: int, warmup: int = 3) -> dict:
+    name = sess.get_inputs()[0].name
+    for _ in range(warmup):
+        sess.run(None, {name: batch})
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sess.run(None, {name: batch})
+        times.append((time.perf_counter() - t0) * 1e3)
+    p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
+
+
+def check(model_path: str | Path, against: Optional[str] = None, data: Optional[str] = None,
+          batch_sizes: tuple[int, ...] = (1, 8, 32), threads: Optional[int] = None, iters: int = 30) -> dict:
+    """Parity against a run (when given) and latency per batch size, through onnxruntime."""
+    meta = read_metadata(model_path)
+    sess = session(model_path, threads)
+    size = meta["input_size"][-1]
+    fixed = sess.get_inputs()[0].shape[0]
+    report: dict = {"path": str(model_path), "precision": meta["precision"],
+                    "provider": sess.get_providers()[0], "threads": threads or 0}
+    if against:
+        model, cfg, _ = load_run(against)
+        d = data_lib.load(data or cfg.data.spec, size)
+        idx = torch.linspace(0, len(d) - 1, min(64, len(d))).long()
+        images = normalize(d.images[idx], meta["mean"], meta["std"]).numpy()
+        encoder = Encoder(model.backbone, model.head if meta["with_head"] else None).eval()
+        with torch.no_grad():
+            reference = encoder(torch.from_numpy(images)).numpy()
+        report.update(parity(reference, ort_features(sess, images)))
+    rng = np.random.default_rng(0)
+    sizes = [fixed] if isinstance(fixed, int) else list(batch_sizes)
+    report["latency_ms"], report["images_per_s"] = {}, {}
+    for b in sizes:
+        x = rng.standard_normal((b, 3, size, size)).astype(np.float32)
+        lat = _latency(sess, x, iters)
+        report["latency_ms"][str(b)] = lat
+        report["images_per_s"][str(b)] = round(b / lat["p50"] * 1e3, 1)
+    return report
+
+
+def export_timm(run_dir: str | Path, out_dir: str | Path) -> dict:
+    """The backbone as timm weights: model.safetensors + config.json (timm's pretrained_cfg fields
+    plus the stem change), loadable by edgessl.load_backbone(DIR) and, for a stock stem, by
+    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=0))."""
+    from safetensors.torch import save_file
+
+    model, cfg, state = load_run(run_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bb = state["backbone"]
+    save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(out / "model.safetensors"))
+    config = {"architecture": bb["timm_name"], "num_classes": 0, "num_features": bb["feature_dim"],
+              "pretrained_cfg": {"input_size": [3, bb["image_size"], bb["image_size"]], "interpolation": "bicubic",
+                                 "mean": list(cfg.data.mean), "std": list(cfg.data.std), "num_classes": 0,
+                                 "crop_pct": 1.0},
+              "edgessl": {"output_stride": bb["output_stride"], "stem_changes": model.backbone.stem_changes,
+                          "method": cfg.method.name, "source_checkpoint_sha256": sha256(Path(run_dir) / "checkpoint.pt")}}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return {"path": str(out), "files": ["model.safetensors", "config.json"], "architecture": bb["timm_name"]}
