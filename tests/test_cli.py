@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from edgessl.cli import cli
 
-COMMANDS = [[], ["pretrain"]]
+COMMANDS = [[], ["pretrain"], ["export"], ["check"]]
 
 
 def run(*args, cwd=None):

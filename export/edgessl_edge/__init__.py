@@ -1,0 +1,107 @@
+"""edgessl's edge runtime: run an exported encoder with onnxruntime, numpy and Pillow only.
+
+No torch, torchvision, timm or edgessl: copy this folder and the .onnx file to the device.
+The preprocessing is read from the model's metadata and is exactly the one edgessl
+evaluates with (decode, EXIF orientation, RGB, bicubic resize to the input size,
+x / 255, (x - mean) / std); tests/test_edge.py checks the two give the same tensor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+class EdgeError(Exception):
+    """An input the runtime cannot use (a file that is not an image, a model without metadata)."""
+
+
+def decode(path, size: int) -> np.ndarray:
+    """One image file -> (size, size, 3) uint8, as edgessl's folder loader decodes it."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255)
+                                     .astype(np.uint8))
+            return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise EdgeError(f"cannot decode {path}: {e}") from None
+
+
+class Encoder:
+    """An exported edgessl encoder: `embed(paths)` -> (N, D) float32 features."""
+
+    def __init__(self, model_path, threads: int = 0):
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise EdgeError(f"{model_path} is not a valid ONNX model ({type(e).__name__})") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get("edgessl")
+        if raw is None:
+            raise EdgeError(f"{model_path} has no edgessl metadata")
+        self.meta = json.loads(raw)
+        self.size = self.meta["input_size"][-1]
+        self.mean = np.asarray(self.meta["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(self.meta["std"], dtype=np.float32).reshape(1, 3, 1, 1)
+        self.fixed_batch = self.session.get_inputs()[0].shape[0]
+
+    def preprocess(self, images_uint8: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, normalised as in training evaluation."""
+        x = images_uint8.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+        return (x - self.mean) / self.std
+
+    def embed_arrays(self, images_uint8: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        bs = self.fixed_batch if isinstance(self.fixed_batch, int) else batch_size
+        out = []
+        for i in range(0, len(images_uint8), bs):
+            x = self.preprocess(images_uint8[i:i + bs])
+            n = len(x)
+            if n < bs and isinstance(self.fixed_batch, int):
+                x = np.concatenate([x, np.repeat(x[-1:], bs - n, 0)])
+            out.append(self.session.run(None, {"images": x})[0][:n])
+        return np.concatenate(out) if out else np.zeros((0, self.meta["feature_dim"]), np.float32)
+
+    def embed(self, paths) -> np.ndarray:
+        return self.embed_arrays(np.stack([decode(p, self.size) for p in paths]))
+
+
+def list_images(folder) -> list[Path]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise EdgeError(f"not a folder: {root}")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def build_gallery(encoder: Encoder, folder) -> dict:
+    """Features of labelled images, one subfolder per class: {features, labels, classes, files}."""
+    root = Path(folder)
+    files = [p for p in list_images(root) if len(p.relative_to(root).parts) == 2]
+    if not files:
+        raise EdgeError(f"no labelled images in {root} (expected one subfolder per class)")
+    classes = sorted({p.relative_to(root).parts[0] for p in files})
+    feats = encoder.embed(files)
+    return {"features": feats / np.linalg.norm(feats, axis=1, keepdims=True), "classes": np.array(classes),
+            "labels": np.array([classes.index(p.relative_to(root).parts[0]) for p in files]),
+            "files": np.array([str(p) for p in files])}
+
+
+def classify(gallery: dict, features: np.ndarray, k: int = 20, t: float = 0.1) -> np.ndarray:
+    """Weighted kNN (cosine, votes exp(sim / t), NPID's protocol): class index per feature row."""
+    q = features / np.linalg.norm(features, axis=1, keepdims=True)
+    sim = q @ gallery["features"].T  # (Q, G)
+    k = min(k, sim.shape[1])
+    top = np.argsort(-sim, axis=1)[:, :k]
+    votes = np.zeros((len(q), len(gallery["classes"])))
+    for row in range(len(q)):
+        np.add.at(votes[row], gallery["labels"][top[row]], np.exp(sim[row, top[row]] / t))
+    return votes.argmax(1)

@@ -1,0 +1,62 @@
+"""python -m edgessl_edge {embed, build-gallery, classify}: see --help."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgessl_edge import EdgeError, Encoder, build_gallery, classify, list_images
+
+
+def _paths(items) -> list[Path]:
+    out = []
+    for item in map(Path, items):
+        out += list_images(item) if item.is_dir() else [item]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m edgessl_edge", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("embed", help="features of images or folders -> .npy")
+    e.add_argument("model")
+    e.add_argument("images", nargs="+")
+    e.add_argument("--out", required=True)
+    g = sub.add_parser("build-gallery", help="labelled folder (one subfolder per class) -> gallery .npz")
+    g.add_argument("model")
+    g.add_argument("folder")
+    g.add_argument("--out", required=True)
+    c = sub.add_parser("classify", help="kNN-classify images against a gallery")
+    c.add_argument("model")
+    c.add_argument("gallery")
+    c.add_argument("images", nargs="+")
+    c.add_argument("--k", type=int, default=20)
+    for p in (e, g, c):
+        p.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        enc = Encoder(args.model, args.threads)
+        if args.cmd == "embed":
+            feats = enc.embed(_paths(args.images))
+            np.save(args.out, feats)
+            print(f"wrote {args.out}: {feats.shape[0]} x {feats.shape[1]} features")
+        elif args.cmd == "build-gallery":
+            gallery = build_gallery(enc, args.folder)
+            np.savez(args.out, **gallery)
+            print(f"wrote {args.out}: {len(gallery['labels'])} images, {len(gallery['classes'])} classes")
+        else:
+            with np.load(args.gallery, allow_pickle=False) as f:
+                gallery = dict(f)
+            paths = _paths(args.images)
+            for path, cls in zip(paths, classify(gallery, enc.embed(paths), args.k)):
+                print(f"{path}\t{gallery['classes'][cls]}")
+    except (EdgeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""ONNX export and check on a tiny trained run: parity, shapes, metadata, int8/fp16, timm weights."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import make_npz, tiny_config
+from edgessl import EdgesslError, load_backbone
+from edgessl.export import Encoder, check, export_onnx, export_timm, load_run, read_metadata, session
+from edgessl.train import pretrain
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    npz = make_npz(root / "tiny.npz", n=64, size=32)
+    cfg = tiny_config(f"npz:{npz}", optim={"epochs": 1, "batch_size": 8})
+    pretrain(cfg, root / "run", log=lambda *_: None)
+    return root / "run"
+
+
+def torch_features(run_dir, x, with_head=False):
+    model, _, _ = load_run(run_dir)
+    with torch.no_grad():
+        return Encoder(model.backbone, model.head if with_head else None).eval()(torch.from_numpy(x)).numpy()
+
+
+def test_fp32_parity_dynamic_batch(run_dir, tmp_path):
+    out = tmp_path / "m.onnx"
+    report = export_onnx(run_dir, out)
+    assert report["max_abs_diff"] <= 1e-4 and report["min_cosine"] >= 0.99999
+    onnx.checker.check_model(onnx.load(str(out)))
+    sess = session(out)
+    assert sess.get_inputs()[0].name == "images" and sess.get_outputs()[0].name == "features"
+    for b in (1, 5):
+        x = np.random.default_rng(b).standard_normal((b, 3, 32, 32)).astype(np.float32)
+        got = sess.run(None, {"images": x})[0]
+        assert got.shape == (b, 1024)
+        assert np.abs(got - torch_features(run_dir, x)).max() <= 1e-4
+
+
+def test_fixed_batch_and_head(run_dir, tmp_path):
+    out = tmp_path / "fixed.onnx"
+    export_onnx(run_dir, out, batch=4, with_head=True, knn=False)
+    sess = session(out)
+    assert sess.get_inputs()[0].shape == [4, 3, 32, 32]
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    got = sess.run(None, {"images": x})[0]
+    assert got.shape == (4, 16) and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    assert np.abs(got - torch_features(run_dir, x, with_head=True)).max() <= 1e-4
+    assert read_metadata(out)["with_head"] is True
+
+
+def test_metadata_round_trip(run_dir, tmp_path):
+    out = tmp_path / "m.onnx"
+    export_onnx(run_dir, out, knn=False)
+    meta = read_metadata(out)
+    assert meta == json.loads(out.with_suffix(".json").read_text())
+    assert meta["input_size"] == [3, 32, 32] and meta["channel_order"] == "RGB" and meta["feature_dim"] == 1024
+    assert meta["backbone"] == "mobilenetv3_small_050" and meta["method"] == "memdistill"
+    assert len(meta["source_checkpoint_sha256"]) == 64 and meta["versions"]["onnx"] == onnx.__version__
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+@pytest.mark.parametrize("precision,min_cos", [("fp16", 0.999), ("int8", 0.8)])
+def test_reduced_precision(run_dir, tmp_path, precision, min_cos):
+    out = tmp_path / f"{precision}.onnx"
+    report = export_onnx(run_dir, out, precision=precision, calib_count=32)
+    assert report["min_cosine"] >= min_cos
+    assert read_metadata(out)["precision"] == precision
+    assert abs(report["knn_change"]) <= 25.0  # 16 held-out images: 4 of them may flip
+    if precision == "int8":
+        ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+        assert "QuantizeLinear" in ops and "HardSwish" not in ops and "HardSigmoid" not in ops
+
+
+def test_check_reports_parity_and_latency(run_dir, tmp_path):
+    out = tmp_path / "m.onnx"
+    export_onnx(run_dir, out, knn=False)
+    report = check(out, against=str(run_dir), batch_sizes=(1, 3), iters=3)
+    assert report["max_abs_diff"] <= 1e-4 and report["min_cosine"] >= 0.99999
+    assert set(report["latency_ms"]) == {"1", "3"} and report["latency_ms"]["3"]["p50"] > 0
+    assert report["images_per_s"]["1"] > 0 and report["provider"] == "CPUExecutionProvider"
+
+
+def test_bad_onnx_inputs(tmp_path):
+    (tmp_path / "text.onnx").write_text("hello")
+    with pytest.raises(EdgesslError, match="not a valid ONNX model"):
+        read_metadata(tmp_path / "text.onnx")
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.zeros(1, 3, 8, 8),), str(plain), dynamo=False)
+    with pytest.raises(EdgesslError, match="no edgessl metadata"):
+        read_metadata(plain)
+    r = subprocess.run([sys.executable, "-m", "edgessl", "check", str(tmp_path / "text.onnx")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "edgessl", "export", str(tmp_path), "--out", str(tmp_path / "x.onnx")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+def test_timm_weights_round_trip(tmp_path):
+    npz = make_npz(tmp_path / "tiny.npz", n=32, size=32)
+    # downsample 32 keeps timm's stock stem, so timm itself can load the file too
+    cfg = tiny_config(f"npz:{npz}", optim={"epochs": 1}, backbone={"name": "mobilenetv3_small_050", "downsample": 32})
+    pretrain(cfg, tmp_path / "run", log=lambda *_: None)
+    export_timm(tmp_path / "run", tmp_path / "timm")
+    model, _, _ = load_run(tmp_path / "run")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.backbone.eval()(x)
+        assert torch.equal(load_backbone(tmp_path / "timm").eval()(x), expected)
+        import timm
+
+        plain = timm.create_model("mobilenetv3_small_050", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(
+            file=str(tmp_path / "timm" / "model.safetensors"), num_classes=0))
+        assert torch.equal(plain.eval()(x), expected)
