@@ -1,0 +1,88 @@
+"""ONNX export benchmark: size, latency, parity and kNN of fp32 / fp16 / int8, side by side.
+
+    .venv/bin/python scripts/bench_export.py --out runs/bench_export.json
+
+For each backbone and input size it makes a run (one training step on the shared CIFAR-10
+file, 20% held out: the weights are near their initialisation, as MEASURED.md's were),
+exports it at each precision, and measures through onnxruntime on one thread: p50 latency at
+batch 1 and 32, speed-up over fp32 from the same process, parity with torch, and kNN top-1
+on the held-out split. Writes JSON and a Markdown table next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+import onnxruntime
+
+from edgessl.config import from_dict
+from edgessl.export import check, export_onnx
+from edgessl.train import pretrain
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k-train.npz"
+MODELS = [("mobilenetv3_small_100", 32), ("resnet18", 32), ("mobilenetv4_conv_small", 32),
+          ("mobilenetv3_small_100", 224)]
+
+
+def bench_model(name: str, size: int, data: str, work: Path, threads: int, iters: int) -> dict:
+    run = work / f"{name}-{size}"
+    cfg = from_dict({"data": {"spec": data, "val_fraction": 0.2, "image_size": size},
+                     "backbone": {"name": name}, "optim": {"batch_size": 32}, "run": {"monitor_every": 0}})
+    pretrain(cfg, run, stop_at_step=1, log=lambda *_: None)
+    rows = {}
+    for precision in ("fp32", "fp16", "int8"):
+        path = work / f"{name}-{size}-{precision}.onnx"
+        exp = export_onnx(run, path, precision=precision)
+        chk = check(path, batch_sizes=(1, 32), threads=threads, iters=iters)
+        rows[precision] = {"size_mb": round(exp["size_bytes"] / 2**20, 2), "max_abs_diff": exp["max_abs_diff"],
+                           "min_cosine": exp["min_cosine"], "knn_top1": exp.get("knn_onnx"),
+                           "knn_change": exp.get("knn_change"),
+                           "p50_ms": {b: chk["latency_ms"][b]["p50"] for b in ("1", "32")}}
+        print(f"{name} {size}px {precision}: {rows[precision]}", flush=True)
+    for precision in ("fp16", "int8"):
+        rows[precision]["speedup"] = {b: round(rows["fp32"]["p50_ms"][b] / rows[precision]["p50_ms"][b], 2)
+                                      for b in ("1", "32")}
+    return rows
+
+
+def markdown(results: dict) -> str:
+    lines = ["| backbone | px | precision | MB | p50 b1 ms | p50 b32 ms | speed-up b1 / b32 | min cosine | kNN top-1 |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key, rows in results.items():
+        name, size = key.rsplit("@", 1)
+        for p, r in rows.items():
+            sp = f"{r['speedup']['1']}x / {r['speedup']['32']}x" if "speedup" in r else "1x"
+            knn = "" if r["knn_top1"] is None else round(r["knn_top1"], 2)
+            lines.append(f"| {name} | {size} | {p} | {r['size_mb']} | {r['p50_ms']['1']} | {r['p50_ms']['32']} | "
+                         f"{sp} | {r['min_cosine']:.4f} | {knn} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=f"npz:{SHARED}")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--only", nargs="*", help="substrings of backbone names to run")
+    ap.add_argument("--out", default="runs/bench_export.json")
+    args = ap.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, size in MODELS:
+            if args.only and not any(o in name for o in args.only):
+                continue
+            results[f"{name}@{size}"] = bench_model(name, size, args.data, Path(tmp), args.threads, args.iters)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "onnxruntime": onnxruntime.__version__,
+                               "threads": args.threads, "results": results}, indent=1))
+    out.with_suffix(".md").write_text(markdown(results) + "\n")
+    print(markdown(results))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
