@@ -21,6 +21,8 @@ venv: $(BIN)/edgessl
 demo: venv
 	rm -rf $(DEMO)
 	$(BIN)/edgessl pretrain --config configs/demo.yaml --data npz:$(DATA) --out $(DEMO)
+	$(BIN)/edgessl export $(DEMO) --out $(DEMO)/encoder.onnx
+	$(BIN)/edgessl check $(DEMO)/encoder.onnx --against $(DEMO) --batch-sizes 1,32
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -139,6 +139,30 @@ def check(model, against, data, batch_sizes, threads, as_json):
         click.echo(json.dumps(report))
 
 
+@cli.command()
+@click.argument("source")
+@click.option("--train", "train_spec", required=True, help="Labelled images for the kNN memory / linear fit.")
+@click.option("--test", "test_spec", required=True, help="Labelled images to classify.")
+@click.option("--knn-k", type=int, default=200)
+@click.option("--linear", is_flag=True, help="Also fit a linear classifier (L-BFGS) on frozen features.")
+@click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG: 8 test images and their 8 neighbours.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
+def probe(source, train_spec, test_spec, knn_k, linear, grid, as_json):
+    """Probe frozen features: SOURCE is a run directory, a .onnx file, random:BACKBONE or pixels."""
+    from edgessl import probe as probe_lib
+
+    if knn_k < 1:
+        raise EdgesslError("--knn-k must be at least 1")
+    r = probe_lib.probe(source, train_spec, test_spec, knn_k, linear, grid)
+    line = f"{r['what']}: kNN top-1 {r['knn_top1']:.2f} %"
+    line += f" (top-5 {r['knn_top5']:.2f} %)" if "knn_top5" in r else ""
+    line += f", linear top-1 {r['linear_top1']:.2f} % (weight decay {r['linear_weight_decay']:g})" if linear else ""
+    click.echo(f"{line}  [{r['n_train']} train / {r['n_test']} test images, {r['feature_dim']}-d, "
+               f"k={knn_k}, {r['seconds']:.1f} s]")
+    if as_json:
+        click.echo(json.dumps(r))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:3]
     try:

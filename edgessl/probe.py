@@ -1,0 +1,176 @@
+"""Frozen-feature probes: weighted kNN and a linear classifier, on a run, an ONNX file, an
+untrained network (`random:BACKBONE`) or raw centred pixels (`pixels`).
+
+An ONNX source is run through onnxruntime with the preprocessing from its metadata, so
+the accuracy reported for a shipped model is measured on that model.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from edgessl import data as data_lib
+from edgessl.augment import normalize
+from edgessl.config import IMAGENET_MEAN, IMAGENET_STD
+from edgessl.errors import EdgesslError
+from edgessl.knn import knn_predict
+
+WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # L2 grid for the linear probe, chosen on a train split
+
+
+def featurizer(source: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], Optional[int], str]:
+    """(uint8 (N, 3, H, W) -> features (N, D), the input size it needs or None, a description)."""
+    if source == "pixels":
+        return (lambda x: x.flatten(1).float()), None, "raw pixels"
+    if source.startswith("random:"):
+        return _torch_features(source[len("random:"):])
+    path = Path(source)
+    if path.suffix == ".onnx":
+        return _onnx_features(path)
+    if path.is_dir():
+        return _run_features(path)
+    raise EdgesslError(f"probe source {source!r} is not a run directory, a .onnx file, random:BACKBONE or pixels")
+
+
+def _batched(fn, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([fn(chunk) for chunk in images.split(batch)])
+
+
+def _torch_features(name: str):
+    from edgessl.backbones import create_backbone
+
+    cache: dict = {}
+
+    @torch.no_grad()
+    def run(x):  # the untrained network as pretrain builds it, for the data's own size
+        size = x.shape[-1]
+        if size not in cache:
+            torch.manual_seed(0)
+            cache[size] = create_backbone(name, size).eval()
+        return _batched(lambda c: cache[size](normalize(c, IMAGENET_MEAN, IMAGENET_STD)), x)
+
+    return run, None, f"untrained {name}"
+
+
+def _run_features(run_dir: Path):
+    from edgessl.export import load_run
+
+    model, cfg, state = load_run(run_dir)
+    backbone = model.backbone.eval()
+
+    @torch.no_grad()
+    def run(x):
+        return _batched(lambda c: backbone(normalize(c, cfg.data.mean, cfg.data.std)), x)
+
+    return run, state["backbone"]["image_size"], f"run {run_dir} (torch)"
+
+
+def _onnx_features(path: Path):
+    from edgessl.export import ort_features, read_metadata, session
+
+    meta = read_metadata(path)
+    sess = session(path)
+
+    def run(x):
+        return torch.from_numpy(ort_features(sess, normalize(x, meta["mean"], meta["std"]).numpy()))
+
+    return run, meta["input_size"][-1], f"{path} (onnxruntime, {meta['precision']})"
+
+
+def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, seed: int = 0) -> tuple[float, float]:
+    """Multinomial logistic regression on standardised frozen features, trained to convergence
+    with L-BFGS; the L2 weight is chosen on a held-out fifth of the train set. Returns
+    (test top-1 %, the chosen weight decay)."""
+    mu, sd = train_f.mean(0), train_f.std(0).clamp(min=1e-6)
+    tr, te = (train_f - mu) / sd, (test_f - mu) / sd
+    perm = torch.randperm(len(tr), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, len(tr) // 5)
+    fit, val = perm[n_val:], perm[:n_val]
+    best = max(WEIGHT_DECAYS, key=lambda wd: _accuracy(_fit(tr[fit], train_y[fit], num_classes, wd), tr[val],
+                                                       train_y[val]))
+    return _accuracy(_fit(tr, train_y, num_classes, best), te, test_y), best
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, wd: float) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(x.shape[1], num_classes).double()
+    x = x.double()
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(x), y) + wd * head.weight.pow(2).sum() / 2
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head
+
+
+def _accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * (head(x.double()).argmax(1) == y).double().mean().item()
+
+
+def probe(source: str, train_spec: str, test_spec: str, knn_k: int = 200, linear: bool = False,
+          grid: Optional[str] = None) -> dict:
+    """kNN (and linear) top-1 of `source`'s features: train split as memory, test split as queries."""
+    start = time.perf_counter()
+    fn, size, what = featurizer(source)
+    train, test = data_lib.load(train_spec, size), data_lib.load(test_spec, size)
+    if train.labels is None or test.labels is None:
+        raise EdgesslError("probing needs labels in both --train and --test")
+    if train.images.shape[-1] != test.images.shape[-1]:
+        test = data_lib.load(test_spec, train.images.shape[-1])
+    ftr, fte = fn(train.images).float(), fn(test.images).float()
+    if source == "pixels":  # centred by the train mean, as MEASURED.md's floor
+        mu = ftr.mean(0)
+        ftr, fte = ftr - mu, fte - mu
+    classes = max(len(train.classes), int(train.labels.max()) + 1, int(test.labels.max()) + 1)
+    scores = knn_predict(ftr, train.labels, fte, classes, knn_k)
+    out = {"source": source, "what": what, "n_train": len(train), "n_test": len(test),
+           "feature_dim": ftr.shape[1], "knn_k": knn_k,
+           "knn_top1": 100.0 * (scores.argmax(1) == test.labels).float().mean().item()}
+    if classes > 5:
+        top5 = scores.topk(5, dim=1).indices
+        out["knn_top5"] = 100.0 * (top5 == test.labels[:, None]).any(1).float().mean().item()
+    if linear:
+        out["linear_top1"], out["linear_weight_decay"] = linear_probe(ftr, train.labels, fte, test.labels, classes)
+    if grid:
+        neighbour_grid(ftr, fte, train, test, grid)
+        out["grid"] = grid
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def neighbour_grid(ftr: torch.Tensor, fte: torch.Tensor, train, test, path: str, rows: int = 8, k: int = 8) -> None:
+    """8 test images, each followed by its 8 nearest training images, class names in the margin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    queries = torch.linspace(0, len(test) - 1, min(rows, len(test))).long()
+    sim = F.normalize(fte[queries], dim=1) @ F.normalize(ftr, dim=1).T  # (rows, N)
+    nn_idx = sim.topk(min(k, len(train)), dim=1).indices
+    names = train.classes or [str(i) for i in range(int(train.labels.max()) + 1)]
+    fig, axes = plt.subplots(len(queries), nn_idx.shape[1] + 1, figsize=(1.3 * (nn_idx.shape[1] + 1),
+                                                                         1.45 * len(queries)), squeeze=False)
+    for r, q in enumerate(queries.tolist()):
+        cells = [(test.images[q], names[int(test.labels[q])], "query")] + [
+            (train.images[j], names[int(train.labels[j])], "") for j in nn_idx[r].tolist()]
+        for c, (img, label, tag) in enumerate(cells):
+            ax = axes[r][c]
+            ax.imshow(img.permute(1, 2, 0).numpy())
+            ok = c == 0 or label == names[int(test.labels[q])]
+            ax.set_title(f"{tag} {label}".strip(), fontsize=7, color="black" if ok else "red")
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

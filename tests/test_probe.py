@@ -1,0 +1,68 @@
+"""Probes: linear probe on separable data, torch and ONNX sources agree, baselines, CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_npz, tiny_config
+from edgessl import EdgesslError
+from edgessl.export import export_onnx
+from edgessl.probe import linear_probe, probe
+from edgessl.train import pretrain
+
+
+def test_linear_probe_separates_a_separable_set():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 5
+    y = torch.arange(200) % 4
+    x = centres[y] + torch.randn(200, 16, generator=g)
+    acc, wd = linear_probe(x[:160], y[:160], x[160:], y[160:], 4)
+    assert acc == 100.0 and wd in (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    train = make_npz(root / "train.npz", n=48, size=32, seed=0)
+    test = make_npz(root / "test.npz", n=24, size=32, seed=1)
+    pretrain(tiny_config(f"npz:{train}", optim={"epochs": 1}), root / "run", log=lambda *_: None)
+    export_onnx(root / "run", root / "m.onnx", knn=False)
+    return root, f"npz:{train}", f"npz:{test}"
+
+
+def test_torch_and_onnx_sources_agree(tiny):
+    root, train, test = tiny
+    a = probe(str(root / "run"), train, test, knn_k=5)
+    b = probe(str(root / "m.onnx"), train, test, knn_k=5)
+    assert a["knn_top1"] == b["knn_top1"] and a["feature_dim"] == b["feature_dim"] == 1024
+    assert a["n_train"] == 48 and a["n_test"] == 24
+
+
+def test_baseline_sources(tiny):
+    root, train, test = tiny
+    pix = probe("pixels", train, test, knn_k=5, linear=True)
+    assert pix["feature_dim"] == 3 * 32 * 32 and pix["knn_top1"] > 80  # colour blobs: pixels separate them
+    rnd = probe("random:mobilenetv3_small_050", train, test, knn_k=5)
+    assert rnd["feature_dim"] == 1024
+    with pytest.raises(EdgesslError, match="not a run directory"):
+        probe(str(root / "nothing"), train, test)
+
+
+def test_grid_png(tiny, tmp_path):
+    root, train, test = tiny
+    out = probe(str(root / "run"), train, test, knn_k=5, grid=str(tmp_path / "g.png"))
+    assert (tmp_path / "g.png").stat().st_size > 1000 and out["grid"].endswith("g.png")
+
+
+def test_cli_json(tiny):
+    root, train, test = tiny
+    r = subprocess.run([sys.executable, "-m", "edgessl", "probe", str(root / "m.onnx"), "--train", train,
+                        "--test", test, "--knn-k", "5", "--linear", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("knn_top1", "linear_top1", "n_train", "n_test", "feature_dim", "seconds"):
+        assert key in out
+    assert np.isfinite(out["linear_top1"])
