@@ -37,7 +37,11 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, Config, dict]:
     if Path(run_dir).is_file():
         raise EdgesslError(f"{run_dir} is a file; give a run directory")
     state = checkpoint.load(ckpt)
-    cfg = from_dict(state["config"])
+    cfg = from_dict({k: v for k, v in state["config"].items() if k != "finetune"})
+    if state.get("kind") == "classifier":  # an `edgessl finetune` run: backbone + linear head
+        from edgessl.finetune import load_classifier
+
+        return load_classifier(state), cfg, state
     bb = state["backbone"]
     backbone = create_backbone(cfg.backbone.name, bb["image_size"], bb["output_stride"])
     model = METHODS[cfg.method.name](backbone, state["model"]["bank"].shape[0], cfg.method)
@@ -55,6 +59,13 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, D)
         h = self.backbone(images)
         return h if self.head is None else F.normalize(self.head(h), dim=1)
+
+
+def export_module(model: nn.Module, with_head: bool) -> nn.Module:
+    """A fine-tuned classifier exports whole (logits); a pretraining run exports its encoder."""
+    if not hasattr(model, "head"):
+        return model.eval()
+    return Encoder(model.backbone, model.head if with_head else None).eval()
 
 
 class HardSwishRelu6(nn.Module):
@@ -100,16 +111,24 @@ def metadata(cfg: Config, state: dict, encoder: Encoder, precision: str, ckpt: P
     import edgessl
 
     size = state["backbone"]["image_size"]
-    dim = encoder.head[-1].out_features if encoder.head is not None else state["backbone"]["feature_dim"]
-    return {"format": "edgessl-onnx", "input": "images", "output": "features",
+    classifier = state.get("kind") == "classifier"
+    head = getattr(encoder, "head", None)
+    dim = len(state["classes"]) if classifier else head[-1].out_features if head is not None \
+        else state["backbone"]["feature_dim"]
+    extra = {"kind": "classifier", "classes": state["classes"]} if classifier else {"kind": "encoder"}
+    return {"format": "edgessl-onnx", "input": "images", "output": output_name(state), **extra,
             "input_size": [3, size, size], "layout": "NCHW", "channel_order": "RGB", "scale": 1 / 255,
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "resize": {"rule": "stretch to input_size x input_size, no crop", "interpolation": "bicubic"},
-            "feature_dim": dim, "normalized": encoder.head is not None, "with_head": encoder.head is not None,
+            "feature_dim": dim, "normalized": head is not None, "with_head": head is not None,
             "backbone": state["backbone"]["timm_name"], "output_stride": state["backbone"]["output_stride"],
             "method": cfg.method.name, "precision": precision, "batch": batch,
             "source_checkpoint_sha256": sha256(ckpt),
             "versions": {"edgessl": edgessl.__version__, "torch": str(torch.__version__), "onnx": onnx.__version__}}
+
+
+def output_name(state: dict) -> str:
+    return "logits" if state.get("kind") == "classifier" else "features"
 
 
 def read_metadata(model_path: str | Path) -> dict:
@@ -252,7 +271,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
         raise EdgesslError(f"folder {out.parent} does not exist")
     size = state["backbone"]["image_size"]
     images = run_images(cfg, calib, max(16, calib_count if precision == "int8" else 16), size)
-    encoder = Encoder(model.backbone, model.head if with_head else None).eval()
+    encoder = export_module(model, with_head)
+    knn = knn and state.get("kind") != "classifier"
     with torch.no_grad():
         reference = encoder(torch.from_numpy(images[:16])).numpy()
     if precision == "int8":
@@ -260,7 +280,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
     meta = metadata(cfg, state, encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        _torch_export(encoder, fp32, size, batch, opset)
+        _torch_export(encoder, fp32, size, batch, opset, output_name(state))
         if precision == "fp32":
             final = fp32
         else:
@@ -316,7 +336,7 @@ def _install_text(dst: Path, text: str) -> None:
     os.replace(tmp, dst)
 
 
-def _torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int) -> None:
+def _torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int, output: str = "features") -> None:
     """The TorchScript-based exporter (dynamo=False): parity <= 8e-6 on these backbones
     (MEASURED.md), sub-second, and no onnxscript dependency; the dynamo exporter failed
     on timm's MobileNetV3 with a dynamic batch here."""
@@ -326,9 +346,9 @@ def _torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int) 
     dummy = torch.zeros(int(batch) if fixed else 2, 3, size, size)  # batch >= 2: no batch-1 specialisation
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(encoder, (dummy,), str(path), input_names=["images"], output_names=["features"],
+        torch.onnx.export(encoder, (dummy,), str(path), input_names=["images"], output_names=[output],
                           opset_version=opset, dynamo=False, external_data=False,
-                          dynamic_axes=None if fixed else {"images": {0: "batch"}, "features": {0: "batch"}})
+                          dynamic_axes=None if fixed else {"images": {0: "batch"}, output: {0: "batch"}})
 
 
 def _batch_of(images: np.ndarray, b: int) -> np.ndarray:
@@ -362,7 +382,7 @@ def check(model_path: str | Path, against: Optional[str] = None, data: Optional[
         d = data_lib.load(data or cfg.data.spec, size)
         idx = torch.linspace(0, len(d) - 1, min(64, len(d))).long()
         images = normalize(d.images[idx], meta["mean"], meta["std"]).numpy()
-        encoder = Encoder(model.backbone, model.head if meta["with_head"] else None).eval()
+        encoder = export_module(model, meta["with_head"])
         with torch.no_grad():
             reference = encoder(torch.from_numpy(images)).numpy()
         report.update(parity(reference, ort_features(sess, images)))

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from edgessl.cli import cli
 
-COMMANDS = [[], ["pretrain"], ["export"], ["check"], ["probe"]]
+COMMANDS = [[], ["pretrain"], ["export"], ["check"], ["probe"], ["finetune"]]
 
 
 def run(*args, cwd=None):

@@ -1,0 +1,71 @@
+"""Fine-tuning: exact stratified subsets, an end-to-end run, its ONNX classifier export."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_npz, tiny_config
+from edgessl import EdgesslError
+from edgessl.export import check, export_onnx, load_run, read_metadata, session
+from edgessl.finetune import finetune, stratified_subset
+from edgessl.train import pretrain
+
+
+def test_stratified_subset_sizes_are_exact():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    idx = stratified_subset(labels, seed=0, fraction=0.1)
+    assert [int((labels[idx] == c).sum()) for c in range(3)] == [5, 3, 2]
+    idx = stratified_subset(labels, seed=0, per_class=4)
+    assert [int((labels[idx] == c).sum()) for c in range(3)] == [4, 4, 4]
+    assert torch.equal(idx, stratified_subset(labels, seed=0, per_class=4))
+    assert not torch.equal(idx, stratified_subset(labels, seed=1, per_class=4))
+    assert [int((labels[stratified_subset(labels, 0, fraction=0.01)] == c).sum()) for c in range(3)] == [1, 1, 1]
+    with pytest.raises(EdgesslError, match="fewer than"):
+        stratified_subset(labels, seed=0, per_class=25)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    train = make_npz(root / "train.npz", n=60, size=32, seed=0)
+    test = make_npz(root / "test.npz", n=30, size=32, seed=1)
+    pretrain(tiny_config(f"npz:{train}", optim={"epochs": 1}), root / "run", log=lambda *_: None)
+    return root, f"npz:{train}", f"npz:{test}"
+
+
+def test_finetune_end_to_end_and_classifier_export(pretrained, tmp_path):
+    root, train, test = pretrained
+    r = finetune(root / "run", train, test, tmp_path / "ft", labels_per_class=8, epochs=4, batch_size=8,
+                 log=lambda *_: None)
+    assert r["n_labelled"] == 24 and r["epochs"] == 4 and 0 <= r["test_top1"] <= 100
+    rows = (tmp_path / "ft" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,step,loss") and len(rows) == 5
+    out = tmp_path / "clf.onnx"
+    report = export_onnx(tmp_path / "ft", out)
+    assert report["max_abs_diff"] <= 1e-4
+    meta = read_metadata(out)
+    assert meta["kind"] == "classifier" and meta["classes"] == ["0", "1", "2"] and meta["output"] == "logits"
+    model, _, _ = load_run(tmp_path / "ft")
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    logits = session(out).run(None, {"images": x})[0]
+    with torch.no_grad():
+        assert np.abs(logits - model(torch.from_numpy(x)).numpy()).max() <= 1e-4
+    assert logits.shape == (5, 3)
+    assert check(out, against=str(tmp_path / "ft"), batch_sizes=(1,), iters=2)["max_abs_diff"] <= 1e-4
+
+
+def test_random_init_cli(pretrained, tmp_path):
+    root, train, test = pretrained
+    r = subprocess.run([sys.executable, "-m", "edgessl", "finetune", str(root / "run"), "--train", train, "--test",
+                        test, "--out", str(tmp_path / "scratch"), "--label-fraction", "0.5", "--epochs", "1",
+                        "--batch-size", "8", "--init", "random", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["init"] == "random" and out["n_labelled"] == 30
+    r = subprocess.run([sys.executable, "-m", "edgessl", "finetune", str(root / "run"), "--train", train, "--test",
+                        test, "--out", str(tmp_path / "x"), "--label-fraction", "0.5", "--labels-per-class", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not both" in r.stderr
