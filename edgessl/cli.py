@@ -79,6 +79,8 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
     result = train.pretrain(cfg, out, resume=resume)
     if as_json:
         click.echo(json.dumps(result))
+    if result["stopped_early"]:  # SIGINT / SIGTERM: checkpointed at a step boundary
+        sys.exit(130)
 
 
 @cli.command()

@@ -11,9 +11,11 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -277,7 +279,24 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
     log(f"edgessl pretrain: {data_lib.describe(s.train)} | {s.model.backbone.timm_name} "
         f"(output stride {s.model.backbone.output_stride}, {s.model.backbone.feature_dim}-d) | "
         f"{cfg.method.name} | {s.device} {s.precision}")
-    return train_loop(s, files, pos, progress, stop_at_step, log)
+    with stop_signals() as signalled:
+        return train_loop(s, files, pos, progress, lambda step: step == stop_at_step or bool(signalled), log)
+
+
+@contextmanager
+def stop_signals():
+    """SIGINT / SIGTERM during training: finish the step, checkpoint, stop (the list fills up)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda num, frame: received.append(num))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def restore(s: Setup, state: dict) -> dict:
@@ -300,7 +319,7 @@ def _fmt(x: Optional[float]) -> str:
     return "" if x is None else f"{x:.2f}"
 
 
-def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop_at_step, log) -> dict:
+def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[int], bool], log) -> dict:
     from tqdm import tqdm
 
     c, n, bs = s.cfg, len(s.train), s.cfg.optim.batch_size
@@ -333,21 +352,22 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop_at_step, log
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}")
             every = c.run.checkpoint_every_steps
-            if pos["epoch_step"] < s.steps_per_epoch and (pos["step"] == stop_at_step or every and pos["step"] % every == 0):
+            stopping = stop(pos["step"])
+            if pos["epoch_step"] < s.steps_per_epoch and (stopping or every and pos["step"] % every == 0):
                 pos["elapsed"] += time.perf_counter() - t0
                 files.add_steps(step_log)
                 save(s, files, pos)
                 t0, step_log = time.perf_counter(), []
-                if pos["step"] == stop_at_step:
+                if stopping:
                     bar.close()
-                    return summary(s, files, pos, log)
+                    return summary(s, files, pos, log, stopped=True)
         bar.close()
         pos["elapsed"] += time.perf_counter() - t0
         last = pos["epoch"] + 1 == pos["planned_epochs"] or bool(budget and pos["elapsed"] >= budget)
         end_epoch(s, files, pos, s.optimizer.param_groups[0]["lr"], step_log,
                   done * bs / max(time.perf_counter() - t_epoch, 1e-9), last)
-        if pos["step"] == stop_at_step:
-            break
+        if stop(pos["step"]):
+            return summary(s, files, pos, log, stopped=True)
     return summary(s, files, pos, log)
 
 
@@ -388,14 +408,14 @@ def end_epoch(s: Setup, files: RunFiles, pos: dict, lr: float, step_log: list, i
     save(s, files, pos)
 
 
-def summary(s: Setup, files: RunFiles, pos: dict, log) -> dict:
+def summary(s: Setup, files: RunFiles, pos: dict, log, stopped: bool = False) -> dict:
     c = s.cfg
     images = pos["step"] * c.optim.batch_size
     out = {"run_dir": str(files.dir), "method": c.method.name, "backbone": s.model.backbone.timm_name,
            "device": str(s.device), "precision": s.precision, "epochs": pos["epoch"], "steps": pos["step"],
            "seconds": round(pos["elapsed"], 2), "images_per_s": round(images / max(pos["elapsed"], 1e-9), 1),
            "peak_mem_mb": round(peak_mem_mb(s.device)), "final_loss": pos.get("last_loss"),
-           "knn_top1": pos.get("last_knn"), **pos["baselines"]}
+           "knn_top1": pos.get("last_knn"), **pos["baselines"], "stopped_early": stopped}
     lines = [f"run        {out['run_dir']}",
              f"trained    {out['epochs']} epochs, {out['steps']} steps in {out['seconds']:.0f} s "
              f"({out['images_per_s']:.0f} images/s, peak memory {out['peak_mem_mb']} MB)",
@@ -405,6 +425,8 @@ def summary(s: Setup, files: RunFiles, pos: dict, log) -> dict:
                      f"network | {_fmt(out['knn_pixels'])} % raw pixels  (k={c.run.knn_k}, held-out "
                      f"{len(s.val)} images)")
     lines.append(f"files      {files.dir}/{{config.yaml, metrics.csv, steps.csv, checkpoint.pt}}")
+    if stopped:
+        lines.append(f"stopped    at step {pos['step']}, checkpoint saved: --resume continues the run")
     log("\n".join(lines))
     return out
 
