@@ -194,16 +194,20 @@ class RunFiles:
         self.dir = run_dir
         self.metrics, self.steps, self.ckpt = run_dir / "metrics.csv", run_dir / "steps.csv", run_dir / "checkpoint.pt"
 
-    def start(self, cfg: Config, resume_step: Optional[int]) -> None:
+    def start(self, cfg: Config, resume: Optional[dict] = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(dump_yaml(cfg))
-        if resume_step is None:
+        if resume is None:
             _write_csv(self.metrics, METRIC_FIELDS, [])
             _write_csv(self.steps, ["step", "loss"], [])
-        else:  # drop rows written after the checkpoint we resume from
-            for path in (self.metrics, self.steps):
-                header, rows = _read_csv(path)
-                _write_csv(path, header, [r for r in rows if int(r["step"]) <= resume_step])
+            return
+        # Keep exactly what the checkpoint covers: rows were written before the checkpoint that
+        # follows them, so anything past these counts (even a line cut by a kill) is dropped.
+        for path, keep in ((self.metrics, resume["epoch"] + 1), (self.steps, resume["step"])):
+            header, rows = _read_csv(path)
+            if len(rows) < keep:
+                raise EdgesslError(f"{path} has {len(rows)} rows, fewer than the checkpoint's {keep}")
+            _write_csv(path, header, rows[:keep])
 
     def add_metrics(self, row: dict) -> None:
         with open(self.metrics, "a", newline="") as f:
@@ -270,12 +274,12 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
         calib_s = time.perf_counter() - start
         pos = {"epoch": 0, "step": 0, "epoch_step": 0, "elapsed": calib_s, "calib_s": calib_s,
                "perm": None, "sums": {}, "baselines": baselines}
-        files.start(cfg, None)
+        files.start(cfg)
         files.add_metrics({"epoch": 0, "step": 0, "seconds": f"{pos['elapsed']:.2f}",
                            "knn_top1": _fmt(baselines["knn_untrained"])})
     else:
         pos = restore(s, state)
-        files.start(cfg, pos["step"])
+        files.start(cfg, pos)
     log(f"edgessl pretrain: {data_lib.describe(s.train)} | {s.model.backbone.timm_name} "
         f"(output stride {s.model.backbone.output_stride}, {s.model.backbone.feature_dim}-d) | "
         f"{cfg.method.name} | {s.device} {s.precision}")
@@ -329,7 +333,7 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
     show = sys.stderr.isatty() if progress is None else progress
     s.model.train()
     while (pos["planned_epochs"] is None or pos["epoch"] < pos["planned_epochs"]) and not (
-            budget and pos["elapsed"] >= budget and pos["epoch_step"] == 0):
+            budget and pos["elapsed"] >= budget and pos["epoch_step"] == 0 and pos["epoch"] > 0):
         if pos["perm"] is None:
             pos["perm"] = torch.randperm(n)
         t0, t_epoch, done, step_log = time.perf_counter(), time.perf_counter(), 0, []
@@ -363,7 +367,8 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
                     return summary(s, files, pos, log, stopped=True)
         bar.close()
         pos["elapsed"] += time.perf_counter() - t0
-        last = pos["epoch"] + 1 == pos["planned_epochs"] or bool(budget and pos["elapsed"] >= budget)
+        last = pos["epoch"] + 1 == pos["planned_epochs"] or bool(budget and pos["elapsed"] >= budget)  # the first
+        # epoch always runs: the budget ends at the first epoch boundary after it
         end_epoch(s, files, pos, s.optimizer.param_groups[0]["lr"], step_log,
                   done * bs / max(time.perf_counter() - t_epoch, 1e-9), last)
         if stop(pos["step"]):
