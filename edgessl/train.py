@@ -332,6 +332,7 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
     pos.setdefault("planned_epochs", c.optim.epochs)
     show = sys.stderr.isatty() if progress is None else progress
     s.model.train()
+    # a budget ends at the first epoch boundary after it, so at least one epoch always runs
     while (pos["planned_epochs"] is None or pos["epoch"] < pos["planned_epochs"]) and not (
             budget and pos["elapsed"] >= budget and pos["epoch_step"] == 0 and pos["epoch"] > 0):
         if pos["perm"] is None:
@@ -367,8 +368,7 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
                     return summary(s, files, pos, log, stopped=True)
         bar.close()
         pos["elapsed"] += time.perf_counter() - t0
-        last = pos["epoch"] + 1 == pos["planned_epochs"] or bool(budget and pos["elapsed"] >= budget)  # the first
-        # epoch always runs: the budget ends at the first epoch boundary after it
+        last = pos["epoch"] + 1 == pos["planned_epochs"] or bool(budget and pos["elapsed"] >= budget)
         end_epoch(s, files, pos, s.optimizer.param_groups[0]["lr"], step_log,
                   done * bs / max(time.perf_counter() - t_epoch, 1e-9), last)
         if stop(pos["step"]):
