@@ -43,6 +43,8 @@ def cli(ctx, debug):
               help="Hold out this fraction (fixed seed) for the kNN monitor.")
 @click.option("--val-data", "val_spec", help="A second dataset spec for the kNN monitor.")
 @click.option("--init-weights", type=click.Path(dir_okay=False), help="Local timm state dict to start from.")
+@click.option("--bad-images", type=click.Choice(["fail", "skip"]), default=_D.data.bad_images,
+              help="folder: data with undecodable images: fail listing them, or train on the rest.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=_D.run.precision)
 @click.option("--device", default=_D.run.device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=_D.run.seed)
@@ -65,7 +67,8 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
     elif config_path:
         raise EdgesslError("--resume uses the run's stored config; drop --config")
     where = {"data_spec": ("data", "spec"), "val_spec": ("data", "val_spec"), "val_fraction": ("data", "val_fraction"),
-             "image_size": ("data", "image_size"), "backbone": ("backbone", "name"),
+             "image_size": ("data", "image_size"), "bad_images": ("data", "bad_images"),
+             "backbone": ("backbone", "name"),
              "init_weights": ("backbone", "init_weights"), "method": ("method", "name"),
              "epochs": ("optim", "epochs"), "minutes": ("optim", "minutes"), "batch_size": ("optim", "batch_size"),
              "precision": ("run", "precision"), "device": ("run", "device"), "seed": ("run", "seed")}
@@ -205,8 +208,8 @@ def main() -> None:
         cli.main(standalone_mode=False, prog_name="edgessl")
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # one line, like every other input error
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -31,6 +31,7 @@ class DataConfig:
     val_fraction: float = 0.0  # ... or a fraction of `spec` held out (fixed split_seed)
     split_seed: int = 0  # the held-out split does not move with the run's seed
     image_size: Optional[int] = None  # None: the dataset's own size (folder: 64)
+    bad_images: str = "fail"  # folder specs: fail (list them, train nothing) | skip (train on the rest)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -107,6 +108,7 @@ class Config:
 
 
 _CHOICES = {
+    "data.bad_images": ("fail", "skip"),
     "method.bank_init": ("random", "calibrated"),
     "method.bank_update": ("ema", "grad"),
     "optim.name": ("sgd", "adamw"),

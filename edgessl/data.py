@@ -20,7 +20,7 @@ import pickle
 import struct
 import urllib.parse
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +34,7 @@ FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 FOLDER_DEFAULT_SIZE = 64
+MIN_SIDE = 8  # smaller images are reported as bad, not upscaled from a few pixels
 
 
 @dataclass
@@ -42,21 +43,25 @@ class ImageData:
     labels: Optional[torch.Tensor]  # (N,) int64, or None when unlabelled
     classes: list[str]
     spec: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def subset(self, index: torch.Tensor) -> "ImageData":
         labels = self.labels[index] if self.labels is not None else None
-        return ImageData(self.images[index], labels, self.classes, self.spec)
+        return ImageData(self.images[index], labels, self.classes, self.spec, self.skipped)
 
     def to(self, device) -> "ImageData":
         labels = self.labels.to(device) if self.labels is not None else None
-        return ImageData(self.images.to(device), labels, self.classes, self.spec)
+        return ImageData(self.images.to(device), labels, self.classes, self.spec, self.skipped)
 
 
-def load(spec: str, image_size: Optional[int] = None) -> ImageData:
-    """Decode a dataset spec once into an ImageData on the CPU."""
+def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail") -> ImageData:
+    """Decode a dataset spec once into an ImageData on the CPU.
+
+    bad_images (folder specs): "fail" raises one error listing every file that cannot be
+    used and why; "skip" leaves them out and lists them in ImageData.skipped."""
     kind, sep, rest = spec.partition(":")
     if not sep and "?" in kind:  # fashion-mnist?split=test: options without a path
         kind, rest = kind.split("?", 1)[0], "?" + kind.split("?", 1)[1]
@@ -67,7 +72,11 @@ def load(spec: str, image_size: Optional[int] = None) -> ImageData:
                            "npz:PATH, cifar10:DIR, cifar100:DIR, fashion-mnist[:DIR], folder:DIR")
     if not rest and kind != "fashion-mnist":
         raise EdgesslError(f"malformed dataset spec {spec!r}: {kind}: needs a path")
-    images, labels, classes = loaders[kind](kind, rest, image_size)
+    skipped: list[tuple[str, str]] = []
+    if kind == "folder":
+        images, labels, classes, skipped = _load_folder(rest, image_size, bad_images)
+    else:
+        images, labels, classes = loaders[kind](kind, rest, image_size)
     if images.shape[1] == 1:  # grayscale replicated to 3 channels: the stock RGB stem stays
         images = images.expand(-1, 3, -1, -1)
     size = image_size or max(images.shape[-2:])
@@ -82,7 +91,7 @@ def load(spec: str, image_size: Optional[int] = None) -> ImageData:
             classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
     if images.shape[0] == 0:
         raise EdgesslError(f"dataset {spec!r} holds no images")
-    return ImageData(images, labels, list(classes), spec)
+    return ImageData(images, labels, list(classes), spec, skipped)
 
 
 def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, ImageData]:
@@ -213,7 +222,11 @@ def _load_fashion_mnist(kind, rest, image_size):
     return torch.from_numpy(images.copy())[:, None], labels, FASHION_MNIST_CLASSES
 
 
-def _load_folder(kind, rest, image_size):
+def _load_folder(rest: str, image_size: Optional[int], bad_images: str):
+    """Image files under DIR (labels from first-level subfolders when every file has one).
+
+    Every file is decoded and checked before anything trains; a broken file is never
+    replaced by another (the bank is indexed by image)."""
     root = _path(rest, "folder")
     if not root.is_dir():
         raise EdgesslError(f"folder: {root} is not a directory")
@@ -221,21 +234,37 @@ def _load_folder(kind, rest, image_size):
     if not files:
         raise EdgesslError(f"folder: no image files under {root}")
     size = image_size or FOLDER_DEFAULT_SIZE
-    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-    labels = np.array([classes.index(p.relative_to(root).parts[0]) for p in files]) if classes and all(
-        len(p.relative_to(root).parts) > 1 for p in files) else None
     key = hashlib.sha256(f"{size}\n".encode() + "\n".join(
-        f"{p.relative_to(root)}\t{p.stat().st_size}" for p in files).encode()).hexdigest()[:16]
+        f"{p.relative_to(root)}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgessl" / f"folder-{key}.npy"
-    if cache.exists():
+    skipped: list[tuple[str, str]] = []
+    if cache.exists():  # only a folder with no bad file is cached
         images = np.load(cache, allow_pickle=False)  # (N, H, W, 3)
     else:
-        images = np.stack([_decode(p, size) for p in files])  # (N, H, W, 3)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, images)
-        os.replace(tmp, cache)
-    return torch.from_numpy(images).permute(0, 3, 1, 2), labels, classes if labels is not None else []
+        decoded = []
+        for p in files:
+            try:
+                decoded.append(_decode(p, size))
+            except EdgesslError as e:
+                skipped.append((str(p), str(e)))
+        if skipped and bad_images == "fail":
+            listing = "\n".join(f"  {f}: {why}" for f, why in skipped)
+            raise EdgesslError(f"{len(skipped)} of {len(files)} images under {root} cannot be used "
+                               f"(--bad-images skip trains on the rest):\n{listing}")
+        if len(decoded) == 0:
+            raise EdgesslError(f"folder: none of the {len(files)} images under {root} can be used")
+        bad = {f for f, _ in skipped}
+        files = [p for p in files if str(p) not in bad]
+        images = np.stack(decoded)
+        if not skipped:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, images)
+            os.replace(tmp, cache)
+    parts = [p.relative_to(root).parts for p in files]
+    classes = sorted({q[0] for q in parts if len(q) > 1}) if all(len(q) > 1 for q in parts) else []
+    labels = np.array([classes.index(q[0]) for q in parts]) if classes else None
+    return torch.from_numpy(images).permute(0, 3, 1, 2), labels, classes, skipped
 
 
 def _decode(path: Path, size: int) -> np.ndarray:
@@ -244,6 +273,8 @@ def _decode(path: Path, size: int) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
+            if min(im.size) < MIN_SIDE:
+                raise EdgesslError(f"too small ({im.size[0]}x{im.size[1]}; at least {MIN_SIDE} px a side)")
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 a = np.asarray(im, dtype=np.float64)
@@ -251,8 +282,10 @@ def _decode(path: Path, size: int) -> np.ndarray:
                                      .astype(np.uint8))
             im = im.convert("RGB").resize((size, size), Image.BICUBIC)
             return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise EdgesslError(f"folder: cannot decode {path}: {e}") from None
+    except EdgesslError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise EdgesslError(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -100,10 +100,10 @@ class Setup:
 def load_data(cfg: Config) -> tuple[data_lib.ImageData, Optional[data_lib.ImageData]]:
     if not cfg.data.spec:
         raise EdgesslError("no training data: give a dataset spec (--data npz:PATH, folder:DIR, ...)")
-    train = data_lib.load(cfg.data.spec, cfg.data.image_size)
+    train = data_lib.load(cfg.data.spec, cfg.data.image_size, cfg.data.bad_images)
     val = None
     if cfg.data.val_spec:
-        val = data_lib.load(cfg.data.val_spec, train.images.shape[-1])
+        val = data_lib.load(cfg.data.val_spec, train.images.shape[-1], cfg.data.bad_images)
     elif cfg.data.val_fraction > 0:
         train, val = data_lib.split(train, cfg.data.val_fraction, cfg.data.split_seed)
     return train, val
@@ -194,9 +194,11 @@ class RunFiles:
         self.dir = run_dir
         self.metrics, self.steps, self.ckpt = run_dir / "metrics.csv", run_dir / "steps.csv", run_dir / "checkpoint.pt"
 
-    def start(self, cfg: Config, resume: Optional[dict] = None) -> None:
+    def start(self, cfg: Config, resume: Optional[dict] = None, skipped: tuple = ()) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(dump_yaml(cfg))
+        if skipped:  # --bad-images skip: what was left out, and why
+            (self.dir / "bad_images.txt").write_text("".join(f"{f}\t{why}\n" for f, why in skipped))
         if resume is None:
             _write_csv(self.metrics, METRIC_FIELDS, [])
             _write_csv(self.steps, ["step", "loss"], [])
@@ -274,12 +276,12 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
         calib_s = time.perf_counter() - start
         pos = {"epoch": 0, "step": 0, "epoch_step": 0, "elapsed": calib_s, "calib_s": calib_s,
                "perm": None, "sums": {}, "baselines": baselines}
-        files.start(cfg)
+        files.start(cfg, skipped=s.train.skipped)
         files.add_metrics({"epoch": 0, "step": 0, "seconds": f"{pos['elapsed']:.2f}",
                            "knn_top1": _fmt(baselines["knn_untrained"])})
     else:
         pos = restore(s, state)
-        files.start(cfg, pos)
+        files.start(cfg, pos, s.train.skipped)
     log(f"edgessl pretrain: {data_lib.describe(s.train)} | {s.model.backbone.timm_name} "
         f"(output stride {s.model.backbone.output_stride}, {s.model.backbone.feature_dim}-d) | "
         f"{cfg.method.name} | {s.device} {s.precision}")
@@ -351,6 +353,7 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
             for k, v in [("loss", loss)] + [(k, v.item()) for k, v in out["parts"].items()]:
                 pos["sums"][k] = pos["sums"].get(k, 0.0) + v
             step_log.append((pos["step"], loss))
+            pos["skipped_steps"] = pos.get("skipped_steps", 0) + int(out["skipped"])
             pos["step"] += 1
             pos["epoch_step"] += 1
             done += 1
@@ -392,8 +395,11 @@ def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int) -> dict:
                            "bank took it in; the last checkpoint is kept")
     s.optimizer.zero_grad(set_to_none=True)
     s.scaler.scale(out["loss"]).backward()
+    scale = s.scaler.get_scale() if s.scaler.is_enabled() else 1.0
     s.scaler.step(s.optimizer)
     s.scaler.update()
+    # fp16: a lowered scale means inf/NaN gradients and a skipped optimizer step (not fatal, counted)
+    out["skipped"] = s.scaler.is_enabled() and s.scaler.get_scale() < scale
     s.model.update(out)
     return out
 
@@ -420,7 +426,8 @@ def summary(s: Setup, files: RunFiles, pos: dict, log, stopped: bool = False) ->
            "device": str(s.device), "precision": s.precision, "epochs": pos["epoch"], "steps": pos["step"],
            "seconds": round(pos["elapsed"], 2), "images_per_s": round(images / max(pos["elapsed"], 1e-9), 1),
            "peak_mem_mb": round(peak_mem_mb(s.device)), "final_loss": pos.get("last_loss"),
-           "knn_top1": pos.get("last_knn"), **pos["baselines"], "stopped_early": stopped}
+           "knn_top1": pos.get("last_knn"), **pos["baselines"], "stopped_early": stopped,
+           "skipped_steps": pos.get("skipped_steps", 0)}
     lines = [f"run        {out['run_dir']}",
              f"trained    {out['epochs']} epochs, {out['steps']} steps in {out['seconds']:.0f} s "
              f"({out['images_per_s']:.0f} images/s, peak memory {out['peak_mem_mb']} MB)",
