@@ -94,7 +94,8 @@ class RunConfig:
     augment_threads: int = 0
     monitor_every: int = 1  # kNN monitor every N epochs (needs labels); 0: off
     knn_k: int = 200
-    checkpoint_every_steps: int = 0  # 0: checkpoint at epoch ends only
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps (0: epoch ends only) ...
+    checkpoint_every_minutes: float = 10.0  # ... and every M minutes of training (0: off)
 
 
 @dataclass
@@ -200,7 +201,8 @@ def validate(cfg: Config) -> Config:
         ("data.image_size", d.image_size is None or 8 <= d.image_size <= 1024),
         ("augment.crop_scale", 0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[1] <= 1),
         ("run.threads", cfg.run.threads >= 0), ("run.augment_threads", cfg.run.augment_threads >= 0),
-        ("run.knn_k", cfg.run.knn_k >= 1), ("run.monitor_every", cfg.run.monitor_every >= 0),
+        ("run.knn_k", cfg.run.knn_k >= 1), ("run.checkpoint_every_minutes", cfg.run.checkpoint_every_minutes >= 0),
+        ("run.checkpoint_every_steps", cfg.run.checkpoint_every_steps >= 0), ("run.monitor_every", cfg.run.monitor_every >= 0),
     ]
     for key, ok in checks:
         if not ok:

@@ -359,9 +359,10 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
             done += 1
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}")
-            every = c.run.checkpoint_every_steps
+            every, minutes = c.run.checkpoint_every_steps, c.run.checkpoint_every_minutes
             stopping = stop(pos["step"])
-            if pos["epoch_step"] < s.steps_per_epoch and (stopping or every and pos["step"] % every == 0):
+            due = every and pos["step"] % every == 0 or minutes and time.perf_counter() - t0 >= minutes * 60
+            if pos["epoch_step"] < s.steps_per_epoch and (stopping or due):
                 pos["elapsed"] += time.perf_counter() - t0
                 files.add_steps(step_log)
                 save(s, files, pos)

@@ -227,3 +227,11 @@ def test_fuzz_config(overrides):
         from_dict(overrides)
     except ConfigError:
         pass
+
+
+def test_checkpointing_often_does_not_change_the_run(tiny_npz, tmp_path):
+    often = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 2}, run={"checkpoint_every_minutes": 1e-9,
+                                                                     "knn_k": 5, "threads": 1})
+    pretrain(often, tmp_path / "often", log=lambda *_: None)
+    pretrain(tiny_config(f"npz:{tiny_npz}", optim={"epochs": 2}), tmp_path / "plain", log=lambda *_: None)
+    assert (tmp_path / "often" / "steps.csv").read_text() == (tmp_path / "plain" / "steps.csv").read_text()
