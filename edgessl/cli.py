@@ -33,7 +33,8 @@ def cli(ctx, debug):
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--backbone", default=_D.backbone.name, help="Alias (mobilenetv3, mobilenetv3-large, "
               "mobilenetv4, resnet18) or any timm model name.")
-@click.option("--method", default=_D.method.name, type=click.Choice(["memdistill", "npid"]), help="Method.")
+@click.option("--method", default=_D.method.name,
+              type=click.Choice(["memdistill", "npid", "simclr", "byol", "supervised"]), help="Method.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe overriding the defaults.")
 @click.option("--epochs", type=int, default=_D.optim.epochs, help="Epochs (wins over --minutes).")
 @click.option("--minutes", type=float, help="Budget: stop at the first epoch end after this many minutes.")

@@ -68,6 +68,8 @@ class MethodConfig:
     sqrtkl_temperature: float = 1.0  # released script: SqrtKL on raw cosines
     cutmix_alpha: float = 0.5  # Beta(alpha, alpha) for the mixing ratio
     cutmix_prob: float = 1.0  # fraction of steps that use CutMix; 0 turns it off
+    predictor_dims: list[int] = field(default_factory=lambda: [1024, 128])  # byol only
+    byol_momentum: float = 0.99  # byol: target EMA momentum at the start, cosine to 1
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Config:
 
 
 _CHOICES = {
+    "method.name": ("memdistill", "npid", "simclr", "byol", "supervised"),
     "data.bad_images": ("fail", "skip"),
     "method.bank_init": ("random", "calibrated"),
     "method.bank_update": ("ema", "grad"),
@@ -194,6 +197,8 @@ def validate(cfg: Config) -> Config:
         ("method.sqrtkl_weight", m.sqrtkl_weight >= 0), ("method.sqrtkl_temperature", m.sqrtkl_temperature > 0),
         ("method.cutmix_alpha", m.cutmix_alpha > 0), ("method.cutmix_prob", 0 <= m.cutmix_prob <= 1),
         ("method.head_dims", len(m.head_dims) >= 1 and min(m.head_dims) >= 1),
+        ("method.predictor_dims", len(m.predictor_dims) >= 1 and min(m.predictor_dims) >= 1),
+        ("method.byol_momentum", 0 <= m.byol_momentum <= 1),
         ("optim.lr", o.lr > 0), ("optim.batch_size", o.batch_size >= 2), ("optim.epochs", o.epochs is None and o.minutes is not None or o.epochs is not None and o.epochs >= 1),
         ("optim.weight_decay", o.weight_decay >= 0), ("optim.warmup_epochs", o.warmup_epochs >= 0),
         ("optim.minutes", o.minutes is None or o.minutes > 0),

@@ -44,7 +44,8 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, Config, dict]:
         return load_classifier(state), cfg, state
     bb = state["backbone"]
     backbone = create_backbone(cfg.backbone.name, bb["image_size"], bb["output_stride"])
-    model = METHODS[cfg.method.name](backbone, state["model"]["bank"].shape[0], cfg.method)
+    args = dict(state["method_args"])
+    model = METHODS[cfg.method.name](backbone, args.pop("num_samples"), cfg.method, **args)
     model.load_state_dict(state["model"], strict=True)
     return model.eval(), cfg, state
 
@@ -63,9 +64,11 @@ class Encoder(nn.Module):
 
 def export_module(model: nn.Module, with_head: bool) -> nn.Module:
     """A fine-tuned classifier exports whole (logits); a pretraining run exports its encoder."""
-    if not hasattr(model, "head"):
+    from edgessl.finetune import Classifier
+
+    if isinstance(model, Classifier):
         return model.eval()
-    return Encoder(model.backbone, model.head if with_head else None).eval()
+    return Encoder(model.backbone, getattr(model, "head", None) if with_head else None).eval()
 
 
 class HardSwishRelu6(nn.Module):

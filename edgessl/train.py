@@ -123,11 +123,20 @@ def build(cfg: Config) -> Setup:
     size = train.images.shape[-1]
     b = cfg.backbone
     backbone = create_backbone(b.name, size, b.downsample, b.init_weights)
-    model = METHODS[cfg.method.name](backbone, len(train), cfg.method).to(device)
+    model = METHODS[cfg.method.name](backbone, len(train), cfg.method, **method_args(cfg, train)).to(device)
     return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
                  model, make_optimizer(cfg, model), torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
                  BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
                  len(train) // cfg.optim.batch_size)
+
+
+def method_args(cfg: Config, train: data_lib.ImageData) -> dict:
+    """Extra constructor arguments: the class count, for methods that train on labels."""
+    if not getattr(METHODS[cfg.method.name], "needs_labels", False):
+        return {}
+    if train.labels is None:
+        raise EdgesslError(f"--method {cfg.method.name} needs labelled training data")
+    return {"num_classes": len(train.classes)}
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -271,7 +280,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
     if state is None:
         baselines = {"knn_pixels": pixels_knn(s), "knn_untrained": monitor(s)}
         start = time.perf_counter()
-        if cfg.method.bank_init == "calibrated":
+        if cfg.method.bank_init == "calibrated" and hasattr(s.model, "calibrate_bank"):
             calibrate(s)
         calib_s = time.perf_counter() - start
         pos = {"epoch": 0, "step": 0, "epoch_step": 0, "elapsed": calib_s, "calib_s": calib_s,
@@ -315,6 +324,7 @@ def restore(s: Setup, state: dict) -> dict:
 
 def save(s: Setup, files: RunFiles, pos: dict) -> None:
     checkpoint.save({"config": to_dict(s.cfg), "position": pos, "model": s.model.state_dict(),
+                     "method_args": {"num_samples": len(s.train), **method_args(s.cfg, s.train)},
                      "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
                      "rng": checkpoint.rng_state(), "backbone": {
                          "timm_name": s.model.backbone.timm_name, "output_stride": s.model.backbone.output_stride,
@@ -348,7 +358,7 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
                                                     + time.perf_counter() - t0, pos["step"], s.steps_per_epoch)
             total = (pos["planned_epochs"] or 10**9) * s.steps_per_epoch
             idx = pos["perm"][pos["epoch_step"] * bs:(pos["epoch_step"] + 1) * bs].to(s.device)
-            out = train_step(s, idx, lr_at(pos["step"], total, warmup, c.optim.lr), pos["step"])
+            out = train_step(s, idx, lr_at(pos["step"], total, warmup, c.optim.lr), pos["step"], total)
             loss = out["loss"].item()
             for k, v in [("loss", loss)] + [(k, v.item()) for k, v in out["parts"].items()]:
                 pos["sums"][k] = pos["sums"].get(k, 0.0) + v
@@ -385,12 +395,14 @@ def plan_epochs(budget_s: float, elapsed_s: float, steps: int, steps_per_epoch: 
     return max(1, math.ceil(budget_s / (elapsed_s / steps * steps_per_epoch)))
 
 
-def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int) -> dict:
+def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1) -> dict:
     for g in s.optimizer.param_groups:
         g["lr"] = lr
-    images = s.augment(s.train.images[idx])  # (B, 3, S, S) float
+    raw = s.train.images[idx]
+    images = torch.cat([s.augment(raw) for _ in range(s.model.num_views)])  # (views * B, 3, S, S)
+    labels = s.train.labels[idx] if s.train.labels is not None else None
     with autocast(s.device, s.precision):
-        out = s.model(images, idx)
+        out = s.model(images, idx, labels)
     if not torch.isfinite(out["loss"]):
         raise EdgesslError(f"loss is {out['loss'].item()} at step {step}: stopped before the weights or the "
                            "bank took it in; the last checkpoint is kept")
@@ -401,7 +413,7 @@ def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int) -> dict:
     s.scaler.update()
     # fp16: a lowered scale means inf/NaN gradients and a skipped optimizer step (not fatal, counted)
     out["skipped"] = s.scaler.is_enabled() and s.scaler.get_scale() < scale
-    s.model.update(out)
+    s.model.update(out, min(1.0, (step + 1) / total))
     return out
 
 

@@ -21,6 +21,8 @@ from edgessl.methods.heads import projection_head
 
 
 class MemDistill(nn.Module):
+    num_views = 1
+
     def __init__(self, backbone: nn.Module, num_samples: int, cfg: MethodConfig):
         super().__init__()
         self.cfg = cfg
@@ -33,7 +35,7 @@ class MemDistill(nn.Module):
         """z = g(f(x)) / ||g(f(x))||, fp32: (B, 3, S, S) -> (B, d)."""
         return F.normalize(self.head(self.backbone(images)).float(), dim=1)
 
-    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor, indices: torch.Tensor, labels=None) -> dict:
         cfg, b = self.cfg, images.shape[0]
         perm, lam = None, 1.0
         if self.training and cfg.cutmix_prob > 0 and float(torch.rand(())) < cfg.cutmix_prob:
@@ -62,7 +64,7 @@ class MemDistill(nn.Module):
         return torch.cat([indices, sampled]), torch.arange(indices.shape[0], device=indices.device)
 
     @torch.no_grad()
-    def update(self, out: dict) -> None:
+    def update(self, out: dict, progress: float = 0.0) -> None:
         """The bank update after the optimizer step (the step's logits used the old bank)."""
         if self.cfg.bank_update == "ema":
             self._update_ema(out)
