@@ -37,6 +37,17 @@ VARIANTS = {
                                      "optim": {"lr": 0.1}},
     "calibrated tau0.1 lr0.1 sqrtkl5": {"method": {**PLAIN, "temperature": 0.1, "sqrtkl_weight": 5.0},
                                         "optim": {"lr": 0.1}},
+    "calibrated tau0.1 grad adamw1e-3": {"method": {**PLAIN, "temperature": 0.1, "bank_update": "grad"},
+                                         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
+    "calibrated tau0.1 grad adamw2e-3 warmup1": {"method": {**PLAIN, "temperature": 0.1, "bank_update": "grad"},
+                                                 "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.05,
+                                                           "warmup_epochs": 1.0}},
+    "calibrated tau0.1 grad lr0.03": {"method": {**PLAIN, "temperature": 0.1, "bank_update": "grad"},
+                                      "optim": {"lr": 0.03}},
+    "full method tau0.1 grad adamw1e-3": {"method": {"temperature": 0.1, "bank_update": "grad"},
+                                          "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
+    "calibrated tau0.2 grad adamw1e-3": {"method": {**PLAIN, "temperature": 0.2, "bank_update": "grad"},
+                                         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
 }
 
 
