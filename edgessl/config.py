@@ -30,6 +30,7 @@ class DataConfig:
     val_spec: Optional[str] = None  # a second spec for the kNN monitor ...
     val_fraction: float = 0.0  # ... or a fraction of `spec` held out (fixed split_seed)
     split_seed: int = 0  # the held-out split does not move with the run's seed
+    train_subset: Optional[int] = None  # train on a fixed (split_seed) subset of N images, for data-size sweeps
     image_size: Optional[int] = None  # None: the dataset's own size (folder: 64)
     bad_images: str = "fail"  # folder specs: fail (list them, train nothing) | skip (train on the rest)
     mean: tuple[float, float, float] = IMAGENET_MEAN

@@ -106,6 +106,12 @@ def load_data(cfg: Config) -> tuple[data_lib.ImageData, Optional[data_lib.ImageD
         val = data_lib.load(cfg.data.val_spec, train.images.shape[-1], cfg.data.bad_images)
     elif cfg.data.val_fraction > 0:
         train, val = data_lib.split(train, cfg.data.val_fraction, cfg.data.split_seed)
+    n = cfg.data.train_subset
+    if n is not None:
+        if not 1 <= n <= len(train):
+            raise EdgesslError(f"data.train_subset {n} is not between 1 and the {len(train)} training images")
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(
+            cfg.data.split_seed))[:n].sort().values)
     return train, val
 
 

@@ -48,6 +48,16 @@ VARIANTS = {
                                           "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
     "calibrated tau0.2 grad adamw1e-3": {"method": {**PLAIN, "temperature": 0.2, "bank_update": "grad"},
                                          "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
+    "calibrated tau0.1 m0.9 adamw1e-3": {"method": {**PLAIN, "temperature": 0.1, "bank_momentum": 0.9},
+                                         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
+    "calibrated tau0.1 grad adamw1e-3 head128": {"method": {**PLAIN, "temperature": 0.1, "bank_update": "grad",
+                                                            "head_dims": [128]},
+                                                 "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
+    "supervised adamw1e-3 (labels: the ceiling)": {"method": {"name": "supervised"},
+                                                   "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
+    "simclr lightly defaults": {"method": {"name": "simclr", "temperature": 0.5, "head_dims": [512, 128]},
+                                "optim": {"lr": 0.06, "weight_decay": 5e-4},
+                                "augment": {"crop_scale": [0.08, 1.0]}},
 }
 
 

@@ -1,0 +1,185 @@
+"""Benchmark: methods x backbones x seeds x training-set sizes at an equal budget, one JSON.
+
+    .venv/bin/python scripts/bench.py configs/bench/quick.yaml [--out runs/bench/quick] [--quick]
+
+A spec (YAML, configs/bench/) names the data, the held-out split, the budget (minutes or
+epochs), and the grid. Every run is an ordinary `edgessl pretrain` run directory under
+OUT/runs/; OUT/results.json holds one record per run (method, backbone, seed, data size,
+epochs, seconds, images/s, peak memory, kNN on the held-out split, raw-pixel and untrained
+kNN on the same split, linear probe when asked, and the kNN-against-seconds curve), and
+OUT/*.png the plots: kNN against training seconds per method, throughput and peak memory
+per method. Resumable: a run already in results.json is not run again; a run that was
+interrupted continues from its checkpoint. `--quick` keeps the first seed, backbone and
+size only (and the spec's `quick_budget` when it has one).
+
+Budgets in minutes are wall-clock and so depend on how busy the machine is: run nothing
+else beside a benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edgessl import config as config_lib  # noqa: E402
+from edgessl.methods import PRESETS  # noqa: E402
+from edgessl.train import load_data, pretrain  # noqa: E402
+
+SPEC_KEYS = {"data", "val_fraction", "split_seed", "budget", "quick_budget", "monitor_every", "linear", "methods",
+             "backbones", "seeds", "train_sizes", "overrides"}
+
+
+def load_spec(path: Path) -> dict:
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise SystemExit(f"error: {path}: unknown keys {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
+    if not spec.get("methods"):
+        raise SystemExit(f"error: {path}: no methods")
+    return spec
+
+
+def run_config(spec: dict, entry: dict, method_key: str, backbone: str, seed: int, size) -> config_lib.Config:
+    """The run's config: method preset, then the entry's config file, then the spec's and the
+    entry's overrides, then the grid point (data, budget, backbone, seed)."""
+    name = entry.get("method", method_key)
+    if name not in PRESETS:
+        raise SystemExit(f"error: method {name!r} of {method_key!r} is not one of {sorted(PRESETS)}")
+    cfg = config_lib.from_dict({"method": {"name": name, **PRESETS[name]}})
+    if entry.get("config"):
+        config_lib.from_dict(config_lib.load_yaml(REPO / entry["config"]), cfg)
+    for extra in (spec.get("overrides") or {}, entry.get("overrides") or {}):
+        config_lib.from_dict(extra, cfg)
+    budget = spec["budget"]
+    data = spec["data"]
+    if data.startswith("npz:") and not Path(data[4:]).is_absolute():
+        data = f"npz:{REPO / data[4:]}"
+    config_lib.from_dict({
+        "data": {"spec": data, "val_fraction": spec.get("val_fraction", 0.2), "split_seed": spec.get("split_seed", 0),
+                 "train_subset": size},
+        "backbone": {"name": backbone},
+        "optim": {"epochs": budget.get("epochs"), "minutes": budget.get("minutes")},
+        "run": {"seed": seed, "monitor_every": spec.get("monitor_every", 1)},
+    }, cfg)
+    return cfg
+
+
+def curve(run_dir: Path) -> list[list[float]]:
+    """[[training seconds, kNN %], ...] from metrics.csv, the untrained network at 0 s."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("knn_top1")]
+    return [[0.0 if r["epoch"] == "0" else float(r["seconds"]), float(r["knn_top1"])] for r in rows]
+
+
+def linear_top1(cfg: config_lib.Config, run_dir: Path) -> float:
+    from edgessl.probe import _run_features, linear_probe
+
+    train, val = load_data(cfg)
+    feats, _, _ = _run_features(run_dir)
+    return linear_probe(feats(train.images), train.labels, feats(val.images), val.labels, len(train.classes))[0]
+
+
+def run_one(spec: dict, key: str, cfg: config_lib.Config, run_dir: Path, point: dict) -> dict:
+    resume = (run_dir / "checkpoint.pt").exists()
+    out = pretrain(cfg, run_dir, resume=resume, progress=False, log=lambda *_: None)
+    record = {**point, "run_dir": str(run_dir), "epochs": out["epochs"], "steps": out["steps"],
+              "seconds": out["seconds"], "images_per_s": out["images_per_s"], "peak_mem_mb": out["peak_mem_mb"],
+              "knn_top1": out.get("knn_top1"), "knn_pixels": out.get("knn_pixels"),
+              "knn_untrained": out.get("knn_untrained"), "curve": curve(run_dir), "config": str(run_dir / "config.yaml")}
+    if spec.get("linear"):
+        record["linear_top1"] = linear_top1(cfg, run_dir)
+    return record
+
+
+def plots(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(results.values())
+    methods = sorted({r["method_key"] for r in runs})
+    colours = dict(zip(methods, plt.cm.tab10.colors))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot([x / 60 for x in xs], ys, marker=".", color=colours[r["method_key"]], alpha=0.8,
+                label=r["method_key"])
+    pixels = [r["knn_pixels"] for r in runs if r.get("knn_pixels") is not None]
+    if pixels:
+        ax.axhline(sum(pixels) / len(pixels), color="k", ls="--", lw=1, label="raw pixels")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set(xlabel="training minutes (this machine)", ylabel="kNN top-1 % (held-out split)",
+           title="kNN against training time")
+    ax.grid(alpha=0.3)
+    paths = [out / "knn_vs_minutes.png"]
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, field, label in ((axes[0], "images_per_s", "images / s"), (axes[1], "peak_mem_mb", "peak memory MB")):
+        vals = [[r[field] for r in runs if r["method_key"] == m] for m in methods]
+        ax.bar(methods, [sum(v) / len(v) for v in vals], color=[colours[m] for m in methods])
+        ax.set(ylabel=label)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    paths.append(out / "throughput_memory.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("spec", type=Path)
+    ap.add_argument("--out", type=Path, help="output folder (default runs/bench/SPEC_NAME)")
+    ap.add_argument("--quick", action="store_true", help="first seed, backbone and size only")
+    ap.add_argument("--only", nargs="*", help="method keys to run")
+    args = ap.parse_args()
+    spec = load_spec(args.spec)
+    out = args.out or REPO / "runs" / "bench" / (args.spec.stem + ("-quick" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quick and spec.get("quick_budget"):
+        spec["budget"] = spec["quick_budget"]
+    backbones, seeds, sizes = spec.get("backbones", ["mobilenetv3"]), spec.get("seeds", [0]), \
+        spec.get("train_sizes", [None])
+    if args.quick:
+        backbones, seeds, sizes = backbones[:1], seeds[:1], sizes[:1]
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    grid = list(itertools.product(sizes, backbones, seeds, spec["methods"].items()))
+    for size, backbone, seed, (method_key, entry) in grid:
+        if args.only and method_key not in args.only:
+            continue
+        key = f"{method_key}|{backbone}|seed{seed}|n{size or 'all'}"
+        if key in results:
+            continue
+        entry = entry or {}
+        cfg = run_config(spec, entry, method_key, backbone, seed, size)
+        point = {"method_key": method_key, "method": cfg.method.name, "backbone": backbone, "seed": seed,
+                 "train_size": size, "budget": spec["budget"]}
+        run_dir = out / "runs" / key.replace("|", "_")
+        results[key] = run_one(spec, key, cfg, run_dir, point)
+        results_path.write_text(json.dumps(results, indent=1))
+        r = results[key]
+        print(f"{key:48s} kNN {r['knn_top1']:.2f} (pixels {r['knn_pixels']:.2f}, untrained {r['knn_untrained']:.2f}) "
+              f"{r['epochs']} ep {r['seconds']:.0f} s {r['images_per_s']:.0f} img/s {r['peak_mem_mb']:.0f} MB",
+              flush=True)
+    for p in plots(results, out) if results else []:
+        print(f"wrote {p}")
+    print(f"wrote {results_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""scripts/bench.py on a tiny grid: one record per run with its curve, plots, resumable,
+and data.train_subset takes a fixed subset."""
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from conftest import REPO, tiny_config
+from edgessl.train import load_data
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_grid_json_plots_and_resume(tiny_npz, tmp_path, monkeypatch):
+    tiny = {"backbone": {"name": "mobilenetv3_small_050"}, "method": {"head_dims": [32, 16]},
+            "optim": {"batch_size": 8, "lr": 0.05}, "run": {"knn_k": 5, "threads": 1, "augment_threads": 1}}
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(json.dumps({"data": f"npz:{tiny_npz}", "val_fraction": 0.25, "budget": {"epochs": 2},
+                                "monitor_every": 1, "linear": True, "overrides": tiny,
+                                "methods": {"memdistill": {}, "npid-tau0.1": {"method": "npid",
+                                                                              "overrides": {"method": {"temperature": 0.1}}}},
+                                "backbones": ["mobilenetv3_small_050"], "seeds": [0], "train_sizes": [24]}))
+    out = tmp_path / "out"
+    bench = bench_module()
+    monkeypatch.setattr(sys, "argv", ["bench.py", str(spec), "--out", str(out)])
+    bench.main()
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results) == ["memdistill|mobilenetv3_small_050|seed0|n24", "npid-tau0.1|mobilenetv3_small_050|seed0|n24"]
+    for r in results.values():
+        assert r["epochs"] == 2 and r["train_size"] == 24 and 0 <= r["linear_top1"] <= 100
+        assert [round(t, 6) for t, _ in r["curve"]][0] == 0.0 and len(r["curve"]) == 3  # untrained + 2 epochs
+        assert r["curve"][-1][1] == pytest.approx(r["knn_top1"], abs=0.01)
+    npid_cfg = (out / "runs" / "npid-tau0.1_mobilenetv3_small_050_seed0_n24" / "config.yaml").read_text()
+    assert "temperature: 0.1" in npid_cfg and "bank_init: random" in npid_cfg
+    assert (out / "knn_vs_minutes.png").stat().st_size > 1000 and (out / "throughput_memory.png").exists()
+    before = (out / "results.json").read_text()
+    bench.main()  # resumable: nothing left to run, nothing changes
+    assert (out / "results.json").read_text() == before
+
+
+def test_train_subset_is_fixed_and_disjoint_from_validation(tiny_npz):
+    cfg = tiny_config(f"npz:{tiny_npz}", data={"train_subset": 10})
+    a, val = load_data(cfg)
+    b, _ = load_data(cfg)
+    assert len(a) == 10 and a.images.equal(b.images)
+    full, _ = load_data(tiny_config(f"npz:{tiny_npz}"))
+    rows = {tuple(x.flatten().tolist()) for x in full.images}
+    assert all(tuple(x.flatten().tolist()) in rows for x in a.images)
+    assert not any(tuple(x.flatten().tolist()) in rows for x in val.images)
