@@ -1,9 +1,11 @@
 """Data efficiency: fine-tune a pretrained run with 1%, 10% and 100% of the labels, and the same
 network from scratch, over seeds; JSON plus a PNG (accuracy vs label fraction).
 
-    .venv/bin/python scripts/data_efficiency.py RUN_DIR --train SPEC --test SPEC --out runs/data_eff.json
+    .venv/bin/python scripts/data_efficiency.py RUN_DIR [--train SPEC --test SPEC] --out runs/data_eff.json
 
-Resumable: a (fraction, init, seed) already in the JSON is not run again.
+Without --train/--test the run's own split is used: its training images as the labelled pool
+and its held-out images (data.val_fraction, data.split_seed) as the test set, so no test image
+was seen in pretraining. Resumable: a (fraction, init, seed) already in the JSON is not run again.
 """
 from __future__ import annotations
 
@@ -13,7 +15,23 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from edgessl.finetune import finetune
+from edgessl.train import config_from_checkpoint, load_data
+
+
+def run_split_specs(run_dir: str, folder: Path) -> tuple[str, str]:
+    """The run's train split and hold-out written as npz files: (train spec, test spec)."""
+    train, val = load_data(config_from_checkpoint(run_dir))
+    if val is None or train.labels is None:
+        raise SystemExit(f"error: {run_dir} has no labelled held-out split; give --train and --test")
+    specs = []
+    for name, d in (("train", train), ("test", val)):
+        path = folder / f"{name}.npz"
+        np.savez(path, x=d.images.permute(0, 2, 3, 1).numpy(), y=d.labels.numpy())
+        specs.append(f"npz:{path}")
+    return specs[0], specs[1]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -42,8 +60,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
-    ap.add_argument("--train", required=True)
-    ap.add_argument("--test", required=True)
+    ap.add_argument("--train", help="labelled pool (default: the run's training split)")
+    ap.add_argument("--test", help="test set (default: the run's held-out split)")
     ap.add_argument("--fractions", default="0.01,0.1,1.0")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=30)
@@ -52,6 +70,8 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
+        if not (args.train and args.test):
+            args.train, args.test = run_split_specs(args.run_dir, Path(tmp))
         for fraction in map(float, args.fractions.split(",")):
             for init in ("pretrained", "random"):
                 for seed in map(int, args.seeds.split(",")):

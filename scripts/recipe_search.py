@@ -58,6 +58,9 @@ VARIANTS = {
     "simclr lightly defaults": {"method": {"name": "simclr", "temperature": 0.5, "head_dims": [512, 128]},
                                 "optim": {"lr": 0.06, "weight_decay": 5e-4},
                                 "augment": {"crop_scale": [0.08, 1.0]}},
+    "calibrated tau0.1 grad m0.9 adamw1e-3": {"method": {**PLAIN, "temperature": 0.1, "bank_update": "grad",
+                                                         "bank_momentum": 0.9},
+                                              "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
 }
 
 

@@ -48,3 +48,13 @@ def tiny_config(spec: str, **sections) -> Config:
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     return from_dict(base)
+
+
+def tiny_pretrained_run(root: Path) -> tuple[str, str]:
+    """A one-epoch tiny run in root/run on 32 px train data; (train spec, test spec) of labelled npz files."""
+    from edgessl.train import pretrain
+
+    train = make_npz(root / "train.npz", n=60, size=32, seed=0)
+    test = make_npz(root / "test.npz", n=30, size=32, seed=1)
+    pretrain(tiny_config(f"npz:{train}", optim={"epochs": 1}), root / "run", log=lambda *_: None)
+    return f"npz:{train}", f"npz:{test}"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_npz, tiny_config
+from conftest import make_npz, tiny_config, tiny_pretrained_run
 from edgessl import EdgesslError
 from edgessl.export import check, export_onnx, load_run, read_metadata, session
 from edgessl.finetune import finetune, stratified_subset
@@ -30,10 +30,8 @@ def test_stratified_subset_sizes_are_exact():
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    train = make_npz(root / "train.npz", n=60, size=32, seed=0)
-    test = make_npz(root / "test.npz", n=30, size=32, seed=1)
-    pretrain(tiny_config(f"npz:{train}", optim={"epochs": 1}), root / "run", log=lambda *_: None)
-    return root, f"npz:{train}", f"npz:{test}"
+    train, test = tiny_pretrained_run(root)
+    return root, train, test
 
 
 def test_finetune_end_to_end_and_classifier_export(pretrained, tmp_path):

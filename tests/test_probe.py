@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_npz, tiny_config
+from conftest import make_npz, tiny_config, tiny_pretrained_run
 from edgessl import EdgesslError
 from edgessl.export import export_onnx
 from edgessl.probe import linear_probe, probe
@@ -26,11 +26,9 @@ def test_linear_probe_separates_a_separable_set():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
-    train = make_npz(root / "train.npz", n=48, size=32, seed=0)
-    test = make_npz(root / "test.npz", n=24, size=32, seed=1)
-    pretrain(tiny_config(f"npz:{train}", optim={"epochs": 1}), root / "run", log=lambda *_: None)
+    train, test = tiny_pretrained_run(root)
     export_onnx(root / "run", root / "m.onnx", knn=False)
-    return root, f"npz:{train}", f"npz:{test}"
+    return root, train, test
 
 
 def test_torch_and_onnx_sources_agree(tiny):
@@ -38,7 +36,7 @@ def test_torch_and_onnx_sources_agree(tiny):
     a = probe(str(root / "run"), train, test, knn_k=5)
     b = probe(str(root / "m.onnx"), train, test, knn_k=5)
     assert a["knn_top1"] == b["knn_top1"] and a["feature_dim"] == b["feature_dim"] == 1024
-    assert a["n_train"] == 48 and a["n_test"] == 24
+    assert a["n_train"] == 60 and a["n_test"] == 30
 
 
 def test_baseline_sources(tiny):
