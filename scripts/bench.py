@@ -87,9 +87,11 @@ def linear_top1(cfg: config_lib.Config, run_dir: Path) -> float:
     return linear_probe(feats(train.images), train.labels, feats(val.images), val.labels, len(train.classes))[0]
 
 
-def run_one(spec: dict, key: str, cfg: config_lib.Config, run_dir: Path, point: dict) -> dict:
+def run_one(spec: dict, key: str, cfg: config_lib.Config, run_dir: Path, point: dict) -> dict | None:
     resume = (run_dir / "checkpoint.pt").exists()
     out = pretrain(cfg, run_dir, resume=resume, progress=False, log=lambda *_: None)
+    if out.get("stopped_early"):
+        return None
     record = {**point, "run_dir": str(run_dir), "epochs": out["epochs"], "steps": out["steps"],
               "seconds": out["seconds"], "images_per_s": out["images_per_s"], "peak_mem_mb": out["peak_mem_mb"],
               "knn_top1": out.get("knn_top1"), "knn_pixels": out.get("knn_pixels"),
@@ -170,7 +172,10 @@ def main() -> None:
         point = {"method_key": method_key, "method": cfg.method.name, "backbone": backbone, "seed": seed,
                  "train_size": size, "budget": spec["budget"]}
         run_dir = out / "runs" / key.replace("|", "_")
-        results[key] = run_one(spec, key, cfg, run_dir, point)
+        record = run_one(spec, key, cfg, run_dir, point)
+        if record is None:  # SIGINT / SIGTERM: checkpointed; running the script again resumes it
+            raise SystemExit(f"stopped during {key}; run again to resume it")
+        results[key] = record
         results_path.write_text(json.dumps(results, indent=1))
         r = results[key]
         print(f"{key:48s} kNN {r['knn_top1']:.2f} (pixels {r['knn_pixels']:.2f}, untrained {r['knn_untrained']:.2f}) "

@@ -15,14 +15,16 @@ import json
 import tempfile
 from pathlib import Path
 
-from edgessl.config import from_dict
+from edgessl.config import from_dict, load_yaml
 from edgessl.train import pretrain
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k-train.npz"
 NPID = {"bank_init": "random", "sqrtkl_weight": 0.0, "cutmix_prob": 0.0}
 PLAIN = {"sqrtkl_weight": 0.0, "cutmix_prob": 0.0}  # calibrated init, no SqrtKL, no CutMix
+LIN = {**PLAIN, "temperature": 0.1, "bank_update": "grad", "head_dims": [128]}  # linear head (NPID's), grad
+ADAMW = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}
 VARIANTS = {
-    "default (released recipe scaled)": {},
+    "default (released recipe scaled)": {},  # the search's starting point: configs/released.yaml
     "npid tau0.2 lr0.25": {"method": NPID},
     "calibrated tau0.1 lr0.1": {"method": {**PLAIN, "temperature": 0.1}, "optim": {"lr": 0.1}},
     "calibrated tau0.1 lr0.1 grad": {"method": {**PLAIN, "temperature": 0.1, "bank_update": "grad"},
@@ -61,18 +63,57 @@ VARIANTS = {
     "calibrated tau0.1 grad m0.9 adamw1e-3": {"method": {**PLAIN, "temperature": 0.1, "bank_update": "grad",
                                                          "bank_momentum": 0.9},
                                               "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}},
+    "lin128 grad adamw m0.9": {"method": {**LIN, "bank_momentum": 0.9}, "optim": ADAMW},
+    "lin128 grad adamw tau0.07": {"method": {**LIN, "temperature": 0.07}, "optim": ADAMW},
+    "lin128 grad adamw2e-3": {"method": LIN, "optim": {**ADAMW, "lr": 2e-3}},
+    "lin128 ema adamw": {"method": {**LIN, "bank_update": "ema"}, "optim": ADAMW},
+    "lin128 grad adamw sqrtkl20 cutmix": {"method": {**LIN, "sqrtkl_weight": 20.0, "cutmix_prob": 1.0},
+                                          "optim": ADAMW},
+    "lin128 grad adamw tau0.05": {"method": {**LIN, "temperature": 0.05}, "optim": ADAMW},
+    "lin128 grad adamw tau0.07 batch64": {"method": {**LIN, "temperature": 0.07}, "optim": {**ADAMW, "batch_size": 64}},
+    "lin128 grad adamw tau0.07 cutmix": {"method": {**LIN, "temperature": 0.07, "cutmix_prob": 1.0}, "optim": ADAMW},
+    "lin128 grad adamw tau0.03": {"method": {**LIN, "temperature": 0.03}, "optim": ADAMW},
+    "lin128 grad adamw tau0.05 batch64": {"method": {**LIN, "temperature": 0.05}, "optim": {**ADAMW, "batch_size": 64}},
 }
+
+
+RELEASED = Path(__file__).resolve().parents[1] / "configs" / "released.yaml"
+WINNER = "lin128 grad adamw tau0.07 batch64"  # = edgessl's defaults (tests/test_config.py checks)
+
+
+def variant_config(overrides: dict, base: dict):
+    """configs/released.yaml (every variant starts from the released recipe), then the variant."""
+    cfg = from_dict(load_yaml(RELEASED))
+    from_dict(base, cfg)
+    for section, values in overrides.items():
+        from_dict({section: values}, cfg)
+    return cfg
 
 
 def run_variant(name: str, overrides: dict, args, work: Path) -> dict:
     base = {"data": {"spec": args.data, "val_fraction": 0.2, "split_seed": args.split_seed},
             "optim": {"epochs": args.epochs}, "run": {"seed": args.seed, "monitor_every": args.monitor_every}}
-    for section, values in overrides.items():
-        base.setdefault(section, {}).update(values)
     run_dir = work / name.replace(" ", "_")
-    out = pretrain(from_dict(base), run_dir, log=lambda *_: None)
+    out = pretrain(variant_config(overrides, base), run_dir, log=lambda *_: None)
     curve = (run_dir / "metrics.csv").read_text().splitlines()
     return {**out, "overrides": overrides, "metrics_csv": curve}
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per variant run, in VARIANTS order, kNN at the monitor epochs."""
+    lines = ["| variant (from configs/released.yaml) | kNN at epochs 5 / 10 / 15 / 20 | images/s |",
+             "| --- | --- | --- |"]
+    for name in VARIANTS:
+        if name not in results:
+            continue
+        r = results[name]
+        curve = [row.split(",")[-1] for row in r["metrics_csv"][1:]]
+        marks = " / ".join(curve[e] or "-" for e in (5, 10, 15, 20) if e < len(curve))
+        bold = "**" if name == WINNER else ""
+        lines.append(f"| {bold}{name}{bold} | {marks} | {r['images_per_s']:.0f} |")
+    r = next(iter(results.values()))
+    lines.append(f"| untrained network / raw pixels | {r['knn_untrained']:.2f} / {r['knn_pixels']:.2f} | |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -84,14 +125,20 @@ def main() -> None:
     ap.add_argument("--monitor-every", type=int, default=5)
     ap.add_argument("--only", nargs="*", help="substrings of variant names to run")
     ap.add_argument("--out", default="runs/recipe_search.json")
+    ap.add_argument("--table", action="store_true", help="print the JSON's results as a markdown table and exit")
     args = ap.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    if args.table:
+        print(table(results))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in VARIANTS.items():
             if name in results or args.only and not any(o in name for o in args.only):
                 continue
             r = run_variant(name, overrides, args, Path(tmp))
+            if r.get("stopped_early"):  # SIGINT / SIGTERM: an unfinished run is not a result
+                raise SystemExit(f"stopped during {name!r}; not recorded")
             results[name] = r
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1))

@@ -39,11 +39,11 @@ def tiny_npz(tmp_path) -> Path:
 
 
 def tiny_config(spec: str, **sections) -> Config:
-    """A recipe small enough for a CPU test: MobileNetV3-small-050, 16 px, batch 8."""
+    """A recipe small enough for a CPU test: MobileNetV3-small-050, 16 px, batch 8, the default optimizer."""
     base = {"data": {"spec": spec, "val_fraction": 0.25},
             "backbone": {"name": "mobilenetv3_small_050"},
             "method": {"head_dims": [32, 16]},
-            "optim": {"batch_size": 8, "epochs": 2, "lr": 0.05},
+            "optim": {"batch_size": 8, "epochs": 2},
             "run": {"knn_k": 5, "threads": 1, "augment_threads": 1}}
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)

@@ -19,7 +19,7 @@ def bench_module():
 
 def test_bench_grid_json_plots_and_resume(tiny_npz, tmp_path, monkeypatch):
     tiny = {"backbone": {"name": "mobilenetv3_small_050"}, "method": {"head_dims": [32, 16]},
-            "optim": {"batch_size": 8, "lr": 0.05}, "run": {"knn_k": 5, "threads": 1, "augment_threads": 1}}
+            "optim": {"batch_size": 8}, "run": {"knn_k": 5, "threads": 1, "augment_threads": 1}}
     spec = tmp_path / "tiny.yaml"
     spec.write_text(json.dumps({"data": f"npz:{tiny_npz}", "val_fraction": 0.25, "budget": {"epochs": 2},
                                 "monitor_every": 1, "linear": True, "overrides": tiny,

@@ -74,3 +74,20 @@ def test_bad_yaml_file(tmp_path):
 def test_to_dict_is_plain():
     d = to_dict(Config())
     assert isinstance(d["augment"]["crop_scale"], list)
+
+
+def test_defaults_are_the_recipe_search_winner():
+    """The README's recipe table starts from configs/released.yaml; its winner must be what
+    `edgessl pretrain` runs with no config."""
+    import importlib.util
+
+    from conftest import REPO
+    from edgessl.config import Config
+
+    spec = importlib.util.spec_from_file_location("recipe_search", REPO / "scripts" / "recipe_search.py")
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+    winner = rs.variant_config(rs.VARIANTS[rs.WINNER], {})
+    assert winner.method == Config().method and winner.optim == Config().optim
+    released = rs.variant_config({}, {})
+    assert released.method.sqrtkl_weight == 20.0 and released.optim.name == "sgd"

@@ -48,7 +48,7 @@ def test_last_epoch_is_always_monitored(tiny_npz, tmp_path):
 
 
 def test_training_lowers_loss_and_moves_the_bank(tiny_npz, tmp_path):
-    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 6, "lr": 0.05},
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 6},
                       method={"head_dims": [32, 16], "cutmix_prob": 0.0})
     pretrain(cfg, tmp_path / "run", log=quiet)
     losses = [float(r["loss"]) for r in read_csv(tmp_path / "run" / "steps.csv")]
