@@ -170,9 +170,9 @@ def probe(source, train_spec, test_spec, knn_k, linear, grid, as_json):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--train", "train_spec", required=True, help="Labelled training images (a subset is taken).")
-@click.option("--test", "test_spec", required=True, help="Labelled test images.")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--train", "train_spec", help="Labelled training images (a subset is taken).")
+@click.option("--test", "test_spec", help="Labelled test images.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory for the classifier.")
 @click.option("--label-fraction", type=float, help="Fraction of each class's labels to use.")
 @click.option("--labels-per-class", type=int, help="Number of labels per class to use.")
@@ -183,12 +183,16 @@ def probe(source, train_spec, test_spec, knn_k, linear, grid, as_json):
 @click.option("--init", type=click.Choice(["pretrained", "random"]), default="pretrained")
 @click.option("--device", default="auto")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto")
+@click.option("--resume", is_flag=True, help="Continue the fine-tuning run in --out with its stored settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
 def finetune(run_dir, train_spec, test_spec, out, label_fraction, labels_per_class, epochs, batch_size, lr, seed,
-             init, device, precision, as_json):
-    """Fine-tune a pretrained encoder plus a linear head on a few labels."""
+             init, device, precision, resume, as_json):
+    """Fine-tune a pretrained encoder plus a linear head on a few labels (RUN_DIR --train --test,
+    or --out DIR --resume)."""
     from edgessl import finetune as finetune_lib
 
+    if not resume and not (run_dir and train_spec and test_spec):
+        raise EdgesslError("finetune needs RUN_DIR, --train and --test (or --out DIR --resume)")
     if (label_fraction is None) == (labels_per_class is None):
         label_fraction = 1.0 if labels_per_class is None else label_fraction
         if labels_per_class is not None:
@@ -198,7 +202,7 @@ def finetune(run_dir, train_spec, test_spec, out, label_fraction, labels_per_cla
     if labels_per_class is not None and labels_per_class < 1 or epochs < 1 or batch_size < 2:
         raise EdgesslError("--labels-per-class, --epochs must be >= 1 and --batch-size >= 2")
     r = finetune_lib.finetune(run_dir, train_spec, test_spec, out, label_fraction, labels_per_class, epochs, seed,
-                              init, batch_size, lr, device=device, precision=precision)
+                              init, batch_size, lr, device=device, precision=precision, resume=resume)
     if as_json:
         click.echo(json.dumps(r))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_npz, tiny_config, tiny_pretrained_run
-from edgessl import EdgesslError
+from edgessl import EdgesslError, checkpoint
 from edgessl.export import check, export_onnx, load_run, read_metadata, session
 from edgessl.finetune import finetune, stratified_subset
 from edgessl.train import pretrain
@@ -67,3 +67,33 @@ def test_random_init_cli(pretrained, tmp_path):
                         test, "--out", str(tmp_path / "x"), "--label-fraction", "0.5", "--labels-per-class", "2"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+def _rows_without_seconds(path):
+    rows = [r.split(",") for r in path.read_text().splitlines()]
+    col = rows[0].index("seconds")
+    return [r[:col] + r[col + 1:] for r in rows]
+
+
+def test_finetune_resume_is_bit_exact(pretrained, tmp_path):
+    """Stopped after epoch 2 of 4 and resumed: the metrics (but wall-clock seconds)
+    and the final weights equal an uninterrupted run's."""
+    root, train, test = pretrained
+    kw = dict(labels_per_class=6, epochs=4, batch_size=6, seed=1, log=lambda *_: None)
+    full = finetune(root / "run", train, test, tmp_path / "full", **kw)
+    part = finetune(root / "run", train, test, tmp_path / "part", stop_at_epoch=2, **kw)
+    assert len((tmp_path / "part" / "metrics.csv").read_text().splitlines()) == 3
+    with open(tmp_path / "part" / "metrics.csv", "a") as f:
+        f.write("3,99,0.0,0.0,0.0,0.0\n")  # a row written after the checkpoint, before a kill
+    resumed = finetune(None, "", "", tmp_path / "part", resume=True, log=lambda *_: None)  # settings from the run
+    assert resumed["test_top1"] == full["test_top1"] and resumed["epochs"] == 4
+    assert _rows_without_seconds(tmp_path / "part" / "metrics.csv") == \
+        _rows_without_seconds(tmp_path / "full" / "metrics.csv")
+    a, b = (checkpoint.load(tmp_path / d / "checkpoint.pt")["model"] for d in ("full", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    r = subprocess.run([sys.executable, "-m", "edgessl", "finetune", "--out", str(tmp_path / "nothing"), "--resume"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "edgessl", "finetune", "--out", str(tmp_path / "full"), "--resume",
+                        "--json"], capture_output=True, text=True)  # already finished: nothing left to train
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["test_top1"] == full["test_top1"]
