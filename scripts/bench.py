@@ -142,15 +142,43 @@ def plots(results: dict, out: Path) -> list[Path]:
     return paths
 
 
+def table(results: dict) -> str:
+    """Markdown, one row per (method, backbone, data size): mean and spread over seeds."""
+    import statistics
+
+    def ms(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "-"
+        return f"{statistics.mean(vals):.2f}" + (f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else "")
+
+    groups: dict = {}
+    for r in results.values():
+        groups.setdefault((r["method_key"], r["backbone"], r["train_size"] or "all"), []).append(r)
+    lines = ["| method | backbone | train images | seeds | epochs | kNN top-1 | linear top-1 | raw pixels kNN | "
+             "untrained kNN | images/s | peak MB |", "| --- | --- | --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: |"]
+    for (m, b, n), rs in groups.items():
+        lines.append(f"| {m} | {b} | {n} | {len(rs)} | {ms([r['epochs'] for r in rs])} | "
+                     f"{ms([r['knn_top1'] for r in rs])} | {ms([r.get('linear_top1') for r in rs])} | "
+                     f"{ms([r['knn_pixels'] for r in rs])} | {ms([r['knn_untrained'] for r in rs])} | "
+                     f"{statistics.mean(r['images_per_s'] for r in rs):.0f} | "
+                     f"{max(r['peak_mem_mb'] for r in rs):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec", type=Path)
     ap.add_argument("--out", type=Path, help="output folder (default runs/bench/SPEC_NAME)")
     ap.add_argument("--quick", action="store_true", help="first seed, backbone and size only")
     ap.add_argument("--only", nargs="*", help="method keys to run")
+    ap.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
     args = ap.parse_args()
     spec = load_spec(args.spec)
     out = args.out or REPO / "runs" / "bench" / (args.spec.stem + ("-quick" if args.quick else ""))
+    if args.table:
+        print(table(json.loads((out / "results.json").read_text())))
+        return
     out.mkdir(parents=True, exist_ok=True)
     if args.quick and spec.get("quick_budget"):
         spec["budget"] = spec["quick_budget"]

@@ -39,6 +39,8 @@ def test_bench_grid_json_plots_and_resume(tiny_npz, tmp_path, monkeypatch):
     npid_cfg = (out / "runs" / "npid-tau0.1_mobilenetv3_small_050_seed0_n24" / "config.yaml").read_text()
     assert "temperature: 0.1" in npid_cfg and "bank_init: random" in npid_cfg
     assert (out / "knn_vs_minutes.png").stat().st_size > 1000 and (out / "throughput_memory.png").exists()
+    md = bench.table(results)
+    assert "| memdistill | mobilenetv3_small_050 | 24 | 1 | 2 |" in md and md.count("\n") == 3
     before = (out / "results.json").read_text()
     bench.main()  # resumable: nothing left to run, nothing changes
     assert (out / "results.json").read_text() == before
