@@ -146,11 +146,12 @@ def table(results: dict) -> str:
     """Markdown, one row per (method, backbone, data size): mean and spread over seeds."""
     import statistics
 
-    def ms(vals):
+    def ms(vals, digits=2):
         vals = [v for v in vals if v is not None]
         if not vals:
             return "-"
-        return f"{statistics.mean(vals):.2f}" + (f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else "")
+        spread = f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""
+        return f"{statistics.mean(vals):.{digits}f}{spread}"
 
     groups: dict = {}
     for r in results.values():
@@ -158,7 +159,7 @@ def table(results: dict) -> str:
     lines = ["| method | backbone | train images | seeds | epochs | kNN top-1 | linear top-1 | raw pixels kNN | "
              "untrained kNN | images/s | peak MB |", "| --- | --- | --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: |"]
     for (m, b, n), rs in groups.items():
-        lines.append(f"| {m} | {b} | {n} | {len(rs)} | {ms([r['epochs'] for r in rs])} | "
+        lines.append(f"| {m} | {b} | {n} | {len(rs)} | {ms([r['epochs'] for r in rs], 0)} | "
                      f"{ms([r['knn_top1'] for r in rs])} | {ms([r.get('linear_top1') for r in rs])} | "
                      f"{ms([r['knn_pixels'] for r in rs])} | {ms([r['knn_untrained'] for r in rs])} | "
                      f"{statistics.mean(r['images_per_s'] for r in rs):.0f} | "
