@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from edgessl import checkpoint, data as data_lib
+from edgessl import checkpoint, data as data_lib, distributed
 from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
 from edgessl.config import Config, dump_yaml, from_dict, to_dict
@@ -37,8 +37,12 @@ PLAN_AFTER_STEPS = 10  # with a minute budget and no epoch count, the schedule i
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """auto: CUDA when torch sees it (under torchrun, the process's LOCAL_RANK device), else CPU."""
+    if name == "auto" or name == "cuda":
+        if torch.cuda.is_available():
+            return torch.device("cuda", distributed.local_rank())
+        if name == "auto":
+            return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -95,6 +99,9 @@ class Setup:
     scaler: torch.amp.GradScaler
     augment: BatchAugment
     steps_per_epoch: int
+    rank: int = 0  # torchrun: this process's rank among `world`; only rank 0 writes files
+    world: int = 1
+    forward: Optional[torch.nn.Module] = None  # the model, or its DistributedDataParallel wrapper
 
 
 def load_data(cfg: Config) -> tuple[data_lib.ImageData, Optional[data_lib.ImageData]]:
@@ -119,21 +126,30 @@ def build(cfg: Config) -> Setup:
     """Everything a run needs, checked before anything is written."""
     device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.run.precision, device)
+    rank, world = distributed.init(device.type)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     resolve_name(cfg.backbone.name)  # a typo fails before the data is decoded
     train, val = load_data(cfg)
-    if cfg.optim.batch_size > len(train):
-        raise EdgesslError(f"batch size {cfg.optim.batch_size} is larger than the {len(train)} training images")
+    if cfg.optim.batch_size * world > len(train):
+        raise EdgesslError(f"batch size {cfg.optim.batch_size}{f' x {world} processes' if world > 1 else ''} is "
+                           f"larger than the {len(train)} training images")
     size = train.images.shape[-1]
     b = cfg.backbone
     backbone = create_backbone(b.name, size, b.downsample, b.init_weights)
     model = METHODS[cfg.method.name](backbone, len(train), cfg.method, **method_args(cfg, train)).to(device)
+    forward = model
+    if world > 1:  # gradients averaged over ranks; the bank is kept equal by the method's own collectives
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          broadcast_buffers=False)
+        torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
     return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
                  model, make_optimizer(cfg, model), torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
                  BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
-                 len(train) // cfg.optim.batch_size)
+                 len(train) // (cfg.optim.batch_size * world), rank, world, forward)
 
 
 def method_args(cfg: Config, train: data_lib.ImageData) -> dict:
@@ -169,8 +185,8 @@ def extract_features(backbone, images: torch.Tensor, mean, std, batch_size: int,
 
 
 def monitor(s: Setup) -> Optional[float]:
-    """kNN top-1 (%) of the backbone on the held-out split, train split as memory."""
-    if s.val is None or s.train.labels is None or s.val.labels is None:
+    """kNN top-1 (%) of the backbone on the held-out split, train split as memory (rank 0)."""
+    if s.rank != 0 or s.val is None or s.train.labels is None or s.val.labels is None:
         return None
     c = s.cfg
     f = [extract_features(s.model.backbone, d.images, c.data.mean, c.data.std, 256, s.device, s.precision)
@@ -179,8 +195,8 @@ def monitor(s: Setup) -> Optional[float]:
 
 
 def pixels_knn(s: Setup) -> Optional[float]:
-    """The floor a run must beat: kNN on raw pixels centred by the train mean."""
-    if s.val is None or s.train.labels is None or s.val.labels is None:
+    """The floor a run must beat: kNN on raw pixels centred by the train mean (rank 0)."""
+    if s.rank != 0 or s.val is None or s.train.labels is None or s.val.labels is None:
         return None
     tr, va = (d.images.flatten(1).float() for d in (s.train, s.val))
     mu = tr.mean(0)
@@ -191,6 +207,7 @@ def calibrate(s: Setup) -> None:
     """Bank init pass over every training image, in balanced chunks (no batch of one for BatchNorm)."""
     c = s.cfg
     chunks = torch.arange(len(s.train), device=s.device).tensor_split(math.ceil(len(s.train) / c.optim.batch_size))
+    chunks = chunks[s.rank::s.world]  # each rank its share; the method gathers the rows
 
     def batches():
         for idx in chunks:
@@ -205,11 +222,13 @@ def calibrate(s: Setup) -> None:
 class RunFiles:
     """metrics.csv (per epoch), steps.csv (per step), config.yaml, checkpoint.pt in one folder."""
 
-    def __init__(self, run_dir: Path):
-        self.dir = run_dir
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.dir, self.enabled = run_dir, enabled  # enabled: rank 0 writes, the other ranks do not
         self.metrics, self.steps, self.ckpt = run_dir / "metrics.csv", run_dir / "steps.csv", run_dir / "checkpoint.pt"
 
     def start(self, cfg: Config, resume: Optional[dict] = None, skipped: tuple = ()) -> None:
+        if not self.enabled:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(dump_yaml(cfg))
         if skipped:  # --bad-images skip: what was left out, and why
@@ -227,10 +246,14 @@ class RunFiles:
             _write_csv(path, header, rows[:keep])
 
     def add_metrics(self, row: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.metrics, "a", newline="") as f:
             csv.DictWriter(f, METRIC_FIELDS).writerow({k: row.get(k, "") for k in METRIC_FIELDS})
 
     def add_steps(self, rows: list[tuple[int, float]]) -> None:
+        if not self.enabled:
+            return
         with open(self.steps, "a") as f:
             f.writelines(f"{step},{loss!r}\n" for step, loss in rows)
 
@@ -273,16 +296,20 @@ def resume_config(cfg: Config, state: dict) -> None:
 
 
 def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: Optional[bool] = None,
-             stop_at_step: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
+             stop_at_step: Optional[int] = None, log: Callable[[str], None] = print,
+             keep: Optional[dict] = None) -> dict:
     """Train (or continue) a run; return its summary. `stop_at_step` checkpoints and stops there
-    (what a preemption does; the resume test uses it)."""
+    (what a preemption does; the resume test uses it); `keep["setup"]` receives the trained
+    Setup (model, data, rank) for callers that inspect it."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)
     state = checkpoint.load(run_dir / "checkpoint.pt") if resume else None
     if state is not None:
         resume_config(cfg, state)
     s = build(cfg)
-    files = RunFiles(run_dir)
+    if keep is not None:
+        keep["setup"] = s
+    files = RunFiles(run_dir, enabled=s.rank == 0)
     if state is None:
         baselines = {"knn_pixels": pixels_knn(s), "knn_untrained": monitor(s)}
         start = time.perf_counter()
@@ -296,10 +323,15 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
                            "knn_top1": _fmt(baselines["knn_untrained"])})
     else:
         pos = restore(s, state)
+        if s.world > 1:  # the checkpoint holds rank 0's RNG: each rank continues its own stream
+            torch.manual_seed(cfg.run.seed + 1000 * s.rank + pos["step"])
         files.start(cfg, pos, s.train.skipped)
+    if s.rank != 0:
+        log = _quiet
     log(f"edgessl pretrain: {data_lib.describe(s.train)} | {s.model.backbone.timm_name} "
         f"(output stride {s.model.backbone.output_stride}, {s.model.backbone.feature_dim}-d) | "
-        f"{cfg.method.name} | {s.device} {s.precision}")
+        f"{cfg.method.name} | {s.device} {s.precision}"
+        + (f" | {s.world} processes x batch {cfg.optim.batch_size}" if s.world > 1 else ""))
     with stop_signals() as signalled:
         return train_loop(s, files, pos, progress, lambda step: step == stop_at_step or bool(signalled), log)
 
@@ -328,7 +360,13 @@ def restore(s: Setup, state: dict) -> dict:
     return dict(state["position"])
 
 
+def _quiet(*_) -> None:
+    pass
+
+
 def save(s: Setup, files: RunFiles, pos: dict) -> None:
+    if not files.enabled:
+        return
     checkpoint.save({"config": to_dict(s.cfg), "position": pos, "model": s.model.state_dict(),
                      "method_args": {"num_samples": len(s.train), **method_args(s.cfg, s.train)},
                      "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
@@ -345,25 +383,29 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
     from tqdm import tqdm
 
     c, n, bs = s.cfg, len(s.train), s.cfg.optim.batch_size
+    first = s.rank * bs  # this rank's slice of each global batch of bs x world images
     warmup = int(c.optim.warmup_epochs * s.steps_per_epoch)
     budget = c.optim.minutes * 60 if c.optim.minutes else None
     pos.setdefault("planned_epochs", c.optim.epochs)
-    show = sys.stderr.isatty() if progress is None else progress
+    show = (sys.stderr.isatty() if progress is None else progress) and s.rank == 0
     s.model.train()
     # a budget ends at the first epoch boundary after it, so at least one epoch always runs
     while (pos["planned_epochs"] is None or pos["epoch"] < pos["planned_epochs"]) and not (
-            budget and pos["elapsed"] >= budget and pos["epoch_step"] == 0 and pos["epoch"] > 0):
-        if pos["perm"] is None:
-            pos["perm"] = torch.randperm(n)
+            budget and distributed.any_rank(pos["elapsed"] >= budget, s.device) and pos["epoch_step"] == 0
+            and pos["epoch"] > 0):
+        if pos["perm"] is None:  # seeded by (seed, epoch): the same order on every rank
+            pos["perm"] = torch.randperm(n, generator=torch.Generator().manual_seed(c.run.seed * 100_003 + pos["epoch"]))
         t0, t_epoch, done, step_log = time.perf_counter(), time.perf_counter(), 0, []
         bar = tqdm(total=s.steps_per_epoch, initial=pos["epoch_step"], disable=not show, leave=False,
                    desc=f"epoch {pos['epoch'] + 1}/{pos['planned_epochs'] or '?'}", file=sys.stderr)
         while pos["epoch_step"] < s.steps_per_epoch:
             if pos["planned_epochs"] is None and pos["step"] == PLAN_AFTER_STEPS:
-                pos["planned_epochs"] = plan_epochs(budget - pos["calib_s"], pos["elapsed"] - pos["calib_s"]
-                                                    + time.perf_counter() - t0, pos["step"], s.steps_per_epoch)
+                pos["planned_epochs"] = int(distributed.from_rank0(plan_epochs(
+                    budget - pos["calib_s"], pos["elapsed"] - pos["calib_s"] + time.perf_counter() - t0,
+                    pos["step"], s.steps_per_epoch), s.device))
             total = (pos["planned_epochs"] or 10**9) * s.steps_per_epoch
-            idx = pos["perm"][pos["epoch_step"] * bs:(pos["epoch_step"] + 1) * bs].to(s.device)
+            start = pos["epoch_step"] * bs * s.world + first
+            idx = pos["perm"][start:start + bs].to(s.device)
             out = train_step(s, idx, lr_at(pos["step"], total, warmup, c.optim.lr), pos["step"], total)
             loss = out["loss"].item()
             for k, v in [("loss", loss)] + [(k, v.item()) for k, v in out["parts"].items()]:
@@ -376,7 +418,7 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}")
             every, minutes = c.run.checkpoint_every_steps, c.run.checkpoint_every_minutes
-            stopping = stop(pos["step"])
+            stopping = distributed.any_rank(stop(pos["step"]), s.device) if s.world > 1 else stop(pos["step"])
             due = every and pos["step"] % every == 0 or minutes and time.perf_counter() - t0 >= minutes * 60
             if pos["epoch_step"] < s.steps_per_epoch and (stopping or due):
                 pos["elapsed"] += time.perf_counter() - t0
@@ -388,10 +430,11 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
                     return summary(s, files, pos, log, stopped=True)
         bar.close()
         pos["elapsed"] += time.perf_counter() - t0
-        last = pos["epoch"] + 1 == pos["planned_epochs"] or bool(budget and pos["elapsed"] >= budget)
+        last = pos["epoch"] + 1 == pos["planned_epochs"] or bool(
+            budget and distributed.any_rank(pos["elapsed"] >= budget, s.device))
         end_epoch(s, files, pos, s.optimizer.param_groups[0]["lr"], step_log,
                   done * bs / max(time.perf_counter() - t_epoch, 1e-9), last)
-        if stop(pos["step"]):
+        if distributed.any_rank(stop(pos["step"]), s.device) if s.world > 1 else stop(pos["step"]):
             return summary(s, files, pos, log, stopped=True)
     return summary(s, files, pos, log)
 
@@ -408,10 +451,11 @@ def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1
     images = torch.cat([s.augment(raw) for _ in range(s.model.num_views)])  # (views * B, 3, S, S)
     labels = s.train.labels[idx] if s.train.labels is not None else None
     with autocast(s.device, s.precision):
-        out = s.model(images, idx, labels)
-    if not torch.isfinite(out["loss"]):
-        raise EdgesslError(f"loss is {out['loss'].item()} at step {step}: stopped before the weights or the "
-                           "bank took it in; the last checkpoint is kept")
+        out = (s.forward or s.model)(images, idx, labels)
+    if distributed.any_rank(not bool(torch.isfinite(out["loss"])), s.device):
+        raise EdgesslError(f"loss is {out['loss'].item()} at step {step}"
+                           f"{f' on rank {s.rank} or another' if s.world > 1 else ''}: stopped before the weights "
+                           "or the bank took it in; the last checkpoint is kept")
     s.optimizer.zero_grad(set_to_none=True)
     s.scaler.scale(out["loss"]).backward()
     scale = s.scaler.get_scale() if s.scaler.is_enabled() else 1.0
@@ -440,7 +484,7 @@ def end_epoch(s: Setup, files: RunFiles, pos: dict, lr: float, step_log: list, i
 
 def summary(s: Setup, files: RunFiles, pos: dict, log, stopped: bool = False) -> dict:
     c = s.cfg
-    images = pos["step"] * c.optim.batch_size
+    images = pos["step"] * c.optim.batch_size * s.world
     out = {"run_dir": str(files.dir), "method": c.method.name, "backbone": s.model.backbone.timm_name,
            "device": str(s.device), "precision": s.precision, "epochs": pos["epoch"], "steps": pos["step"],
            "seconds": round(pos["elapsed"], 2), "images_per_s": round(images / max(pos["elapsed"], 1e-9), 1),

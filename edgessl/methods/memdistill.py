@@ -16,6 +16,7 @@ from torch import nn
 
 from edgessl.augment import cutmix
 from edgessl.config import MethodConfig
+from edgessl.distributed import all_gather_cat, all_reduce_sum, world
 from edgessl.losses import instance_loss, sqrtkl_loss
 from edgessl.methods.heads import projection_head
 
@@ -81,6 +82,7 @@ class MemDistill(nn.Module):
         m, idx, z = self.cfg.bank_momentum, out["indices"], out["z"]
         if out["perm"] is not None and out["lam"] < 0.5:
             idx = idx[out["perm"]]
+        idx, z = all_gather_cat(idx), all_gather_cat(z)  # torchrun: every rank applies every rank's rows
         self.bank[idx] = F.normalize(m * self.bank[idx] + (1 - m) * z, dim=1)
 
     def bank_gradient(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,9 +103,11 @@ class MemDistill(nn.Module):
             q = log_q.exp()
             g = g + cfg.sqrtkl_weight * q * (a - (q * a).sum(1, keepdim=True)) / cfg.sqrtkl_temperature
         grad_cols = g.T @ z  # (C, d)
+        # torchrun: the gradient of the loss summed over every rank's batch, the same on each rank
         if out["cols"] is None:
-            return torch.arange(c.shape[1], device=c.device), grad_cols
-        rows, inverse = out["cols"].unique(return_inverse=True)  # repeated rows: gradients add
+            return torch.arange(c.shape[1], device=c.device), all_reduce_sum(grad_cols)
+        cols, grad_cols = all_gather_cat(out["cols"]), all_gather_cat(grad_cols)
+        rows, inverse = cols.unique(return_inverse=True)  # repeated rows: gradients add
         return rows, torch.zeros(rows.shape[0], z.shape[1], device=z.device).index_add_(0, inverse, grad_cols)
 
     def _update_grad(self, out: dict) -> None:
@@ -126,6 +130,10 @@ class MemDistill(nn.Module):
         for images, indices in batches:
             self.bank[indices] = self.embed(images)
             filled[indices] = True
+        if world()[1] > 1:  # torchrun: each rank embedded its share; every rank gets every row
+            self.bank.mul_(filled[:, None])
+            all_reduce_sum(self.bank)
+            filled = all_reduce_sum(filled.float()) > 0
         self.train(was_training)
         for k, v in self.named_buffers():
             if k in saved:
