@@ -46,6 +46,9 @@ def cli(ctx, debug):
 @click.option("--init-weights", type=click.Path(dir_okay=False), help="Local timm state dict to start from.")
 @click.option("--bad-images", type=click.Choice(["fail", "skip"]), default=_D.data.bad_images,
               help="folder: data with undecodable images: fail listing them, or train on the rest.")
+@click.option("--storage", type=click.Choice(["auto", "memory", "mmap"]), default=_D.data.storage,
+              help="folder: hold the decoded images in RAM, or stream batches from the memory-mapped "
+              "cache on disk (auto: mmap when the cache is over a quarter of RAM).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=_D.run.precision)
 @click.option("--device", default=_D.run.device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=_D.run.seed)
@@ -69,7 +72,7 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
         raise EdgesslError("--resume uses the run's stored config; drop --config")
     where = {"data_spec": ("data", "spec"), "val_spec": ("data", "val_spec"), "val_fraction": ("data", "val_fraction"),
              "image_size": ("data", "image_size"), "bad_images": ("data", "bad_images"),
-             "backbone": ("backbone", "name"),
+             "storage": ("data", "storage"), "backbone": ("backbone", "name"),
              "init_weights": ("backbone", "init_weights"), "method": ("method", "name"),
              "epochs": ("optim", "epochs"), "minutes": ("optim", "minutes"), "batch_size": ("optim", "batch_size"),
              "precision": ("run", "precision"), "device": ("run", "device"), "seed": ("run", "seed")}

@@ -33,6 +33,7 @@ class DataConfig:
     train_subset: Optional[int] = None  # train on a fixed (split_seed) subset of N images, for data-size sweeps
     image_size: Optional[int] = None  # None: the dataset's own size (folder: 64)
     bad_images: str = "fail"  # folder specs: fail (list them, train nothing) | skip (train on the rest)
+    storage: str = "auto"  # folder specs: memory | mmap (stream batches from the on-disk cache) | auto (mmap when > RAM/4)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -116,6 +117,7 @@ class Config:
 _CHOICES = {
     "method.name": ("memdistill", "npid", "simclr", "byol", "supervised"),
     "data.bad_images": ("fail", "skip"),
+    "data.storage": ("auto", "memory", "mmap"),
     "method.bank_init": ("random", "calibrated"),
     "method.bank_update": ("ema", "grad"),
     "optim.name": ("sgd", "adamw"),

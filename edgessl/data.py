@@ -5,16 +5,22 @@ A spec names where images come from:
     npz:PATH[?x=KEY&y=KEY]   uint8 NHWC / NHW array (+ optional labels)
     cifar10:DIR, cifar100:DIR the python-pickle release, read without running pickle code
     fashion-mnist[:DIR]       gzip IDX (default: Debian's dataset-fashion-mnist folder)
-    folder:DIR                image files (one subfolder per class, optional), resized
-                              once to the image size and cached as uint8 .npy
+    folder:DIR                image files (one subfolder per class, optional), decoded
+                              once at the image size into a uint8 .npy cache on disk,
+                              with a JSON manifest (files, sizes, mtimes)
 
 Every loader returns an `ImageData` whose row i is instance i: the memory bank is
 indexed by that position, so no loader ever skips or substitutes an image.
+
+A folder larger than memory is not read into RAM: its cache is memory-mapped
+(`MappedImages`) and each batch gathers its rows from the page cache, as nanoGPT reads
+its token file. storage="auto" maps a cache larger than a quarter of physical memory.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import pickle
 import struct
@@ -37,9 +43,53 @@ FOLDER_DEFAULT_SIZE = 64
 MIN_SIDE = 8  # smaller images are reported as bad, not upscaled from a few pixels
 
 
+class MappedImages:
+    """A memory-mapped (N, H, W, 3) uint8 cache seen as (N, 3, H, W), rows gathered on demand.
+
+    Supports what the data path uses of a uint8 tensor: shape, len, indexing by an int, a
+    slice or an index tensor (the batch lands on the index's device), split into chunks,
+    subset (a view of some rows, nothing read) and to(device) (a no-op: the rows stay on
+    disk until a batch asks for them)."""
+
+    def __init__(self, array: np.ndarray, rows: Optional[np.ndarray] = None):
+        self.array, self.rows = array, rows
+        n = len(rows) if rows is not None else array.shape[0]
+        self.shape = torch.Size((n, array.shape[3], array.shape[1], array.shape[2]))
+        self.dtype = torch.uint8
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        device = idx.device if isinstance(idx, torch.Tensor) else torch.device("cpu")
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu().numpy()
+        elif isinstance(idx, slice):
+            idx = np.arange(len(self))[idx]
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} images")
+        rows = self.rows[idx] if self.rows is not None else idx % len(self)
+        order = np.argsort(rows, axis=None, kind="stable")  # read the file front to back
+        out = np.empty((rows.size,) + self.array.shape[1:], dtype=np.uint8)
+        out[order] = self.array[rows.reshape(-1)[order]]
+        batch = torch.from_numpy(out.reshape(rows.shape + self.array.shape[1:]))
+        return batch.movedim(-1, -3).contiguous().to(device)
+
+    def split(self, size: int):
+        return (self[i:i + size] for i in range(0, len(self), size))
+
+    def subset(self, index) -> "MappedImages":
+        index = index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+        return MappedImages(self.array, self.rows[index] if self.rows is not None else index)
+
+    def to(self, device) -> "MappedImages":
+        return self
+
+
 @dataclass
 class ImageData:
-    images: torch.Tensor  # (N, 3, H, W) uint8
+    images: torch.Tensor  # (N, 3, H, W) uint8, or MappedImages for a memory-mapped folder cache
     labels: Optional[torch.Tensor]  # (N,) int64, or None when unlabelled
     classes: list[str]
     spec: str
@@ -50,18 +100,25 @@ class ImageData:
 
     def subset(self, index: torch.Tensor) -> "ImageData":
         labels = self.labels[index] if self.labels is not None else None
-        return ImageData(self.images[index], labels, self.classes, self.spec, self.skipped)
+        images = self.images.subset(index) if self.mapped else self.images[index]
+        return ImageData(images, labels, self.classes, self.spec, self.skipped)
+
+    @property
+    def mapped(self) -> bool:
+        return isinstance(self.images, MappedImages)
 
     def to(self, device) -> "ImageData":
         labels = self.labels.to(device) if self.labels is not None else None
         return ImageData(self.images.to(device), labels, self.classes, self.spec, self.skipped)
 
 
-def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail") -> ImageData:
+def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail", storage: str = "auto") -> ImageData:
     """Decode a dataset spec once into an ImageData on the CPU.
 
     bad_images (folder specs): "fail" raises one error listing every file that cannot be
-    used and why; "skip" leaves them out and lists them in ImageData.skipped."""
+    used and why; "skip" leaves them out and lists them in ImageData.skipped.
+    storage (folder specs): "memory" reads the cache into RAM, "mmap" maps it, "auto" maps
+    it when it is larger than a quarter of physical memory."""
     kind, sep, rest = spec.partition(":")
     if not sep and "?" in kind:  # fashion-mnist?split=test: options without a path
         kind, rest = kind.split("?", 1)[0], "?" + kind.split("?", 1)[1]
@@ -74,7 +131,7 @@ def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail") 
         raise EdgesslError(f"malformed dataset spec {spec!r}: {kind}: needs a path")
     skipped: list[tuple[str, str]] = []
     if kind == "folder":
-        images, labels, classes, skipped = _load_folder(rest, image_size, bad_images)
+        images, labels, classes, skipped = _load_folder(rest, image_size, bad_images, storage)
     else:
         images, labels, classes = loaders[kind](kind, rest, image_size)
     if images.shape[1] == 1:  # grayscale replicated to 3 channels: the stock RGB stem stays
@@ -82,7 +139,8 @@ def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail") 
     size = image_size or max(images.shape[-2:])
     if images.shape[-2:] != (size, size):
         images = _resize(images, size)
-    images = images.contiguous()
+    if not isinstance(images, MappedImages):
+        images = images.contiguous()
     if labels is not None:
         labels = torch.as_tensor(np.asarray(labels).astype(np.int64).reshape(-1))
         if labels.shape[0] != images.shape[0]:
@@ -222,11 +280,13 @@ def _load_fashion_mnist(kind, rest, image_size):
     return torch.from_numpy(images.copy())[:, None], labels, FASHION_MNIST_CLASSES
 
 
-def _load_folder(rest: str, image_size: Optional[int], bad_images: str):
+def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage: str = "auto"):
     """Image files under DIR (labels from first-level subfolders when every file has one).
 
     Every file is decoded and checked before anything trains; a broken file is never
-    replaced by another (the bank is indexed by image)."""
+    replaced by another (the bank is indexed by image). The decoded images live in a
+    cache keyed by the listing (relative path, size, mtime of every file, and the image
+    size), so a changed folder builds a new one."""
     root = _path(rest, "folder")
     if not root.is_dir():
         raise EdgesslError(f"folder: {root} is not a directory")
@@ -234,37 +294,65 @@ def _load_folder(rest: str, image_size: Optional[int], bad_images: str):
     if not files:
         raise EdgesslError(f"folder: no image files under {root}")
     size = image_size or FOLDER_DEFAULT_SIZE
-    key = hashlib.sha256(f"{size}\n".encode() + "\n".join(
-        f"{p.relative_to(root)}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgessl" / f"folder-{key}.npy"
-    skipped: list[tuple[str, str]] = []
-    if cache.exists():  # only a folder with no bad file is cached
-        images = np.load(cache, allow_pickle=False)  # (N, H, W, 3)
+    listing = [(str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]]
+    key = hashlib.sha256(f"{size}\n".encode() + "\n".join(f"{f}\t{n}\t{t}" for f, n, t in listing).encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgessl" / f"folder-{key.hexdigest()[:16]}.npy"
+    manifest_path = cache.with_suffix(".json")
+    if not (cache.exists() and manifest_path.exists()):
+        _build_folder_cache(root, files, listing, size, cache, manifest_path)
+    manifest = json.loads(manifest_path.read_text())
+    skipped = [(str(root / f), why) for f, why in manifest["skipped"]]
+    if skipped and bad_images == "fail":
+        listing_s = "\n".join(f"  {f}: {why}" for f, why in skipped)
+        raise EdgesslError(f"{len(skipped)} of {len(files)} images under {root} cannot be used "
+                           f"(--bad-images skip trains on the rest):\n{listing_s}")
+    if manifest["count"] == 0:
+        raise EdgesslError(f"folder: none of the {len(files)} images under {root} can be used")
+    array = np.load(cache, mmap_mode="r", allow_pickle=False)[:manifest["count"]]  # (N, H, W, 3)
+    if storage == "mmap" or storage == "auto" and array.nbytes > _physical_memory() // 4:
+        images = MappedImages(array)
     else:
-        decoded = []
-        for p in files:
-            try:
-                decoded.append(_decode(p, size))
-            except EdgesslError as e:
-                skipped.append((str(p), str(e)))
-        if skipped and bad_images == "fail":
-            listing = "\n".join(f"  {f}: {why}" for f, why in skipped)
-            raise EdgesslError(f"{len(skipped)} of {len(files)} images under {root} cannot be used "
-                               f"(--bad-images skip trains on the rest):\n{listing}")
-        if len(decoded) == 0:
-            raise EdgesslError(f"folder: none of the {len(files)} images under {root} can be used")
-        bad = {f for f, _ in skipped}
-        files = [p for p in files if str(p) not in bad]
-        images = np.stack(decoded)
-        if not skipped:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-            np.save(tmp, images)
-            os.replace(tmp, cache)
-    parts = [p.relative_to(root).parts for p in files]
+        images = torch.from_numpy(np.array(array)).permute(0, 3, 1, 2)  # read into RAM (a copy, writable)
+    bad = {f for f, _ in manifest["skipped"]}
+    parts = [Path(f).parts for f, _, _ in listing if f not in bad]
     classes = sorted({q[0] for q in parts if len(q) > 1}) if all(len(q) > 1 for q in parts) else []
     labels = np.array([classes.index(q[0]) for q in parts]) if classes else None
-    return torch.from_numpy(images).permute(0, 3, 1, 2), labels, classes, skipped
+    return images, labels, classes, skipped
+
+
+def _build_folder_cache(root: Path, files: list[Path], listing: list, size: int, cache: Path, manifest: Path):
+    """Decode every file straight into an on-disk .npy (never the whole set in RAM), then
+    write the manifest; both appear under their names only when complete."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+    skipped, count = [], 0
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
+        for p, (rel, _, _) in zip(files, listing):
+            try:
+                out[count] = _decode(p, size)
+                count += 1
+            except EdgesslError as e:
+                skipped.append((rel, str(e)))
+        out.flush()
+        del out
+        os.replace(tmp, cache)
+    except OSError as e:
+        raise EdgesslError(f"folder: cannot write the decoded cache {cache} ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    text = json.dumps({"root": str(root), "image_size": size, "count": count, "skipped": skipped,
+                       "files": listing}, indent=0)
+    tmp_m = manifest.with_suffix(f".tmp{os.getpid()}")
+    tmp_m.write_text(text)
+    os.replace(tmp_m, manifest)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def _decode(path: Path, size: int) -> np.ndarray:
@@ -302,4 +390,5 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 def describe(data: ImageData) -> str:
     n, c, h, w = data.images.shape
     lab = f", {len(data.classes)} classes" if data.labels is not None else ", unlabelled"
-    return f"{n} images {h}x{w}{lab} ({data.spec})"
+    mapped = ", memory-mapped" if data.mapped else ""
+    return f"{n} images {h}x{w}{lab}{mapped} ({data.spec})"

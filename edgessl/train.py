@@ -32,8 +32,8 @@ from edgessl.methods import METHODS
 
 METRIC_FIELDS = ["epoch", "step", "loss", "loss_id", "loss_sqrtkl", "lr", "seconds", "images_per_s",
                  "peak_mem_mb", "knn_top1"]
-BUDGET_KEYS = {("optim", "minutes")}
-PLAN_AFTER_STEPS = 10  # with a minute budget and no epoch count, the schedule is planned after this  # what --resume may change: a budget, not the recipe
+BUDGET_KEYS = {("optim", "minutes"), ("data", "storage")}  # what --resume may change: a budget and where images live
+PLAN_AFTER_STEPS = 10  # with a minute budget and no epoch count, the schedule is planned after this
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,10 +107,10 @@ class Setup:
 def load_data(cfg: Config) -> tuple[data_lib.ImageData, Optional[data_lib.ImageData]]:
     if not cfg.data.spec:
         raise EdgesslError("no training data: give a dataset spec (--data npz:PATH, folder:DIR, ...)")
-    train = data_lib.load(cfg.data.spec, cfg.data.image_size, cfg.data.bad_images)
+    train = data_lib.load(cfg.data.spec, cfg.data.image_size, cfg.data.bad_images, cfg.data.storage)
     val = None
     if cfg.data.val_spec:
-        val = data_lib.load(cfg.data.val_spec, train.images.shape[-1], cfg.data.bad_images)
+        val = data_lib.load(cfg.data.val_spec, train.images.shape[-1], cfg.data.bad_images, cfg.data.storage)
     elif cfg.data.val_fraction > 0:
         train, val = data_lib.split(train, cfg.data.val_fraction, cfg.data.split_seed)
     n = cfg.data.train_subset
@@ -196,8 +196,8 @@ def monitor(s: Setup) -> Optional[float]:
 
 def pixels_knn(s: Setup) -> Optional[float]:
     """The floor a run must beat: kNN on raw pixels centred by the train mean (rank 0)."""
-    if s.rank != 0 or s.val is None or s.train.labels is None or s.val.labels is None:
-        return None
+    if s.rank != 0 or s.val is None or s.train.labels is None or s.val.labels is None or s.train.mapped:
+        return None  # (a memory-mapped set is not flattened into RAM for this)
     tr, va = (d.images.flatten(1).float() for d in (s.train, s.val))
     mu = tr.mean(0)
     return knn_accuracy(tr - mu, s.train.labels, va - mu, s.val.labels, len(s.train.classes), s.cfg.run.knn_k)
@@ -287,7 +287,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def resume_config(cfg: Config, state: dict) -> None:
-    """--resume continues the stored recipe; only the minute budget may change."""
+    """--resume continues the stored recipe; only the minute budget (and data.storage) may change."""
     stored, given = state["config"], to_dict(cfg)
     diff = [f"{s}.{k}" for s in stored for k in stored[s]
             if (s, k) not in BUDGET_KEYS and stored[s][k] != given[s][k]]
