@@ -140,6 +140,11 @@ def build(cfg: Config) -> Setup:
     backbone = create_backbone(b.name, size, b.downsample, b.init_weights)
     model = METHODS[cfg.method.name](backbone, len(train), cfg.method, **method_args(cfg, train)).to(device)
     forward = model
+    if cfg.run.sync_bn and world > 1:
+        if device.type != "cuda":
+            raise EdgesslError("run.sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU kernel")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        forward = model
     if world > 1:  # gradients averaged over ranks; the bank is kept equal by the method's own collectives
         from torch.nn.parallel import DistributedDataParallel
 

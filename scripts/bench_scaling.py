@@ -55,6 +55,15 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
+def rss_parts() -> dict:
+    """Current anonymous (must stay in RAM) and file-backed (the kernel may drop it) resident MB."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return {}
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return {k.lower() + "_mb": round(int(fields[k].split()[0]) / 1024) for k in ("RssAnon", "RssFile") if k in fields}
+
+
 def child(args) -> dict:
     """One measurement in this process: loading alone, or training steps, from one storage."""
     import torch
@@ -90,7 +99,8 @@ def child(args) -> dict:
     return {"what": args.what, "storage": args.storage, "cold": args.cold, "images": n, "mapped": s.train.mapped,
             "batches": len(times), "build_s": round(build_s, 2),
             "images_per_s": round(64 * len(times) / sum(times), 1),
-            "median_batch_ms": round(statistics.median(times) * 1e3, 2), "peak_rss_mb": round(peak_mem_mb(s.device))}
+            "median_batch_ms": round(statistics.median(times) * 1e3, 2), "peak_rss_mb": round(peak_mem_mb(s.device)),
+            **rss_parts()}
 
 
 def run_child(args, what: str, storage: str, cold: bool, batches: int, env: dict) -> dict:
@@ -101,7 +111,8 @@ def run_child(args, what: str, storage: str, cold: bool, batches: int, env: dict
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     row = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"  {what:5s} {storage:6s}{' cold' if cold else ''}: {row['images_per_s']:9.1f} images/s, "
-          f"peak RSS {row['peak_rss_mb']} MB", flush=True)
+          f"peak RSS {row['peak_rss_mb']} MB (now: anonymous {row.get('rssanon_mb')} MB, file {row.get('rssfile_mb')} MB)",
+          flush=True)
     return row
 
 
@@ -133,11 +144,12 @@ def ddp_rows(args, work: Path) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = [f"| measurement ({result['images']} images, {result['size']} px, batch 64) | images/s | peak RSS MB |",
-             "| --- | ---: | ---: |"]
+    lines = [f"| measurement ({result['images']} images, {result['size']} px, batch 64) | images/s | peak RSS MB "
+             "| anonymous MB at the end | file-backed MB at the end |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in result["storage"]:
         name = f"{'load + augment' if r['what'] == 'load' else 'train step'}, {r['storage']}{' (cold page cache)' if r['cold'] else ''}"
-        lines.append(f"| {name} | {r['images_per_s']:.0f} | {r['peak_rss_mb']} |")
+        lines.append(f"| {name} | {r['images_per_s']:.0f} | {r['peak_rss_mb']} | {r.get('rssanon_mb', '-')} "
+                     f"| {r.get('rssfile_mb', '-')} |")
     lines += ["", "| edgessl pretrain, shared CIFAR-10, 32 px | global batch | images/s | vs 1 process |",
               "| --- | ---: | ---: | ---: |"]
     base = result["ddp"][0]["images_per_s"] if result["ddp"] else None
@@ -157,6 +169,7 @@ def main() -> None:
     ap.add_argument("--ddp-epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-ddp", action="store_true")
+    ap.add_argument("--keep-ddp", metavar="JSON", help="reuse the DDP rows of an earlier result file")
     ap.add_argument("--out", default="runs/bench_scaling.json")
     ap.add_argument("--table", metavar="JSON", help="print the Markdown table of a result file and exit")
     ap.add_argument("--child", choices=["load", "train"], help=argparse.SUPPRESS)
@@ -193,7 +206,8 @@ def main() -> None:
     result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
               "images": args.images, "size": args.size, "decode_s": round(decode_s, 1),
               "cache_mb": round(cache_bytes / 2**20), "storage": rows,
-              "ddp": [] if args.skip_ddp else ddp_rows(args, work)}
+              "ddp": (json.loads(Path(args.keep_ddp).read_text())["ddp"] if args.keep_ddp
+                      else [] if args.skip_ddp else ddp_rows(args, work))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result))

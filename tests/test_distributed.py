@@ -84,3 +84,14 @@ def test_resume_under_two_ranks(tiny_npz, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["position"]["step"] == 8
     assert len((tmp_path / "run" / "steps.csv").read_text().splitlines()) == 1 + 8
+
+
+def test_sync_bn_on_cpu_is_one_clear_error(tiny_npz, tmp_path):
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"batch_size": 4}, run={"sync_bn": True, "monitor_every": 0})
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(worker), json.dumps(to_dict(cfg)), str(tmp_path / "run"), "0", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "run.sync_bn needs CUDA devices" in r.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
