@@ -95,3 +95,19 @@ def test_sync_bn_on_cpu_is_one_clear_error(tiny_npz, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "run.sync_bn needs CUDA devices" in r.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_two_ranks_stream_their_shards_from_the_mapped_cache(tmp_path, monkeypatch):
+    """Per-rank shards gathered from a memory-mapped folder cache train exactly as from RAM."""
+    from test_mmap import noise_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = noise_folder(tmp_path / "imgs")
+    states = {}
+    for storage in ("memory", "mmap"):
+        cfg = tiny_config(f"folder:{folder}", data={"image_size": 16, "storage": storage, "val_fraction": 0.0},
+                          optim={"epochs": 1, "batch_size": 4}, run={"monitor_every": 0})
+        states[storage] = torchrun(tmp_path, 2, cfg, tmp_path / storage)
+    for rank in range(2):
+        for k, v in states["memory"][rank].items():
+            assert torch.equal(v, states["mmap"][rank][k]), (rank, k)
