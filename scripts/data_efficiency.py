@@ -2,6 +2,7 @@
 network from scratch, over seeds; JSON plus a PNG (accuracy vs label fraction).
 
     .venv/bin/python scripts/data_efficiency.py RUN_DIR [--train SPEC --test SPEC] --out runs/data_eff.json
+    .venv/bin/python scripts/data_efficiency.py --table runs/data_eff.json   # Markdown from the JSON
 
 Without --train/--test the run's own split is used: its training images as the labelled pool
 and its held-out images (data.val_fraction, data.split_seed) as the test set, so no test image
@@ -10,6 +11,7 @@ was seen in pretraining. Resumable: a (fraction, init, seed) already in the JSON
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import tempfile
@@ -57,9 +59,32 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def table(results: dict) -> str:
+    """Mean +- stdev over seeds per (fraction, init), and the gain of pretraining."""
+    def cell(fraction, init):
+        a = [r["test_top1"] for r in results.values() if r["fraction"] == fraction and r["init"] == init]
+        if not a:
+            return None, "-"
+        m = statistics.mean(a)
+        return m, f"{m:.2f} ± {statistics.stdev(a):.2f}" if len(a) > 1 else f"{m:.2f}"
+
+    lines = ["| labels | labelled images | steps | pretrained | from scratch | gain | seeds |",
+             "| ---: | ---: | ---: | --- | --- | ---: | ---: |"]
+    for fraction in sorted({r["fraction"] for r in results.values()}):
+        any_r = next(r for r in results.values() if r["fraction"] == fraction)
+        n, bs = any_r["n_labelled"], inspect.signature(finetune).parameters["batch_size"].default
+        steps = any_r["epochs"] * max(1, n // min(bs, n))
+        (mp, p), (mr, r) = cell(fraction, "pretrained"), cell(fraction, "random")
+        gain = f"{mp - mr:+.2f}" if mp is not None and mr is not None else "-"
+        seeds = sum(1 for x in results.values() if x["fraction"] == fraction and x["init"] == "pretrained")
+        lines.append(f"| {100 * fraction:g}% | {any_r['n_labelled']} | {steps} | {p} | {r} | {gain} | {seeds} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", nargs="?")
+    ap.add_argument("--table", metavar="JSON", help="print the Markdown table of a result file and exit")
     ap.add_argument("--train", help="labelled pool (default: the run's training split)")
     ap.add_argument("--test", help="test set (default: the run's held-out split)")
     ap.add_argument("--fractions", default="0.01,0.1,1.0")
@@ -67,6 +92,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--out", default="runs/data_efficiency.json")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    if not args.run_dir:
+        ap.error("RUN_DIR is required (or --table JSON)")
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
