@@ -55,3 +55,13 @@ def test_train_subset_is_fixed_and_disjoint_from_validation(tiny_npz):
     rows = {tuple(x.flatten().tolist()) for x in full.images}
     assert all(tuple(x.flatten().tolist()) in rows for x in a.images)
     assert not any(tuple(x.flatten().tolist()) in rows for x in val.images)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "bench").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_resolves_to_valid_configs(path):
+    bench = bench_module()
+    spec = bench.load_spec(path)
+    for key, entry in spec["methods"].items():
+        for backbone in spec["backbones"]:
+            cfg = bench.run_config(spec, entry or {}, key, backbone, spec["seeds"][0], None)
+            assert cfg.optim.minutes or cfg.optim.epochs
