@@ -5,11 +5,11 @@ __version__ = "0.1.0"
 from edgessl.errors import ConfigError, EdgesslError  # noqa: E402
 
 
-def create_backbone(name, image_size=32, downsample="auto", init_weights=None):
+def create_backbone(name, image_size=32, downsample="auto", init_weights=None, model_args=None):
     """timm backbone with pooled features and a small-input stem; see edgessl.backbones."""
     from edgessl.backbones import create_backbone as _create
 
-    return _create(name, image_size, downsample, init_weights)
+    return _create(name, image_size, downsample, init_weights, model_args)
 
 
 def load_backbone(folder):

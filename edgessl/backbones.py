@@ -22,8 +22,11 @@ ALIASES = {
     "mobilenetv3-small": "mobilenetv3_small_100",
     "mobilenetv3-large": "mobilenetv3_large_100",
     "mobilenetv4": "mobilenetv4_conv_small",  # ReLU only: the int8-friendly edge choice
+    "mobilenetv3-relu": "mobilenetv3_small_100",  # with ALIAS_ARGS: ReLU for hard-swish, for int8
     "resnet18": "resnet18",
 }
+# timm constructor arguments an alias implies (stored in checkpoints and exports as model_args)
+ALIAS_ARGS = {"mobilenetv3-relu": {"act_layer": "relu"}}
 
 
 def resolve_name(name: str) -> str:
@@ -94,20 +97,22 @@ def reduce_downsampling(model: nn.Module, factor: int) -> list[str]:
 
 
 def create_backbone(name: str, image_size: int = 32, downsample: Union[str, int] = "auto",
-                    init_weights: Optional[str] = None) -> nn.Module:
-    """timm model with pooled features, `feature_dim`, `timm_name` and `output_stride` set."""
+                    init_weights: Optional[str] = None, model_args: Optional[dict] = None) -> nn.Module:
+    """timm model with pooled features, `feature_dim`, `timm_name`, `model_args` (timm constructor
+    arguments: the alias's, then the given ones) and `output_stride` set."""
     import timm
 
     timm_name = resolve_name(name)
+    model_args = {**ALIAS_ARGS.get(name, {}), **(model_args or {})}
     ds = auto_downsample(timm_name, image_size) if downsample == "auto" else int(downsample)
-    model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    model = timm.create_model(timm_name, pretrained=False, num_classes=0, **model_args)
     stock = _output_stride(model, image_size)
     if ds > stock or stock % ds or stock // ds > 4:
         raise EdgesslError(f"{timm_name} has output stride {stock}; downsample {ds} is not reachable")
     model.stem_changes = reduce_downsampling(model, stock // ds)
     if init_weights:  # after the stem change: a weight that no longer fits is named, never dropped
         load_weights(model, init_weights)
-    model.timm_name, model.output_stride = timm_name, ds
+    model.timm_name, model.output_stride, model.model_args = timm_name, ds, model_args
     model.feature_dim = _pooled_width(model, image_size)
     return model
 
@@ -173,7 +178,7 @@ def load_backbone(folder: str | Path) -> nn.Module:
     try:
         config = json.loads((root / "config.json").read_text())
         arch, size = config["architecture"], config["pretrained_cfg"]["input_size"][-1]
-        stride = config["edgessl"]["output_stride"]
+        stride, model_args = config["edgessl"]["output_stride"], dict(config.get("model_args") or {})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EdgesslError(f"{root} is not an edgessl timm export ({type(e).__name__}: {e})") from None
-    return create_backbone(arch, size, stride, str(root / "model.safetensors"))
+    return create_backbone(arch, size, stride, str(root / "model.safetensors"), model_args)

@@ -124,7 +124,8 @@ def metadata(cfg: Config, state: dict, encoder: Encoder, precision: str, ckpt: P
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "resize": {"rule": "stretch to input_size x input_size, no crop", "interpolation": "bicubic"},
             "feature_dim": dim, "normalized": head is not None, "with_head": head is not None,
-            "backbone": state["backbone"]["timm_name"], "output_stride": state["backbone"]["output_stride"],
+            "backbone": state["backbone"]["timm_name"], "model_args": state["backbone"].get("model_args", {}),
+            "output_stride": state["backbone"]["output_stride"],
             "method": cfg.method.name, "precision": precision, "batch": batch,
             "source_checkpoint_sha256": sha256(ckpt),
             "versions": {"edgessl": edgessl.__version__, "torch": str(torch.__version__), "onnx": onnx.__version__}}
@@ -411,7 +412,8 @@ def export_timm(run_dir: str | Path, out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     bb = state["backbone"]
     save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(out / "model.safetensors"))
-    config = {"architecture": bb["timm_name"], "num_classes": 0, "num_features": bb["feature_dim"],
+    config = {"architecture": bb["timm_name"], "model_args": model.backbone.model_args,
+              "num_classes": 0, "num_features": bb["feature_dim"],
               "pretrained_cfg": {"input_size": [3, bb["image_size"], bb["image_size"]], "interpolation": "bicubic",
                                  "mean": list(cfg.data.mean), "std": list(cfg.data.std), "num_classes": 0,
                                  "crop_pct": 1.0},

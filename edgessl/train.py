@@ -376,7 +376,8 @@ def save(s: Setup, files: RunFiles, pos: dict) -> None:
                      "method_args": {"num_samples": len(s.train), **method_args(s.cfg, s.train)},
                      "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
                      "rng": checkpoint.rng_state(), "backbone": {
-                         "timm_name": s.model.backbone.timm_name, "output_stride": s.model.backbone.output_stride,
+                         "timm_name": s.model.backbone.timm_name, "model_args": s.model.backbone.model_args,
+                         "output_stride": s.model.backbone.output_stride,
                          "feature_dim": s.model.backbone.feature_dim, "image_size": s.image_size}}, files.ckpt)
 
 

@@ -1,12 +1,14 @@
 """ONNX export benchmark: size, latency, parity and kNN of fp32 / fp16 / int8, side by side.
 
     .venv/bin/python scripts/bench_export.py --out runs/bench_export.json
+    .venv/bin/python scripts/bench_export.py --runs RUN_DIR [RUN_DIR ...] --out runs/bench_export_trained.json
 
 For each backbone and input size it makes a run (one training step on the shared CIFAR-10
 file, 20% held out: the weights are near their initialisation, as MEASURED.md's were),
 exports it at each precision, and measures through onnxruntime on one thread: p50 latency at
 batch 1 and 32, speed-up over fp32 from the same process, parity with torch, and kNN top-1
-on the held-out split. Writes JSON and a Markdown table next to it.
+on the held-out split. Writes JSON and a Markdown table next to it. `--runs` measures trained
+run directories instead (their own held-out split), so int8's kNN change is a trained one's.
 """
 from __future__ import annotations
 
@@ -19,22 +21,26 @@ from pathlib import Path
 import onnxruntime
 
 from edgessl.config import from_dict
-from edgessl.export import check, export_onnx
-from edgessl.train import pretrain
+from edgessl.export import check, export_onnx, load_run
+from edgessl.train import config_from_checkpoint, pretrain
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k-train.npz"
-MODELS = [("mobilenetv3_small_100", 32), ("resnet18", 32), ("mobilenetv4_conv_small", 32),
+MODELS = [("mobilenetv3_small_100", 32), ("mobilenetv3-relu", 32), ("resnet18", 32), ("mobilenetv4_conv_small", 32),
           ("mobilenetv3_small_100", 224)]
 
 
-def bench_model(name: str, size: int, data: str, work: Path, threads: int, iters: int) -> dict:
+def one_step_run(name: str, size: int, data: str, work: Path) -> Path:
     run = work / f"{name}-{size}"
     cfg = from_dict({"data": {"spec": data, "val_fraction": 0.2, "image_size": size},
                      "backbone": {"name": name}, "optim": {"batch_size": 32}, "run": {"monitor_every": 0}})
     pretrain(cfg, run, stop_at_step=1, log=lambda *_: None)
+    return run
+
+
+def bench_model(run: Path, name: str, size: int, work: Path, threads: int, iters: int) -> dict:
     rows = {}
     for precision in ("fp32", "fp16", "int8"):
-        path = work / f"{name}-{size}-{precision}.onnx"
+        path = work / f"{run.name}-{precision}.onnx"
         exp = export_onnx(run, path, precision=precision)
         chk = check(path, batch_sizes=(1, 32), threads=threads, iters=iters)
         rows[precision] = {"size_mb": round(exp["size_bytes"] / 2**20, 2), "max_abs_diff": exp["max_abs_diff"],
@@ -67,14 +73,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--only", nargs="*", help="substrings of backbone names to run")
+    ap.add_argument("--runs", nargs="*", help="trained run directories to measure instead of one-step runs")
     ap.add_argument("--out", default="runs/bench_export.json")
     args = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, size in MODELS:
+        for name, size in ([] if args.runs else MODELS):
             if args.only and not any(o in name for o in args.only):
                 continue
-            results[f"{name}@{size}"] = bench_model(name, size, args.data, Path(tmp), args.threads, args.iters)
+            run = one_step_run(name, size, args.data, Path(tmp))
+            results[f"{name}@{size}"] = bench_model(run, name, size, Path(tmp), args.threads, args.iters)
+        for run in args.runs or []:
+            cfg = config_from_checkpoint(run)
+            size = load_run(run)[2]["backbone"]["image_size"]
+            results[f"{cfg.backbone.name}@{size} ({Path(run).name})"] = bench_model(
+                Path(run), cfg.backbone.name, size, Path(tmp), args.threads, args.iters)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "onnxruntime": onnxruntime.__version__,

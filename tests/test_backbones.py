@@ -59,3 +59,12 @@ def test_init_weights_strict(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(EdgesslError, match="cannot read init weights"):
         create_backbone("mobilenetv3_small_050", 32, init_weights=str(tmp_path / "bad.pth"))
+
+
+def test_relu_alias_swaps_every_hard_swish_and_keeps_the_weights_shapes():
+    stock, relu = create_backbone("mobilenetv3", 32), create_backbone("mobilenetv3-relu", 32)
+    assert relu.timm_name == stock.timm_name == "mobilenetv3_small_100" and relu.model_args == {"act_layer": "relu"}
+    kinds = {type(m).__name__ for m in relu.modules()}
+    assert "Hardswish" not in kinds and "ReLU" in kinds
+    assert "Hardswish" in {type(m).__name__ for m in stock.modules()}
+    assert {k: v.shape for k, v in relu.state_dict().items()} == {k: v.shape for k, v in stock.state_dict().items()}

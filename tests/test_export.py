@@ -119,3 +119,17 @@ def test_timm_weights_round_trip(tmp_path):
         plain = timm.create_model("mobilenetv3_small_050", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(
             file=str(tmp_path / "timm" / "model.safetensors"), num_classes=0))
         assert torch.equal(plain.eval()(x), expected)
+
+
+def test_timm_export_of_an_alias_with_model_args(tmp_path):
+    npz = make_npz(tmp_path / "tiny.npz", n=32, size=32)
+    cfg = tiny_config(f"npz:{npz}", optim={"epochs": 1}, backbone={"name": "mobilenetv3-relu"})
+    pretrain(cfg, tmp_path / "run", log=lambda *_: None)
+    export_timm(tmp_path / "run", tmp_path / "timm")
+    assert json.loads((tmp_path / "timm" / "config.json").read_text())["model_args"] == {"act_layer": "relu"}
+    model, _, _ = load_run(tmp_path / "run")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        loaded = load_backbone(tmp_path / "timm").eval()
+        assert "Hardswish" not in {type(m).__name__ for m in loaded.modules()}
+        assert torch.equal(loaded(x), model.backbone.eval()(x))
