@@ -338,7 +338,15 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
         f"{cfg.method.name} | {s.device} {s.precision}"
         + (f" | {s.world} processes x batch {cfg.optim.batch_size}" if s.world > 1 else ""))
     with stop_signals() as signalled:
-        return train_loop(s, files, pos, progress, lambda step: step == stop_at_step or bool(signalled), log)
+        try:
+            return train_loop(s, files, pos, progress, lambda step: step == stop_at_step or bool(signalled), log)
+        except RuntimeError as e:
+            if s.world == 1:
+                raise
+            # a collective failed: another rank died or stopped answering (gloo / nccl / timeout)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EdgesslError(f"rank {s.rank} of {s.world}: a collective failed, another process probably died "
+                               f"({first[:300]}); the last checkpoint is kept, --resume continues") from e
 
 
 @contextmanager

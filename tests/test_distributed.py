@@ -111,3 +111,64 @@ def test_two_ranks_stream_their_shards_from_the_mapped_cache(tmp_path, monkeypat
     for rank in range(2):
         for k, v in states["memory"][rank].items():
             assert torch.equal(v, states["mmap"][rank][k]), (rank, k)
+
+
+DYING_WORKER = """
+import json, os, sys
+from edgessl import train
+from edgessl.config import from_dict
+real = train.train_step
+def dying(s, idx, lr, step, *rest):
+    if s.rank == 1 and step == 3:
+        os._exit(3)  # a rank that dies mid-run, without a word to the others
+    return real(s, idx, lr, step, *rest)
+train.train_step = dying
+train.pretrain(from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False, log=lambda *_: None)
+"""
+
+
+def test_a_dead_rank_ends_the_run_with_an_error_not_a_hang(tiny_npz, tmp_path):
+    import os
+    import time
+
+    from edgessl import checkpoint
+
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 4, "batch_size": 4},
+                      run={"monitor_every": 0, "checkpoint_every_steps": 2})
+    worker = tmp_path / "dying.py"
+    worker.write_text(DYING_WORKER)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(worker), json.dumps(to_dict(cfg)), str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=240, env={**os.environ, "EDGESSL_DIST_TIMEOUT": "20"})
+    assert r.returncode != 0 and time.monotonic() - t0 < 200
+    assert "exitcode  : 3" in r.stderr or "exit code 3" in r.stderr or "exitcode: 3" in r.stderr, r.stderr[-2000:]
+    ckpt = tmp_path / "run" / "checkpoint.pt"  # what rank 0 left is a whole checkpoint or none
+    if ckpt.exists():
+        assert checkpoint.load(ckpt)["position"]["step"] in (2,)
+    assert not list((tmp_path / "run").glob("*.tmp*"))
+
+
+def test_a_dead_rank_without_torchrun_fails_the_other_within_the_timeout(tiny_npz, tmp_path):
+    """No agent to kill the survivor (a rank on another node): the collective itself must fail."""
+    import os
+    import socket
+    import time
+
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 4, "batch_size": 4}, run={"monitor_every": 0})
+    worker = tmp_path / "dying.py"
+    worker.write_text(DYING_WORKER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    t0 = time.monotonic()
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "EDGESSL_DIST_TIMEOUT": "20"}
+        procs.append(subprocess.Popen([sys.executable, str(worker), json.dumps(to_dict(cfg)), str(tmp_path / "run")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert procs[1].returncode == 3
+    assert procs[0].returncode not in (0, None) and time.monotonic() - t0 < 150, outs[0][1][-2000:]
+    assert "rank 0 of 2: a collective failed, another process probably died" in outs[0][1]
