@@ -37,7 +37,11 @@ VARIANTS = {
     "mobilenetv3 os16 fp32, byol (2 views)": {"method": {"name": "byol", "head_dims": [1024, 128]}},
     "mobilenetv4 os16 fp32": {"backbone": {"name": "mobilenetv4"}},
     "resnet18 os16 fp32": {"backbone": {"name": "resnet18", "downsample": 16}},
+    "resnet18 os16 fp32, supervised": {"backbone": {"name": "resnet18", "downsample": 16},
+                                       "method": {"name": "supervised"}},
     "resnet18 os8 fp32 (CIFAR stem)": {"backbone": {"name": "resnet18", "downsample": 8}},
+    "resnet18 os8 fp32 (CIFAR stem), supervised": {"backbone": {"name": "resnet18", "downsample": 8},
+                                                   "method": {"name": "supervised"}},
 }
 
 
