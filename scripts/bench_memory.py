@@ -35,7 +35,7 @@ def measure_one(method: str, batch: int, data: str, steps: int, image_size: int 
 
     from edgessl.config import from_dict
     from edgessl.methods import PRESETS
-    from edgessl.train import build, train_step
+    from edgessl.train import build, peak_mem_mb, train_step
 
     s = build(from_dict({"method": {"name": method, **PRESETS[method]},
                          "data": {"spec": data, "image_size": image_size},
@@ -54,7 +54,7 @@ def measure_one(method: str, batch: int, data: str, steps: int, image_size: int 
         train_step(s, idx, 0.01, i)
     if cuda:
         torch.cuda.synchronize(s.device)
-        peak = torch.cuda.max_memory_allocated(s.device)
+        peak = peak_mem_mb(s.device) * 2**20  # the counter bench.py reports, reset above
     else:
         peak = _status_kb("VmHWM") * 1024
     return {"method": method, "batch_size": batch, "image_size": s.image_size, "device": str(s.device),
