@@ -35,6 +35,7 @@ from edgessl.train import load_data, pretrain  # noqa: E402
 
 SPEC_KEYS = {"data", "val_fraction", "split_seed", "budget", "quick_budget", "monitor_every", "linear", "methods",
              "backbones", "seeds", "train_sizes", "overrides"}
+ENTRY_KEYS = {"method", "config", "overrides", "seeds"}
 
 
 def load_spec(path: Path) -> dict:
@@ -44,6 +45,10 @@ def load_spec(path: Path) -> dict:
         raise SystemExit(f"error: {path}: unknown keys {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
     if not spec.get("methods"):
         raise SystemExit(f"error: {path}: no methods")
+    for key, entry in spec["methods"].items():
+        unknown = set(entry or {}) - ENTRY_KEYS
+        if unknown:
+            raise SystemExit(f"error: {path}: method {key!r}: unknown keys {sorted(unknown)} (known: {sorted(ENTRY_KEYS)})")
     return spec
 
 
@@ -189,9 +194,15 @@ def main() -> None:
         backbones, seeds, sizes = backbones[:1], seeds[:1], sizes[:1]
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    # an entry may name its own seeds (a one-seed sweep beside a three-seed ablation)
+    entry_seeds = {k: (e or {}).get("seeds", seeds) for k, e in spec["methods"].items()}
+    if not args.quick:
+        seeds = list(dict.fromkeys(seeds + [s for ss in entry_seeds.values() for s in ss]))
     grid = list(itertools.product(sizes, backbones, seeds, spec["methods"].items()))
     for size, backbone, seed, (method_key, entry) in grid:
         if args.only and method_key not in args.only:
+            continue
+        if not args.quick and seed not in entry_seeds[method_key]:
             continue
         key = f"{method_key}|{backbone}|seed{seed}|n{size or 'all'}"
         if key in results:

@@ -23,7 +23,7 @@ def test_bench_grid_json_plots_and_resume(tiny_npz, tmp_path, monkeypatch):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(json.dumps({"data": f"npz:{tiny_npz}", "val_fraction": 0.25, "budget": {"epochs": 2},
                                 "monitor_every": 1, "linear": True, "overrides": tiny,
-                                "methods": {"memdistill": {}, "npid-tau0.1": {"method": "npid",
+                                "methods": {"memdistill": {}, "npid-tau0.1": {"method": "npid", "seeds": [1],
                                                                               "overrides": {"method": {"temperature": 0.1}}}},
                                 "backbones": ["mobilenetv3_small_050"], "seeds": [0], "train_sizes": [24]}))
     out = tmp_path / "out"
@@ -31,13 +31,14 @@ def test_bench_grid_json_plots_and_resume(tiny_npz, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench.py", str(spec), "--out", str(out)])
     bench.main()
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results) == ["memdistill|mobilenetv3_small_050|seed0|n24", "npid-tau0.1|mobilenetv3_small_050|seed0|n24"]
+    # an entry's own seeds replace the spec's
+    assert sorted(results) == ["memdistill|mobilenetv3_small_050|seed0|n24", "npid-tau0.1|mobilenetv3_small_050|seed1|n24"]
     for r in results.values():
         assert r["epochs"] == 2 and r["train_size"] == 24 and 0 <= r["linear_top1"] <= 100
         assert [round(t, 6) for t, _ in r["curve"]][0] == 0.0 and len(r["curve"]) == 3  # untrained + 2 epochs
         assert r["curve"][-1][1] == pytest.approx(r["knn_top1"], abs=0.01)
-    npid_cfg = (out / "runs" / "npid-tau0.1_mobilenetv3_small_050_seed0_n24" / "config.yaml").read_text()
-    assert "temperature: 0.1" in npid_cfg and "bank_init: random" in npid_cfg
+    npid_cfg = (out / "runs" / "npid-tau0.1_mobilenetv3_small_050_seed1_n24" / "config.yaml").read_text()
+    assert "temperature: 0.1" in npid_cfg and "bank_init: random" in npid_cfg and "\n  seed: 1\n" in npid_cfg
     assert (out / "knn_vs_minutes.png").stat().st_size > 1000 and (out / "throughput_memory.png").exists()
     md = bench.table(results)
     assert "| memdistill | mobilenetv3_small_050 | 24 | 1 | 2 |" in md and md.count("\n") == 3
@@ -55,6 +56,14 @@ def test_train_subset_is_fixed_and_disjoint_from_validation(tiny_npz):
     rows = {tuple(x.flatten().tolist()) for x in full.images}
     assert all(tuple(x.flatten().tolist()) in rows for x in a.images)
     assert not any(tuple(x.flatten().tolist()) in rows for x in val.images)
+
+
+def test_spec_with_an_unknown_entry_key_is_refused(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(json.dumps({"data": "npz:x.npz", "budget": {"epochs": 1},
+                                "methods": {"memdistill": {"seed": [1]}}}))
+    with pytest.raises(SystemExit, match="method 'memdistill': unknown keys \\['seed'\\]"):
+        bench_module().load_spec(spec)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "bench").glob("*.yaml")), ids=lambda p: p.name)
