@@ -10,7 +10,9 @@ kNN on the same split, linear probe when asked, and the kNN-against-seconds curv
 OUT/*.png the plots: kNN against training seconds per method, throughput and peak memory
 per method. Resumable: a run already in results.json is not run again; a run that was
 interrupted continues from its checkpoint. `--quick` keeps the first seed, backbone and
-size only (and the spec's `quick_budget` when it has one).
+size only (and the spec's `quick_budget` when it has one). A method entry may name its own
+`seeds` (a one-seed sweep beside a three-seed ablation). `--table` prints the results as
+Markdown; `--table --chain a,b,c` as an ablation, each step's change paired by seed.
 
 Budgets in minutes are wall-clock and so depend on how busy the machine is: run nothing
 else beside a benchmark.
@@ -21,6 +23,7 @@ import argparse
 import csv
 import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -114,7 +117,7 @@ def plots(results: dict, out: Path) -> list[Path]:
 
     runs = list(results.values())
     methods = sorted({r["method_key"] for r in runs})
-    colours = dict(zip(methods, plt.cm.tab10.colors))
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
         xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
@@ -147,17 +150,41 @@ def plots(results: dict, out: Path) -> list[Path]:
     return paths
 
 
+def ms(vals, digits=2, sign="") -> str:
+    """'mean ± sample standard deviation' of the values that are not None ('-' if none)."""
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    spread = f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""
+    return f"{statistics.mean(vals):{sign}.{digits}f}{spread}"
+
+
+def chain_table(results: dict, chain: list[str]) -> str:
+    """Markdown for an ablation: each method key in turn, its kNN over seeds, and its change
+    from the row before, paired by seed (same seed: same initial weights and data order)."""
+    by_key: dict = {}
+    for r in results.values():
+        seeds = by_key.setdefault(r["method_key"], {})
+        if r["seed"] in seeds:
+            raise SystemExit(f"error: {r['method_key']} seed {r['seed']} appears twice (several backbones or sizes?)")
+        seeds[r["seed"]] = r["knn_top1"]
+    missing = [k for k in chain if k not in by_key]
+    if missing:
+        raise SystemExit(f"error: no results for {missing} (have: {sorted(by_key)})")
+    lines = ["| step | seeds | kNN top-1 | change from the row above (paired by seed) |",
+             "| --- | ---: | --- | --- |"]
+    for i, key in enumerate(chain):
+        runs = by_key[key]
+        change = "-"
+        if i:
+            before = by_key[chain[i - 1]]
+            change = ms([runs[s] - before[s] for s in sorted(set(runs) & set(before))], sign="+")
+        lines.append(f"| {key} | {len(runs)} | {ms(list(runs.values()))} | {change} |")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     """Markdown, one row per (method, backbone, data size): mean and spread over seeds."""
-    import statistics
-
-    def ms(vals, digits=2):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return "-"
-        spread = f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""
-        return f"{statistics.mean(vals):.{digits}f}{spread}"
-
     groups: dict = {}
     for r in results.values():
         groups.setdefault((r["method_key"], r["backbone"], r["train_size"] or "all"), []).append(r)
@@ -179,11 +206,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first seed, backbone and size only")
     ap.add_argument("--only", nargs="*", help="method keys to run")
     ap.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
+    ap.add_argument("--chain", help="with --table: an ablation, method keys in order (a,b,c), each row's "
+                                    "change from the one before, paired by seed")
     args = ap.parse_args()
     spec = load_spec(args.spec)
     out = args.out or REPO / "runs" / "bench" / (args.spec.stem + ("-quick" if args.quick else ""))
     if args.table:
-        print(table(json.loads((out / "results.json").read_text())))
+        results = json.loads((out / "results.json").read_text())
+        print(chain_table(results, args.chain.split(",")) if args.chain else table(results))
         return
     out.mkdir(parents=True, exist_ok=True)
     if args.quick and spec.get("quick_budget"):

@@ -91,3 +91,16 @@ def test_bench_memory_two_views_need_more_step_memory(shared_npz, tmp_path):
         assert r["step_mb"] > 0 and r["peak_mb"] == pytest.approx(r["before_mb"] + r["step_mb"], abs=0.2)
     assert rows["simclr"]["step_mb"] > 1.3 * rows["memdistill"]["step_mb"]
     assert rows["memdistill"]["memdistill_over_this"] == 1.0
+
+
+def test_chain_table_pairs_changes_by_seed():
+    bench = bench_module()
+    results = {f"{k}|s{s}": {"method_key": k, "seed": s, "knn_top1": v}
+               for k, vals in {"a": [10.0, 20.0, 30.0], "b": [13.0, 21.0, 35.0]}.items() for s, v in enumerate(vals)}
+    results["b|s3"] = {"method_key": "b", "seed": 3, "knn_top1": 99.0}  # no partner in a: not in the change
+    md = bench.chain_table(results, ["a", "b"]).splitlines()
+    assert md[2] == "| a | 3 | 20.00 ± 10.00 | - |"
+    # per-seed changes 3, 1, 5: mean 3, sample sd 2 (the unpaired means differ by 22)
+    assert md[3] == "| b | 4 | 42.00 ± 39.07 | +3.00 ± 2.00 |"
+    with pytest.raises(SystemExit, match="no results for \\['c'\\]"):
+        bench.chain_table(results, ["a", "c"])
