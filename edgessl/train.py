@@ -7,6 +7,7 @@ before anything is written), then steps run until the epoch or minute budget end
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import os
 import resource
@@ -148,8 +149,13 @@ def build(cfg: Config) -> Setup:
     if world > 1:  # gradients averaged over ranks; the bank is kept equal by the method's own collectives
         from torch.nn.parallel import DistributedDataParallel
 
+        # BatchNorm statistics stay per rank in the forward pass; torch >= 2.13 names that
+        # forward_sync_buffers (broadcast_buffers is deprecated there and warns)
+        no_forward_sync = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          broadcast_buffers=False)
+                                          **no_forward_sync)
         torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
     return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
                  model, make_optimizer(cfg, model), torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
