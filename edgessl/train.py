@@ -423,6 +423,7 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
                 pos["planned_epochs"] = int(distributed.from_rank0(plan_epochs(
                     budget - pos["calib_s"], pos["elapsed"] - pos["calib_s"] + time.perf_counter() - t0,
                     pos["step"], s.steps_per_epoch), s.device))
+                pos["plan_at"] = [pos["step"], pos["elapsed"] + time.perf_counter() - t0]
             total = (pos["planned_epochs"] or 10**9) * s.steps_per_epoch
             start = pos["epoch_step"] * bs * s.world + first
             idx = pos["perm"][start:start + bs].to(s.device)
@@ -450,6 +451,13 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
                     return summary(s, files, pos, log, stopped=True)
         bar.close()
         pos["elapsed"] += time.perf_counter() - t0
+        plan_step, plan_s = pos.get("plan_at") or (None, None)
+        if budget and plan_step is not None and pos["step"] - plan_step >= PLAN_AFTER_STEPS:
+            # the first steps run slower (allocations, kernel selection): re-fit the cosine to the
+            # speed of the steps since the plan, so a run fills its budget instead of ending early
+            step_s = (pos["elapsed"] - plan_s) / (pos["step"] - plan_step)
+            pos["planned_epochs"] = int(distributed.from_rank0(replan_epochs(
+                budget, pos["elapsed"], step_s, pos["epoch"] + 1, s.steps_per_epoch), s.device))
         last = pos["epoch"] + 1 == pos["planned_epochs"] or bool(
             budget and distributed.any_rank(pos["elapsed"] >= budget, s.device))
         end_epoch(s, files, pos, s.optimizer.param_groups[0]["lr"], step_log,
@@ -462,6 +470,13 @@ def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[i
 def plan_epochs(budget_s: float, elapsed_s: float, steps: int, steps_per_epoch: int) -> int:
     """Epochs that fill a minute budget, from the speed of the first steps (the cosine ends there)."""
     return max(1, math.ceil(budget_s / (elapsed_s / steps * steps_per_epoch)))
+
+
+def replan_epochs(budget_s: float, elapsed_s: float, step_s: float, epochs_done: int, steps_per_epoch: int) -> int:
+    """At an epoch end: the epochs done plus those that fit in what is left of the budget at
+    step_s seconds a step (the last one ends past the budget, as the first plan's does)."""
+    left = budget_s - elapsed_s
+    return epochs_done if left <= 0 else epochs_done + math.ceil(left / (step_s * steps_per_epoch))
 
 
 def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1) -> dict:

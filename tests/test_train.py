@@ -8,7 +8,7 @@ import yaml
 
 from conftest import tiny_config
 from edgessl import EdgesslError, checkpoint
-from edgessl.train import lr_at, plan_epochs, pretrain
+from edgessl.train import lr_at, plan_epochs, pretrain, replan_epochs
 
 
 def read_csv(path):
@@ -133,6 +133,23 @@ def test_lr_schedule_is_pure():
     assert lr_at(10 + 45, 100, 10, 2.0) == pytest.approx(1.0)
     assert plan_epochs(60.0, 1.0, 10, 10) == 60  # 0.1 s a step, 10 steps an epoch: 60 epochs in a minute
     assert plan_epochs(1.0, 10.0, 10, 10) == 1
+    # 30 s left at 0.1 s a step, 10 steps an epoch: 30 more epochs after the 5 done
+    assert replan_epochs(60.0, 30.0, 0.1, 5, 10) == 35
+    assert replan_epochs(60.0, 59.5, 0.1, 5, 10) == 6  # under an epoch left: one more, ending past the budget
+    assert replan_epochs(60.0, 61.0, 0.1, 5, 10) == 5  # the budget is spent: this epoch was the last
+
+
+def test_minutes_budget_is_replanned_when_the_first_steps_misjudge_it(tiny_npz, tmp_path, monkeypatch):
+    from edgessl import train
+
+    # a first plan of one epoch, as slow warm-up steps can give; the budget holds several epochs
+    monkeypatch.setattr(train, "PLAN_AFTER_STEPS", 2)
+    monkeypatch.setattr(train, "plan_epochs", lambda *args: 1)
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": None, "minutes": 0.05}, run={"monitor_every": 0})
+    out = pretrain(cfg, tmp_path / "run", log=quiet)
+    assert out["epochs"] > 1 and out["seconds"] >= 3.0
+    position = checkpoint.load(tmp_path / "run" / "checkpoint.pt")["position"]
+    assert position["planned_epochs"] == out["epochs"] == position["epoch"]
 
 
 def test_checkpoint_loader_refuses_foreign_files(tmp_path):
