@@ -117,7 +117,8 @@ def plots(results: dict, out: Path) -> list[Path]:
 
     runs = list(results.values())
     methods = sorted({r["method_key"] for r in runs})
-    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    cmap = plt.cm.tab10 if len(methods) <= 10 else plt.cm.tab20  # tab20 pairs dark and light shades
+    colours = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
         xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
