@@ -162,25 +162,28 @@ def ms(vals, digits=2, sign="") -> str:
 
 def chain_table(results: dict, chain: list[str]) -> str:
     """Markdown for an ablation: each method key in turn, its kNN over seeds, and its change
-    from the row before, paired by seed (same seed: same initial weights and data order)."""
-    by_key: dict = {}
+    from the row before, paired by seed (same seed: same initial weights and data order).
+    With several backbones or data sizes, one chain per (backbone, size), labelled."""
+    groups: dict = {}
     for r in results.values():
-        seeds = by_key.setdefault(r["method_key"], {})
-        if r["seed"] in seeds:
-            raise SystemExit(f"error: {r['method_key']} seed {r['seed']} appears twice (several backbones or sizes?)")
-        seeds[r["seed"]] = r["knn_top1"]
-    missing = [k for k in chain if k not in by_key]
+        group = (r.get("backbone", ""), r.get("train_size") or "all")
+        groups.setdefault(group, {}).setdefault(r["method_key"], {})[r["seed"]] = r["knn_top1"]
+    have = {k for by_key in groups.values() for k in by_key}
+    missing = [k for k in chain if k not in have]
     if missing:
-        raise SystemExit(f"error: no results for {missing} (have: {sorted(by_key)})")
-    lines = ["| step | seeds | kNN top-1 | change from the row above (paired by seed) |",
-             "| --- | ---: | --- | --- |"]
-    for i, key in enumerate(chain):
-        runs = by_key[key]
-        change = "-"
-        if i:
-            before = by_key[chain[i - 1]]
-            change = ms([runs[s] - before[s] for s in sorted(set(runs) & set(before))], sign="+")
-        lines.append(f"| {key} | {len(runs)} | {ms(list(runs.values()))} | {change} |")
+        raise SystemExit(f"error: no results for {missing} (have: {sorted(have)})")
+    label = len(groups) > 1
+    lines = [("| backbone | train images " if label else "") + "| step | seeds | kNN top-1 | change from the row "
+             "above (paired by seed) |", ("| --- | ---: " if label else "") + "| --- | ---: | --- | --- |"]
+    for (backbone, size), by_key in groups.items():
+        for i, key in enumerate(k for k in chain if k in by_key):
+            runs = by_key[key]
+            change = "-"
+            if i:
+                before = by_key[[k for k in chain if k in by_key][i - 1]]
+                change = ms([runs[s] - before[s] for s in sorted(set(runs) & set(before))], sign="+")
+            lines.append((f"| {backbone} | {size} " if label else "") +
+                         f"| {key} | {len(runs)} | {ms(list(runs.values()))} | {change} |")
     return "\n".join(lines)
 
 

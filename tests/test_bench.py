@@ -104,3 +104,10 @@ def test_chain_table_pairs_changes_by_seed():
     assert md[3] == "| b | 4 | 42.00 ± 39.07 | +3.00 ± 2.00 |"
     with pytest.raises(SystemExit, match="no results for \\['c'\\]"):
         bench.chain_table(results, ["a", "c"])
+    # two data sizes: one labelled chain each, pairs only within a size
+    sized = {f"{k}|{n}|s{s}": {"method_key": k, "seed": s, "knn_top1": v + n, "backbone": "m", "train_size": n}
+             for n in (100, 200) for k, vals in {"a": [1.0, 2.0], "b": [4.0, 4.0]}.items() for s, v in enumerate(vals)}
+    md = bench.chain_table(sized, ["a", "b"]).splitlines()
+    assert md[0].startswith("| backbone | train images | step |") and len(md) == 6
+    assert md[3] == "| m | 100 | b | 2 | 104.00 ± 0.00 | +2.50 ± 0.71 |"
+    assert md[5] == "| m | 200 | b | 2 | 204.00 ± 0.00 | +2.50 ± 0.71 |"
