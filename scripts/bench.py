@@ -176,11 +176,12 @@ def chain_table(results: dict, chain: list[str]) -> str:
     lines = [("| backbone | train images " if label else "") + "| step | seeds | kNN top-1 | change from the row "
              "above (paired by seed) |", ("| --- | ---: " if label else "") + "| --- | ---: | --- | --- |"]
     for (backbone, size), by_key in groups.items():
-        for i, key in enumerate(k for k in chain if k in by_key):
+        steps = [k for k in chain if k in by_key]
+        for i, key in enumerate(steps):
             runs = by_key[key]
             change = "-"
             if i:
-                before = by_key[[k for k in chain if k in by_key][i - 1]]
+                before = by_key[steps[i - 1]]
                 change = ms([runs[s] - before[s] for s in sorted(set(runs) & set(before))], sign="+")
             lines.append((f"| {backbone} | {size} " if label else "") +
                          f"| {key} | {len(runs)} | {ms(list(runs.values()))} | {change} |")
