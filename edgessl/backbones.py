@@ -46,7 +46,7 @@ def auto_downsample(timm_name: str, image_size: int) -> int:
 
     Inputs of 64 px or less: ResNets take the CIFAR stem (output stride 8: 3x3
     stride-1 conv1, no max-pool), the other families drop their stem stride (16):
-    MEASURED.md's MobileNetV3-small ran at ~330 images/s at 16 and ~133 at 8.
+    MobileNetV3-small ran at ~330 images/s at 16 and ~133 at 8.
     Larger inputs keep the stock stem (32).
     """
     if image_size > 64:

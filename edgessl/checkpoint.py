@@ -1,16 +1,14 @@
 """Self-describing checkpoints: written atomically, loaded with weights_only=True.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no
-numpy arrays, no Namespace: MEASURED.md's weights_only pitfalls), holding what a
+numpy arrays, no Namespace: weights_only=True rejects both), holding what a
 run needs to continue exactly: resolved config, versions, position, model (backbone,
 head, bank), optimizer, scaler and every RNG state.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from edgessl.errors import EdgesslError
+from edgessl.runfiles import atomic_write
 
 FORMAT = "edgessl-checkpoint"
 FORMAT_VERSION = 1
@@ -62,23 +61,8 @@ def save(state: dict, path: Path) -> None:
 
     A crash at any moment leaves either the old checkpoint or the new one, never half of one.
     """
-    path = Path(path)
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def load(path: Path) -> dict:

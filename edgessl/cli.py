@@ -8,10 +8,11 @@ import click
 from click.core import ParameterSource
 
 from edgessl import __version__
-from edgessl.config import Config
+from edgessl.config import Config, FinetuneConfig
 from edgessl.errors import EdgesslError
+from edgessl.methods import METHODS
 
-_D = Config()  # the recipe defaults, shown by --help
+_D, _F = Config(), FinetuneConfig()  # the recipe defaults, shown by --help
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -34,7 +35,7 @@ def cli(ctx, debug):
 @click.option("--backbone", default=_D.backbone.name, help="Alias (mobilenetv3, mobilenetv3-large, "
               "mobilenetv4, resnet18) or any timm model name.")
 @click.option("--method", default=_D.method.name,
-              type=click.Choice(["memdistill", "npid", "simclr", "byol", "supervised"]), help="Method.")
+              type=click.Choice(list(METHODS)), help="Method.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe overriding the defaults.")
 @click.option("--epochs", type=int, default=_D.optim.epochs, help="Epochs (wins over --minutes).")
 @click.option("--minutes", type=float, help="Budget: stop at the first epoch end after this many minutes.")
@@ -58,15 +59,14 @@ def cli(ctx, debug):
 def pretrain(ctx, out, config_path, resume, as_json, **flags):
     """Pretrain a backbone on unlabelled images with a single-view method."""
     from edgessl import config as config_lib, train
-    from edgessl.methods import PRESETS
 
     cfg = train.config_from_checkpoint(out) if resume else Config()
     yaml_overrides = config_lib.load_yaml(config_path) if config_path else {}
     if not resume:
         name = flags["method"] if _given(ctx, "method") else yaml_overrides.get("method", {}).get("name", "memdistill")
-        if name not in PRESETS:
-            raise EdgesslError(f"unknown method {name!r} (known: {', '.join(PRESETS)})")
-        config_lib.from_dict({"method": {"name": name, **PRESETS[name]}}, cfg)
+        if name not in METHODS:
+            raise EdgesslError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+        config_lib.from_dict({"method": {"name": name, **METHODS[name].preset}}, cfg)
         config_lib.from_dict(yaml_overrides, cfg)
     elif config_path:
         raise EdgesslError("--resume uses the run's stored config; drop --config")
@@ -179,33 +179,26 @@ def probe(source, train_spec, test_spec, knn_k, linear, grid, as_json):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory for the classifier.")
 @click.option("--label-fraction", type=float, help="Fraction of each class's labels to use.")
 @click.option("--labels-per-class", type=int, help="Number of labels per class to use.")
-@click.option("--epochs", type=int, default=30)
-@click.option("--batch-size", type=int, default=64)
-@click.option("--lr", type=float, default=0.1, help="Head learning rate (the backbone gets 0.1x).")
-@click.option("--seed", type=int, default=0)
-@click.option("--init", type=click.Choice(["pretrained", "random"]), default="pretrained")
-@click.option("--device", default="auto")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto")
+@click.option("--epochs", type=int, default=_F.epochs)
+@click.option("--batch-size", type=int, default=_F.batch_size)
+@click.option("--lr", type=float, default=_F.lr, help="Head learning rate (the backbone gets 0.1x).")
+@click.option("--seed", type=int, default=_F.seed)
+@click.option("--init", type=click.Choice(["pretrained", "random"]), default=_F.init)
+@click.option("--device", default=_F.device)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=_F.precision)
 @click.option("--resume", is_flag=True, help="Continue the fine-tuning run in --out with its stored settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
-def finetune(run_dir, train_spec, test_spec, out, label_fraction, labels_per_class, epochs, batch_size, lr, seed,
-             init, device, precision, resume, as_json):
+def finetune(run_dir, train_spec, test_spec, out, label_fraction, labels_per_class, resume, as_json, **settings):
     """Fine-tune a pretrained encoder plus a linear head on a few labels (RUN_DIR --train --test,
     or --out DIR --resume)."""
     from edgessl import finetune as finetune_lib
 
     if not resume and not (run_dir and train_spec and test_spec):
         raise EdgesslError("finetune needs RUN_DIR, --train and --test (or --out DIR --resume)")
-    if (label_fraction is None) == (labels_per_class is None):
-        label_fraction = 1.0 if labels_per_class is None else label_fraction
-        if labels_per_class is not None:
-            raise EdgesslError("give --label-fraction or --labels-per-class, not both")
-    if label_fraction is not None and not 0 < label_fraction <= 1:
-        raise EdgesslError(f"--label-fraction must be in (0, 1], got {label_fraction}")
-    if labels_per_class is not None and labels_per_class < 1 or epochs < 1 or batch_size < 2:
-        raise EdgesslError("--labels-per-class, --epochs must be >= 1 and --batch-size >= 2")
-    r = finetune_lib.finetune(run_dir, train_spec, test_spec, out, label_fraction, labels_per_class, epochs, seed,
-                              init, batch_size, lr, device=device, precision=precision, resume=resume)
+    if resume:  # the stored settings, but where it runs
+        settings = {k: settings[k] for k in ("device", "precision")}
+    r = finetune_lib.finetune(run_dir, train_spec or "", test_spec or "", out, label_fraction, labels_per_class,
+                              resume=resume, **settings)
     if as_json:
         click.echo(json.dumps(r))
 

@@ -17,6 +17,7 @@ from typing import Optional, Union
 import yaml
 
 from edgessl.errors import ConfigError
+from edgessl.methods import METHODS
 
 # timm's IMAGENET_DEFAULT_MEAN / STD: one normalisation for every dataset, so an
 # exported model's metadata has a single rule (no import of timm here: --help stays fast).
@@ -40,7 +41,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    # METHOD.md's single view: RandomResizedCrop(scale 0.2-1), flip, jitter p 0.8, grayscale p 0.2
+    # docs/method.md's single view: RandomResizedCrop(scale 0.2-1), flip, jitter p 0.8, grayscale p 0.2
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
@@ -59,7 +60,7 @@ class BackboneConfig:
 @dataclass
 class MethodConfig:
     # The defaults are the recipe measured best on 2 CPU cores (scripts/recipe_search.py,
-    # README "Recipe search"); configs/released.yaml holds the authors' released values.
+    # docs/benchmarks.md, "Recipe search"); configs/released.yaml holds the authors' released values.
     name: str = "memdistill"
     head_dims: list[int] = field(default_factory=lambda: [128])  # one Linear, as NPID (released: 2048x3)
     temperature: float = 0.07  # tau on the instance logits (released script 0.2; 0.05 within noise, 0.03 fell)
@@ -94,7 +95,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     threads: int = 0  # intra-op threads for the network; 0: torch's default
-    # threads for the augmentation alone; 0: the same as the network. MEASURED.md saw small
+    # threads for the augmentation alone; 0: the same as the network. early measurements on this machine saw small
     # element-wise ops run far slower on 2 threads; ours ran 8.0 ms/batch on 2 vs 12.5 on 1
     # (scripts/bench_step.py), so the default does not pin it.
     augment_threads: int = 0
@@ -103,6 +104,25 @@ class RunConfig:
     checkpoint_every_steps: int = 0  # also checkpoint every N steps (0: epoch ends only) ...
     checkpoint_every_minutes: float = 10.0  # ... and every M minutes of training (0: off)
     sync_bn: bool = False  # torchrun on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm is CUDA-only)
+
+
+@dataclass
+class FinetuneConfig:
+    """`edgessl finetune`: the pretrained encoder plus a linear head, trained end to end."""
+
+    train: str = ""  # labelled training images (a stratified subset is taken)
+    test: str = ""  # labelled test images
+    label_fraction: Optional[float] = None  # each class's fraction of labels ... (neither: all)
+    labels_per_class: Optional[int] = None  # ... or a count per class
+    epochs: int = 30
+    seed: int = 0
+    init: str = "pretrained"  # pretrained | random (the same architecture from scratch: the baseline)
+    batch_size: int = 64
+    lr: float = 0.1  # the head's; the backbone gets lr x backbone_lr_scale
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 5e-4
+    device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
 
 
 @dataclass
@@ -116,7 +136,7 @@ class Config:
 
 
 _CHOICES = {
-    "method.name": ("memdistill", "npid", "simclr", "byol", "supervised"),
+    "method.name": tuple(METHODS),
     "data.bad_images": ("fail", "skip"),
     "data.storage": ("auto", "memory", "mmap"),
     "method.bank_init": ("random", "calibrated"),
@@ -220,6 +240,24 @@ def validate(cfg: Config) -> Config:
             section, name = key.split(".")
             raise ConfigError(f"config key '{key}' is out of range: {flat[section][name]!r}")
     return cfg
+
+
+def finetune_config(overrides: dict) -> FinetuneConfig:
+    """A strict FinetuneConfig from keyword overrides (unknown keys and bad values are named)."""
+    ft = FinetuneConfig()
+    _apply(ft, overrides, "finetune.")
+    if ft.label_fraction is not None and ft.labels_per_class is not None:
+        raise ConfigError("give finetune.label_fraction or finetune.labels_per_class, not both")
+    checks = [("label_fraction", ft.label_fraction is None or 0 < ft.label_fraction <= 1),
+              ("labels_per_class", ft.labels_per_class is None or ft.labels_per_class >= 1),
+              ("epochs", ft.epochs >= 1), ("batch_size", ft.batch_size >= 2), ("lr", ft.lr > 0),
+              ("backbone_lr_scale", ft.backbone_lr_scale >= 0), ("weight_decay", ft.weight_decay >= 0),
+              ("init", ft.init in ("pretrained", "random")),
+              ("precision", ft.precision in _CHOICES["run.precision"])]
+    for key, ok in checks:
+        if not ok:
+            raise ConfigError(f"config key 'finetune.{key}' is out of range: {getattr(ft, key)!r}")
+    return ft
 
 
 def to_dict(cfg: Config) -> dict:

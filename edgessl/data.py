@@ -34,13 +34,13 @@ import numpy as np
 import torch
 
 from edgessl.errors import EdgesslError
+from edgessl.runfiles import atomic_write
+from edgessl_edge.image import IMAGE_SUFFIXES, EdgeError, decode  # the runtime's decoder: one implementation
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 FOLDER_DEFAULT_SIZE = 64
-MIN_SIDE = 8  # smaller images are reported as bad, not upscaled from a few pixels
 
 
 class MappedImages:
@@ -150,6 +150,26 @@ def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail", 
     if images.shape[0] == 0:
         raise EdgesslError(f"dataset {spec!r} holds no images")
     return ImageData(images, labels, list(classes), spec, skipped)
+
+
+def load_split(cfg) -> tuple[ImageData, Optional[ImageData]]:
+    """The (train, held-out) images a DataConfig describes: `spec`, then `val_spec` or a seeded
+    `val_fraction` of it, then an optional fixed `train_subset` of the train split."""
+    if not cfg.spec:
+        raise EdgesslError("no training data: give a dataset spec (--data npz:PATH, folder:DIR, ...)")
+    train = load(cfg.spec, cfg.image_size, cfg.bad_images, cfg.storage)
+    val = None
+    if cfg.val_spec:
+        val = load(cfg.val_spec, train.images.shape[-1], cfg.bad_images, cfg.storage)
+    elif cfg.val_fraction > 0:
+        train, val = split(train, cfg.val_fraction, cfg.split_seed)
+    n = cfg.train_subset
+    if n is not None:
+        if not 1 <= n <= len(train):
+            raise EdgesslError(f"data.train_subset {n} is not between 1 and the {len(train)} training images")
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(
+            cfg.split_seed))[:n].sort().values)
+    return train, val
 
 
 def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, ImageData]:
@@ -330,9 +350,9 @@ def _build_folder_cache(root: Path, files: list[Path], listing: list, size: int,
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
         for p, (rel, _, _) in zip(files, listing):
             try:
-                out[count] = _decode(p, size)
+                out[count] = decode(p, size)
                 count += 1
-            except EdgesslError as e:
+            except EdgeError as e:
                 skipped.append((rel, str(e)))
         out.flush()
         del out
@@ -343,9 +363,7 @@ def _build_folder_cache(root: Path, files: list[Path], listing: list, size: int,
         tmp.unlink(missing_ok=True)
     text = json.dumps({"root": str(root), "image_size": size, "count": count, "skipped": skipped,
                        "files": listing}, indent=0)
-    tmp_m = manifest.with_suffix(f".tmp{os.getpid()}")
-    tmp_m.write_text(text)
-    os.replace(tmp_m, manifest)
+    atomic_write(manifest, text)
 
 
 def _physical_memory() -> int:
@@ -353,27 +371,6 @@ def _physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 8 << 30
-
-
-def _decode(path: Path, size: int) -> np.ndarray:
-    """One image file -> (size, size, 3) uint8: EXIF-rotated, 16-bit scaled, alpha dropped, resized."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as im:
-            if min(im.size) < MIN_SIDE:
-                raise EdgesslError(f"too small ({im.size[0]}x{im.size[1]}; at least {MIN_SIDE} px a side)")
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255)
-                                     .astype(np.uint8))
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
-    except EdgesslError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise EdgesslError(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,36 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgessl import checkpoint, data as data_lib
+from edgessl import data as data_lib
 from edgessl.augment import normalize
-from edgessl.backbones import create_backbone
-from edgessl.config import Config, from_dict
+from edgessl.config import Config
 from edgessl.errors import EdgesslError
-from edgessl.methods import METHODS
+from edgessl.onnxrt import META_KEY, batch_of, latency, ort_features, parity, read_metadata, session
+from edgessl.runfiles import atomic_write
+from edgessl.runs import Classifier, is_classifier, load_run
 
-META_KEY = "edgessl"
 # The export's own bar for an fp32 file: max abs diff <= 1e-4 of the feature scale
 # (max(1, max |feature|): float32 rounding grows with magnitude) and cosine >= 0.99999.
 FP32_MAX_ABS, FP32_MIN_COS = 1e-4, 0.99999
-
-
-def load_run(run_dir: str | Path) -> tuple[nn.Module, Config, dict]:
-    """The method module of a run, rebuilt from the checkpoint's stored config (stem included)."""
-    ckpt = Path(run_dir) / "checkpoint.pt"
-    if Path(run_dir).is_file():
-        raise EdgesslError(f"{run_dir} is a file; give a run directory")
-    state = checkpoint.load(ckpt)
-    cfg = from_dict({k: v for k, v in state["config"].items() if k != "finetune"})
-    if state.get("kind") == "classifier":  # an `edgessl finetune` run: backbone + linear head
-        from edgessl.finetune import load_classifier
-
-        return load_classifier(state), cfg, state
-    bb = state["backbone"]
-    backbone = create_backbone(cfg.backbone.name, bb["image_size"], bb["output_stride"])
-    args = dict(state["method_args"])
-    model = METHODS[cfg.method.name](backbone, args.pop("num_samples"), cfg.method, **args)
-    model.load_state_dict(state["model"], strict=True)
-    return model.eval(), cfg, state
 
 
 class Encoder(nn.Module):
@@ -64,8 +43,6 @@ class Encoder(nn.Module):
 
 def export_module(model: nn.Module, with_head: bool) -> nn.Module:
     """A fine-tuned classifier exports whole (logits); a pretraining run exports its encoder."""
-    from edgessl.finetune import Classifier
-
     if isinstance(model, Classifier):
         return model.eval()
     return Encoder(model.backbone, getattr(model, "head", None) if with_head else None).eval()
@@ -89,7 +66,7 @@ def rewrite_hard_activations(module: nn.Module) -> int:
     """Swap nn.Hardswish / nn.Hardsigmoid for their relu6 forms in place; return how many.
 
     onnxruntime leaves HardSwish / HardSigmoid in float with Q/DQ around each, which made
-    int8 MobileNetV3-small slower than fp32 (MEASURED.md)."""
+    int8 MobileNetV3-small slower than fp32 (docs/export.md)."""
     swaps = {nn.Hardswish: HardSwishRelu6, nn.Hardsigmoid: HardSigmoidRelu6}
     count = 0
     for name, child in list(module.named_modules()):
@@ -114,7 +91,7 @@ def metadata(cfg: Config, state: dict, encoder: Encoder, precision: str, ckpt: P
     import edgessl
 
     size = state["backbone"]["image_size"]
-    classifier = state.get("kind") == "classifier"
+    classifier = is_classifier(state)
     head = getattr(encoder, "head", None)
     dim = len(state["classes"]) if classifier else head[-1].out_features if head is not None \
         else state["backbone"]["feature_dim"]
@@ -132,28 +109,7 @@ def metadata(cfg: Config, state: dict, encoder: Encoder, precision: str, ckpt: P
 
 
 def output_name(state: dict) -> str:
-    return "logits" if state.get("kind") == "classifier" else "features"
-
-
-def read_metadata(model_path: str | Path) -> dict:
-    """The edgessl metadata of an ONNX file; a file that is not one is an EdgesslError."""
-    import onnx
-
-    p = Path(model_path)
-    if not p.is_file():
-        raise EdgesslError(f"no ONNX file at {p}")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError and friends: all mean "not a model"
-        raise EdgesslError(f"{p} is not a valid ONNX model ({type(e).__name__})") from None
-    props = {x.key: x.value for x in model.metadata_props}
-    if META_KEY not in props:
-        raise EdgesslError(f"{p} has no edgessl metadata (export it with `edgessl export`)")
-    inputs = model.graph.input
-    dims = [d.dim_value or d.dim_param for d in inputs[0].type.tensor_type.shape.dim] if inputs else []
-    if len(inputs) != 1 or len(dims) != 4 or dims[1] != 3:
-        raise EdgesslError(f"{p}: expected one input of shape (batch, 3, H, W), got {dims}")
-    return json.loads(props[META_KEY])
+    return "logits" if is_classifier(state) else "features"
 
 
 def _write_onnx_metadata(path: Path, meta: dict) -> None:
@@ -165,42 +121,7 @@ def _write_onnx_metadata(path: Path, meta: dict) -> None:
     model.producer_name = "edgessl"
     onnx.checker.check_model(model)
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    tmp = path.with_suffix(".tmp.onnx")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
-
-
-def session(path: str | Path, threads: Optional[int] = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_features(sess, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run a float32 (N, 3, S, S) array through the session in batches: (N, D)."""
-    name = sess.get_inputs()[0].name
-    fixed = sess.get_inputs()[0].shape[0]
-    if isinstance(fixed, int):
-        batch_size = fixed
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        pad = batch_size - len(chunk) if isinstance(fixed, int) else 0
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        out.append(sess.run(None, {name: np.ascontiguousarray(chunk, dtype=np.float32)})[0][:len(chunk) - pad])
-    return np.concatenate(out)
-
-
-def parity(a: np.ndarray, b: np.ndarray) -> dict:
-    """a: reference (N, D), b: candidate. max_rel_diff is max abs diff over max(1, max |a|)."""
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    diff = float(np.abs(a - b).max())
-    return {"max_abs_diff": diff, "max_rel_diff": diff / max(1.0, float(np.abs(a).max())),
-            "min_cosine": float(cos.min())}
+    atomic_write(path, model.SerializeToString())
 
 
 def run_images(cfg: Config, spec: Optional[str], count: int, image_size: int) -> np.ndarray:
@@ -225,7 +146,7 @@ class _Calibration:
 
 def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray) -> None:
     """Static QDQ: uint8 activations, int8 per-channel weights, reduce_range (U8S8 is the fast
-    path on AVX2 without VNNI; S8S8 was not: MEASURED.md, scripts/bench_export.py)."""
+    path on AVX2 without VNNI; S8S8 was not: docs/export.md, scripts/bench_export.py)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -243,11 +164,11 @@ def convert_fp16(fp32_path: Path, out: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-    _topological_sort(model.graph)  # the converter appends its input Casts after their consumers
+    topological_sort(model.graph)  # the converter appends its input Casts after their consumers
     onnx.save(model, str(out))
 
 
-def _topological_sort(graph) -> None:
+def topological_sort(graph) -> None:
     """Reorder graph.node so every node follows the producers of its inputs (ONNX requires it)."""
     produced = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     pending, ordered = list(graph.node), []
@@ -284,7 +205,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
     meta = metadata(cfg, state, encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        _torch_export(encoder, fp32, size, batch, opset, output_name(state))
+        torch_export(encoder, fp32, size, batch, opset, output_name(state))
         if precision == "fp32":
             final = fp32
         else:
@@ -295,24 +216,23 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
         got = ort_features(sess, images[:16])
         report = {"path": str(out), "size_bytes": final.stat().st_size, "precision": precision,
                   **parity(reference, got), "latency_batch": 1 if batch == "dynamic" else int(batch)}
-        report["latency_ms_p50"] = _latency(sess, _batch_of(images, report["latency_batch"]), 20)["p50"]
+        report["latency_ms_p50"] = latency(sess, batch_of(images, report["latency_batch"]), 20)["p50"]
         if precision == "fp32" and (report["max_rel_diff"] > FP32_MAX_ABS or report["min_cosine"] < FP32_MIN_COS):
             raise EdgesslError(f"fp32 export failed its parity check (max abs diff {report['max_abs_diff']:.2e}, "
                                f"{report['max_rel_diff']:.2e} of the feature scale, "
                                f"min cosine {report['min_cosine']:.6f}); nothing written")
         if knn:
             report.update(knn_change(encoder, sess, cfg, size))
-        _install(final, out)  # only a file that passed its check replaces anything
-    _install_text(out.with_suffix(".json"), json.dumps(meta, indent=1))
+        atomic_write(out, final.read_bytes())  # only a file that passed its check replaces anything
+    atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1))
     return report
 
 
 def knn_change(encoder: nn.Module, sess, cfg: Config, size: int) -> dict:
     """kNN top-1 of torch fp32 features and of the exported file's, on the run's held-out split."""
     from edgessl.knn import knn_accuracy
-    from edgessl.train import load_data
 
-    train, val = load_data(cfg)
+    train, val = data_lib.load_split(cfg.data)
     if val is None or train.labels is None or val.labels is None:
         return {}
     acc = {}
@@ -327,22 +247,9 @@ def knn_change(encoder: nn.Module, sess, cfg: Config, size: int) -> dict:
             "knn_change": acc["onnx"] - acc["torch_fp32"]}
 
 
-def _install(src: Path, dst: Path) -> None:
-    """Copy into place atomically (the temp folder may be on another filesystem)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
-
-
-def _install_text(dst: Path, text: str) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, dst)
-
-
-def _torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int, output: str = "features") -> None:
+def torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int, output: str = "features") -> None:
     """The TorchScript-based exporter (dynamo=False): parity <= 8e-6 on these backbones
-    (MEASURED.md), sub-second, and no onnxscript dependency; the dynamo exporter failed
+    (docs/export.md), sub-second, and no onnxscript dependency; the dynamo exporter failed
     on timm's MobileNetV3 with a dynamic batch here."""
     import warnings
 
@@ -353,23 +260,6 @@ def _torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int, 
         torch.onnx.export(encoder, (dummy,), str(path), input_names=["images"], output_names=[output],
                           opset_version=opset, dynamo=False, external_data=False,
                           dynamic_axes=None if fixed else {"images": {0: "batch"}, output: {0: "batch"}})
-
-
-def _batch_of(images: np.ndarray, b: int) -> np.ndarray:
-    return np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])))
-
-
-def _latency(sess, batch: np.ndarray, iters: int, warmup: int = 3) -> dict:
-    name = sess.get_inputs()[0].name
-    for _ in range(warmup):
-        sess.run(None, {name: batch})
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        sess.run(None, {name: batch})
-        times.append((time.perf_counter() - t0) * 1e3)
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
 
 
 def check(model_path: str | Path, against: Optional[str] = None, data: Optional[str] = None,
@@ -395,7 +285,7 @@ def check(model_path: str | Path, against: Optional[str] = None, data: Optional[
     report["latency_ms"], report["images_per_s"] = {}, {}
     for b in sizes:
         x = rng.standard_normal((b, 3, size, size)).astype(np.float32)
-        lat = _latency(sess, x, iters)
+        lat = latency(sess, x, iters)
         report["latency_ms"][str(b)] = lat
         report["images_per_s"][str(b)] = round(b / lat["p50"] * 1e3, 1)
     return report

@@ -27,12 +27,12 @@ def featurizer(source: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], Opt
     if source == "pixels":
         return (lambda x: x.flatten(1).float()), None, "raw pixels"
     if source.startswith("random:"):
-        return _torch_features(source[len("random:"):])
+        return untrained_features(source[len("random:"):])
     path = Path(source)
     if path.suffix == ".onnx":
-        return _onnx_features(path)
+        return onnx_features(path)
     if path.is_dir():
-        return _run_features(path)
+        return run_features(path)
     raise EdgesslError(f"probe source {source!r} is not a run directory, a .onnx file, random:BACKBONE or pixels")
 
 
@@ -40,7 +40,7 @@ def _batched(fn, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat([fn(chunk) for chunk in images.split(batch)])
 
 
-def _torch_features(name: str):
+def untrained_features(name: str):
     from edgessl.backbones import create_backbone
 
     cache: dict = {}
@@ -56,8 +56,8 @@ def _torch_features(name: str):
     return run, None, f"untrained {name}"
 
 
-def _run_features(run_dir: Path):
-    from edgessl.export import load_run
+def run_features(run_dir: Path):
+    from edgessl.runs import load_run
 
     model, cfg, state = load_run(run_dir)
     backbone = model.backbone.eval()
@@ -69,8 +69,8 @@ def _run_features(run_dir: Path):
     return run, state["backbone"]["image_size"], f"run {run_dir} (torch)"
 
 
-def _onnx_features(path: Path):
-    from edgessl.export import ort_features, read_metadata, session
+def onnx_features(path: Path):
+    from edgessl.onnxrt import ort_features, read_metadata, session
 
     meta = read_metadata(path)
     sess = session(path)
@@ -129,7 +129,7 @@ def probe(source: str, train_spec: str, test_spec: str, knn_k: int = 200, linear
     if train.images.shape[-1] != test.images.shape[-1]:
         test = data_lib.load(test_spec, train.images.shape[-1])
     ftr, fte = fn(train.images).float(), fn(test.images).float()
-    if source == "pixels":  # centred by the train mean, as MEASURED.md's floor
+    if source == "pixels":  # centred by the train mean, the floor a run must beat
         mu = ftr.mean(0)
         ftr, fte = ftr - mu, fte - mu
     classes = max(len(train.classes), int(train.labels.max()) + 1, int(test.labels.max()) + 1)

@@ -3,21 +3,19 @@
 `pretrain(cfg, run_dir)` is the library entry point the CLI calls. The loop is short
 on purpose (nanoGPT): everything it needs is built first (and every input checked
 before anything is written), then steps run until the epoch or minute budget ends.
+Where the run is lives in one typed `Position`, stored in every checkpoint.
 """
 from __future__ import annotations
 
-import csv
+import dataclasses
 import inspect
 import math
-import os
-import resource
-import shutil
 import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,64 +25,45 @@ from edgessl import checkpoint, data as data_lib, distributed
 from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
 from edgessl.config import Config, dump_yaml, from_dict, to_dict
+from edgessl.device import autocast, grad_scaler, peak_mem_mb, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
 from edgessl.knn import knn_accuracy
-from edgessl.methods import METHODS
+from edgessl.methods import create_method, loss_parts, method_class
+from edgessl.optim import check_finite, optimizer_step, param_groups, set_lr
+from edgessl.runfiles import RunFiles, check_run_dir
+from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs
 
-METRIC_FIELDS = ["epoch", "step", "loss", "loss_id", "loss_sqrtkl", "lr", "seconds", "images_per_s",
-                 "peak_mem_mb", "knn_top1"]
 BUDGET_KEYS = {("optim", "minutes"), ("data", "storage")}  # what --resume may change: a budget and where images live
-PLAN_AFTER_STEPS = 10  # with a minute budget and no epoch count, the schedule is planned after this
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when torch sees it (under torchrun, the process's LOCAL_RANK device), else CPU."""
-    if name == "auto" or name == "cuda":
-        if torch.cuda.is_available():
-            return torch.device("cuda", distributed.local_rank())
-        if name == "auto":
-            return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EdgesslError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EdgesslError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return device
+def metric_fields(method: str) -> list[str]:
+    """metrics.csv columns: the trainer's, with the method's own loss parts after `loss`."""
+    return ["epoch", "step", "loss", *loss_parts(method), "lr", "seconds", "images_per_s", "peak_mem_mb",
+            "knn_top1"]
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 (or fp16 without bf16) on CUDA; fp32 on CPU, where bf16 autocast ran 2.4x
-    slower than fp32 on this AVX-512-without-AMX machine (MEASURED.md; scripts/bench_precision.py)."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise EdgesslError("precision fp16 needs a CUDA device (GradScaler); use bf16 or fp32 on CPU")
-    return precision
+@dataclass
+class Position:
+    """Where a run is. Stored in every checkpoint as a plain dict; --resume continues from it."""
 
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimizer steps done
+    epoch_step: int = 0  # steps done in the current epoch
+    elapsed: float = 0.0  # training seconds so far, calibration included
+    calib_s: float = 0.0  # seconds of the bank calibration pass
+    perm: Optional[torch.Tensor] = None  # the current epoch's image order (None: not drawn yet)
+    sums: dict = field(default_factory=dict)  # loss (and parts) summed over the current epoch
+    baselines: dict = field(default_factory=dict)  # kNN of raw pixels and of the untrained network
+    planned_epochs: Optional[int] = None  # None: a minute budget not yet planned
+    plan_at: Optional[list] = None  # [step, elapsed] when the budget was first planned
+    skipped_steps: int = 0  # fp16 steps skipped by the GradScaler
+    last_loss: Optional[float] = None
+    last_knn: Optional[float] = None
 
-def autocast(device: torch.device, precision: str):
-    """Mixed precision for the network; the bank, logits and losses are cast to fp32 in the method."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
-    """Linear warm-up then cosine decay to zero: a pure function of the step."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def peak_mem_mb(device: torch.device) -> float:
-    """CUDA: peak allocated tensor memory. CPU: the process's peak resident set (ru_maxrss)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    @classmethod
+    def from_state(cls, stored: dict) -> "Position":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in stored.items() if k in names})
 
 
 @dataclass
@@ -105,24 +84,6 @@ class Setup:
     forward: Optional[torch.nn.Module] = None  # the model, or its DistributedDataParallel wrapper
 
 
-def load_data(cfg: Config) -> tuple[data_lib.ImageData, Optional[data_lib.ImageData]]:
-    if not cfg.data.spec:
-        raise EdgesslError("no training data: give a dataset spec (--data npz:PATH, folder:DIR, ...)")
-    train = data_lib.load(cfg.data.spec, cfg.data.image_size, cfg.data.bad_images, cfg.data.storage)
-    val = None
-    if cfg.data.val_spec:
-        val = data_lib.load(cfg.data.val_spec, train.images.shape[-1], cfg.data.bad_images, cfg.data.storage)
-    elif cfg.data.val_fraction > 0:
-        train, val = data_lib.split(train, cfg.data.val_fraction, cfg.data.split_seed)
-    n = cfg.data.train_subset
-    if n is not None:
-        if not 1 <= n <= len(train):
-            raise EdgesslError(f"data.train_subset {n} is not between 1 and the {len(train)} training images")
-        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(
-            cfg.data.split_seed))[:n].sort().values)
-    return train, val
-
-
 def build(cfg: Config) -> Setup:
     """Everything a run needs, checked before anything is written."""
     device = resolve_device(cfg.run.device)
@@ -132,20 +93,19 @@ def build(cfg: Config) -> Setup:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     resolve_name(cfg.backbone.name)  # a typo fails before the data is decoded
-    train, val = load_data(cfg)
+    train, val = data_lib.load_split(cfg.data)
     if cfg.optim.batch_size * world > len(train):
         raise EdgesslError(f"batch size {cfg.optim.batch_size}{f' x {world} processes' if world > 1 else ''} is "
                            f"larger than the {len(train)} training images")
     size = train.images.shape[-1]
     b = cfg.backbone
     backbone = create_backbone(b.name, size, b.downsample, b.init_weights)
-    model = METHODS[cfg.method.name](backbone, len(train), cfg.method, **method_args(cfg, train)).to(device)
-    forward = model
+    model = create_method(cfg.method.name, backbone, len(train), cfg.method, **method_args(cfg, train)).to(device)
     if cfg.run.sync_bn and world > 1:
         if device.type != "cuda":
             raise EdgesslError("run.sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU kernel")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        forward = model
+    forward = model
     if world > 1:  # gradients averaged over ranks; the bank is kept equal by the method's own collectives
         from torch.nn.parallel import DistributedDataParallel
 
@@ -158,14 +118,14 @@ def build(cfg: Config) -> Setup:
                                           **no_forward_sync)
         torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
     return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
-                 model, make_optimizer(cfg, model), torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                 model, make_optimizer(cfg, model), grad_scaler(device, precision),
                  BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
                  len(train) // (cfg.optim.batch_size * world), rank, world, forward)
 
 
 def method_args(cfg: Config, train: data_lib.ImageData) -> dict:
     """Extra constructor arguments: the class count, for methods that train on labels."""
-    if not getattr(METHODS[cfg.method.name], "needs_labels", False):
+    if not getattr(method_class(cfg.method.name), "needs_labels", False):
         return {}
     if train.labels is None:
         raise EdgesslError(f"--method {cfg.method.name} needs labelled training data")
@@ -174,9 +134,7 @@ def method_args(cfg: Config, train: data_lib.ImageData) -> dict:
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD (released recipe) or AdamW; no weight decay on biases and norm weights."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model, cfg.optim.weight_decay)
     if cfg.optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.optim.lr)
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
@@ -230,73 +188,6 @@ def calibrate(s: Setup) -> None:
         s.model.calibrate_bank(batches())
 
 
-class RunFiles:
-    """metrics.csv (per epoch), steps.csv (per step), config.yaml, checkpoint.pt in one folder."""
-
-    def __init__(self, run_dir: Path, enabled: bool = True):
-        self.dir, self.enabled = run_dir, enabled  # enabled: rank 0 writes, the other ranks do not
-        self.metrics, self.steps, self.ckpt = run_dir / "metrics.csv", run_dir / "steps.csv", run_dir / "checkpoint.pt"
-
-    def start(self, cfg: Config, resume: Optional[dict] = None, skipped: tuple = ()) -> None:
-        if not self.enabled:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(dump_yaml(cfg))
-        if skipped:  # --bad-images skip: what was left out, and why
-            (self.dir / "bad_images.txt").write_text("".join(f"{f}\t{why}\n" for f, why in skipped))
-        if resume is None:
-            _write_csv(self.metrics, METRIC_FIELDS, [])
-            _write_csv(self.steps, ["step", "loss"], [])
-            return
-        # Keep exactly what the checkpoint covers: rows were written before the checkpoint that
-        # follows them, so anything past these counts (even a line cut by a kill) is dropped.
-        for path, keep in ((self.metrics, resume["epoch"] + 1), (self.steps, resume["step"])):
-            header, rows = _read_csv(path)
-            if len(rows) < keep:
-                raise EdgesslError(f"{path} has {len(rows)} rows, fewer than the checkpoint's {keep}")
-            _write_csv(path, header, rows[:keep])
-
-    def add_metrics(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.metrics, "a", newline="") as f:
-            csv.DictWriter(f, METRIC_FIELDS).writerow({k: row.get(k, "") for k in METRIC_FIELDS})
-
-    def add_steps(self, rows: list[tuple[int, float]]) -> None:
-        if not self.enabled:
-            return
-        with open(self.steps, "a") as f:
-            f.writelines(f"{step},{loss!r}\n" for step, loss in rows)
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
-    if not path.exists():
-        return [], []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
-
-
-def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, header or METRIC_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    ckpt = run_dir / "checkpoint.pt"
-    if resume and not ckpt.exists():
-        raise EdgesslError(f"--resume: no checkpoint in {run_dir}")
-    if not resume and ckpt.exists():
-        raise EdgesslError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    parent = run_dir if run_dir.exists() else next(p for p in run_dir.absolute().parents if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise EdgesslError(f"cannot write to {parent}")
-    if shutil.disk_usage(parent).free < 200 * 2**20:
-        raise EdgesslError(f"less than 200 MB free under {parent}")
-
-
 def resume_config(cfg: Config, state: dict) -> None:
     """--resume continues the stored recipe; only the minute budget (and data.storage) may change."""
     stored, given = state["config"], to_dict(cfg)
@@ -320,28 +211,27 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
     s = build(cfg)
     if keep is not None:
         keep["setup"] = s
-    files = RunFiles(run_dir, enabled=s.rank == 0)
+    files = RunFiles(run_dir, metric_fields(cfg.method.name), enabled=s.rank == 0)
     if state is None:
-        baselines = {"knn_pixels": pixels_knn(s), "knn_untrained": monitor(s)}
+        pos = Position(planned_epochs=cfg.optim.epochs,
+                       baselines={"knn_pixels": pixels_knn(s), "knn_untrained": monitor(s)})
         start = time.perf_counter()
         if cfg.method.bank_init == "calibrated" and hasattr(s.model, "calibrate_bank"):
             calibrate(s)
-        calib_s = time.perf_counter() - start
-        pos = {"epoch": 0, "step": 0, "epoch_step": 0, "elapsed": calib_s, "calib_s": calib_s,
-               "perm": None, "sums": {}, "baselines": baselines}
-        files.start(cfg, skipped=s.train.skipped)
-        files.add_metrics({"epoch": 0, "step": 0, "seconds": f"{pos['elapsed']:.2f}",
-                           "knn_top1": _fmt(baselines["knn_untrained"])})
+        pos.elapsed = pos.calib_s = time.perf_counter() - start
+        files.start(dump_yaml(cfg), skipped=s.train.skipped)
+        files.add_metrics({"epoch": 0, "step": 0, "seconds": f"{pos.elapsed:.2f}",
+                           "knn_top1": _fmt(pos.baselines["knn_untrained"])})
     else:
         pos = restore(s, state)
         if s.world > 1:  # the checkpoint holds rank 0's RNG: each rank continues its own stream
-            torch.manual_seed(cfg.run.seed + 1000 * s.rank + pos["step"])
-        files.start(cfg, pos, s.train.skipped)
+            torch.manual_seed(cfg.run.seed + 1000 * s.rank + pos.step)
+        files.start(dump_yaml(cfg), (pos.epoch + 1, pos.step), s.train.skipped)
     if s.rank != 0:
         log = _quiet
-    log(f"edgessl pretrain: {data_lib.describe(s.train)} | {s.model.backbone.timm_name} "
-        f"(output stride {s.model.backbone.output_stride}, {s.model.backbone.feature_dim}-d) | "
-        f"{cfg.method.name} | {s.device} {s.precision}"
+    bb = s.model.backbone
+    log(f"edgessl pretrain: {data_lib.describe(s.train)} | {bb.timm_name} "
+        f"(output stride {bb.output_stride}, {bb.feature_dim}-d) | {cfg.method.name} | {s.device} {s.precision}"
         + (f" | {s.world} processes x batch {cfg.optim.batch_size}" if s.world > 1 else ""))
     with stop_signals() as signalled:
         try:
@@ -371,161 +261,152 @@ def stop_signals():
             signal.signal(sig, handler)
 
 
-def restore(s: Setup, state: dict) -> dict:
+def restore(s: Setup, state: dict) -> Position:
     s.model.load_state_dict(state["model"], strict=True)
     s.optimizer.load_state_dict(state["optimizer"])
     s.scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(state["rng"])
-    return dict(state["position"])
+    return Position.from_state(state["position"])
 
 
 def _quiet(*_) -> None:
     pass
 
 
-def save(s: Setup, files: RunFiles, pos: dict) -> None:
+def save(s: Setup, files: RunFiles, pos: Position) -> None:
     if not files.enabled:
         return
-    checkpoint.save({"config": to_dict(s.cfg), "position": pos, "model": s.model.state_dict(),
+    bb = s.model.backbone
+    checkpoint.save({"config": to_dict(s.cfg), "position": dataclasses.asdict(pos), "model": s.model.state_dict(),
                      "method_args": {"num_samples": len(s.train), **method_args(s.cfg, s.train)},
                      "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
                      "rng": checkpoint.rng_state(), "backbone": {
-                         "timm_name": s.model.backbone.timm_name, "model_args": s.model.backbone.model_args,
-                         "output_stride": s.model.backbone.output_stride,
-                         "feature_dim": s.model.backbone.feature_dim, "image_size": s.image_size}}, files.ckpt)
+                         "timm_name": bb.timm_name, "model_args": bb.model_args, "output_stride": bb.output_stride,
+                         "feature_dim": bb.feature_dim, "image_size": s.image_size}}, files.ckpt)
 
 
 def _fmt(x: Optional[float]) -> str:
     return "" if x is None else f"{x:.2f}"
 
 
-def train_loop(s: Setup, files: RunFiles, pos: dict, progress, stop: Callable[[int], bool], log) -> dict:
-    from tqdm import tqdm
-
-    c, n, bs = s.cfg, len(s.train), s.cfg.optim.batch_size
-    first = s.rank * bs  # this rank's slice of each global batch of bs x world images
-    warmup = int(c.optim.warmup_epochs * s.steps_per_epoch)
-    budget = c.optim.minutes * 60 if c.optim.minutes else None
-    pos.setdefault("planned_epochs", c.optim.epochs)
+def train_loop(s: Setup, files: RunFiles, pos: Position, progress, stop: Callable[[int], bool], log) -> dict:
+    """Epochs until the planned count, or until the first epoch end past the minute budget
+    (so at least one epoch always runs); a stop request checkpoints at a step boundary."""
+    budget = s.cfg.optim.minutes * 60 if s.cfg.optim.minutes else None
     show = (sys.stderr.isatty() if progress is None else progress) and s.rank == 0
     s.model.train()
-    # a budget ends at the first epoch boundary after it, so at least one epoch always runs
-    while (pos["planned_epochs"] is None or pos["epoch"] < pos["planned_epochs"]) and not (
-            budget and distributed.any_rank(pos["elapsed"] >= budget, s.device) and pos["epoch_step"] == 0
-            and pos["epoch"] > 0):
-        if pos["perm"] is None:  # seeded by (seed, epoch): the same order on every rank
-            pos["perm"] = torch.randperm(n, generator=torch.Generator().manual_seed(c.run.seed * 100_003 + pos["epoch"]))
-        t0, t_epoch, done, step_log = time.perf_counter(), time.perf_counter(), 0, []
-        bar = tqdm(total=s.steps_per_epoch, initial=pos["epoch_step"], disable=not show, leave=False,
-                   desc=f"epoch {pos['epoch'] + 1}/{pos['planned_epochs'] or '?'}", file=sys.stderr)
-        while pos["epoch_step"] < s.steps_per_epoch:
-            if pos["planned_epochs"] is None and pos["step"] == PLAN_AFTER_STEPS:
-                pos["planned_epochs"] = int(distributed.from_rank0(plan_epochs(
-                    budget - pos["calib_s"], pos["elapsed"] - pos["calib_s"] + time.perf_counter() - t0,
-                    pos["step"], s.steps_per_epoch), s.device))
-                pos["plan_at"] = [pos["step"], pos["elapsed"] + time.perf_counter() - t0]
-            total = (pos["planned_epochs"] or 10**9) * s.steps_per_epoch
-            start = pos["epoch_step"] * bs * s.world + first
-            idx = pos["perm"][start:start + bs].to(s.device)
-            out = train_step(s, idx, lr_at(pos["step"], total, warmup, c.optim.lr), pos["step"], total)
-            loss = out["loss"].item()
-            for k, v in [("loss", loss)] + [(k, v.item()) for k, v in out["parts"].items()]:
-                pos["sums"][k] = pos["sums"].get(k, 0.0) + v
-            step_log.append((pos["step"], loss))
-            pos["skipped_steps"] = pos.get("skipped_steps", 0) + int(out["skipped"])
-            pos["step"] += 1
-            pos["epoch_step"] += 1
-            done += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss:.3f}")
-            every, minutes = c.run.checkpoint_every_steps, c.run.checkpoint_every_minutes
-            stopping = distributed.any_rank(stop(pos["step"]), s.device) if s.world > 1 else stop(pos["step"])
-            due = every and pos["step"] % every == 0 or minutes and time.perf_counter() - t0 >= minutes * 60
-            if pos["epoch_step"] < s.steps_per_epoch and (stopping or due):
-                pos["elapsed"] += time.perf_counter() - t0
-                files.add_steps(step_log)
-                save(s, files, pos)
-                t0, step_log = time.perf_counter(), []
-                if stopping:
-                    bar.close()
-                    return summary(s, files, pos, log, stopped=True)
-        bar.close()
-        pos["elapsed"] += time.perf_counter() - t0
-        plan_step, plan_s = pos.get("plan_at") or (None, None)
-        if budget and plan_step is not None and pos["step"] - plan_step >= PLAN_AFTER_STEPS:
-            # the first steps run slower (allocations, kernel selection): re-fit the cosine to the
-            # speed of the steps since the plan, so a run fills its budget instead of ending early
-            step_s = (pos["elapsed"] - plan_s) / (pos["step"] - plan_step)
-            pos["planned_epochs"] = int(distributed.from_rank0(replan_epochs(
-                budget, pos["elapsed"], step_s, pos["epoch"] + 1, s.steps_per_epoch), s.device))
-        last = pos["epoch"] + 1 == pos["planned_epochs"] or bool(
-            budget and distributed.any_rank(pos["elapsed"] >= budget, s.device))
-        end_epoch(s, files, pos, s.optimizer.param_groups[0]["lr"], step_log,
-                  done * bs / max(time.perf_counter() - t_epoch, 1e-9), last)
-        if distributed.any_rank(stop(pos["step"]), s.device) if s.world > 1 else stop(pos["step"]):
+    while (pos.planned_epochs is None or pos.epoch < pos.planned_epochs) and not (
+            budget and distributed.any_rank(pos.elapsed >= budget, s.device) and pos.epoch_step == 0
+            and pos.epoch > 0):
+        if run_epoch(s, files, pos, show, stop, budget) or distributed.any_rank(stop(pos.step), s.device):
             return summary(s, files, pos, log, stopped=True)
     return summary(s, files, pos, log)
 
 
-def plan_epochs(budget_s: float, elapsed_s: float, steps: int, steps_per_epoch: int) -> int:
-    """Epochs that fill a minute budget, from the speed of the first steps (the cosine ends there)."""
-    return max(1, math.ceil(budget_s / (elapsed_s / steps * steps_per_epoch)))
+def run_epoch(s: Setup, files: RunFiles, pos: Position, show: bool, stop, budget: Optional[float]) -> bool:
+    """The rest of the current epoch; True when a stop request ended it early (checkpointed)."""
+    from tqdm import tqdm
+
+    c, bs = s.cfg, s.cfg.optim.batch_size
+    warmup = int(c.optim.warmup_epochs * s.steps_per_epoch)
+    if pos.perm is None:  # seeded by (seed, epoch): the same order on every rank
+        pos.perm = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(
+            c.run.seed * 100_003 + pos.epoch))
+    t0 = t_epoch = time.perf_counter()
+    done, step_log = 0, []
+    bar = tqdm(total=s.steps_per_epoch, initial=pos.epoch_step, disable=not show, leave=False,
+               desc=f"epoch {pos.epoch + 1}/{pos.planned_epochs or '?'}", file=sys.stderr)
+    while pos.epoch_step < s.steps_per_epoch:
+        if pos.planned_epochs is None and pos.step == PLAN_AFTER_STEPS:
+            first_plan(s, pos, budget, time.perf_counter() - t0)
+        total = (pos.planned_epochs or 10**9) * s.steps_per_epoch
+        start = pos.epoch_step * bs * s.world + s.rank * bs  # this rank's slice of the global batch
+        idx = pos.perm[start:start + bs].to(s.device)
+        out = train_step(s, idx, lr_at(pos.step, total, warmup, c.optim.lr), pos.step, total)
+        loss = out["loss"].item()
+        for k, v in [("loss", loss)] + [(k, v.item()) for k, v in out["parts"].items()]:
+            pos.sums[k] = pos.sums.get(k, 0.0) + v
+        step_log.append((pos.step, loss))
+        pos.skipped_steps += int(out["skipped"])
+        pos.step, pos.epoch_step, done = pos.step + 1, pos.epoch_step + 1, done + 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.3f}")
+        stopping = distributed.any_rank(stop(pos.step), s.device)
+        every, minutes = c.run.checkpoint_every_steps, c.run.checkpoint_every_minutes
+        due = every and pos.step % every == 0 or minutes and time.perf_counter() - t0 >= minutes * 60
+        if pos.epoch_step < s.steps_per_epoch and (stopping or due):
+            pos.elapsed += time.perf_counter() - t0
+            files.add_steps(step_log)
+            save(s, files, pos)
+            t0, step_log = time.perf_counter(), []
+            if stopping:
+                bar.close()
+                return True
+    bar.close()
+    pos.elapsed += time.perf_counter() - t0
+    replan(s, pos, budget)
+    last = pos.epoch + 1 == pos.planned_epochs or bool(
+        budget and distributed.any_rank(pos.elapsed >= budget, s.device))
+    end_epoch(s, files, pos, s.optimizer.param_groups[0]["lr"], step_log,
+              done * bs / max(time.perf_counter() - t_epoch, 1e-9), last)
+    return False
 
 
-def replan_epochs(budget_s: float, elapsed_s: float, step_s: float, epochs_done: int, steps_per_epoch: int) -> int:
-    """At an epoch end: the epochs done plus those that fit in what is left of the budget at
-    step_s seconds a step (the last one ends past the budget, as the first plan's does)."""
-    left = budget_s - elapsed_s
-    return epochs_done if left <= 0 else epochs_done + math.ceil(left / (step_s * steps_per_epoch))
+def first_plan(s: Setup, pos: Position, budget: float, epoch_s: float) -> None:
+    """A minute budget's first plan, from the speed of the first steps (calibration excluded)."""
+    pos.planned_epochs = int(distributed.from_rank0(plan_epochs(
+        budget - pos.calib_s, pos.elapsed - pos.calib_s + epoch_s, pos.step, s.steps_per_epoch), s.device))
+    pos.plan_at = [pos.step, pos.elapsed + epoch_s]
+
+
+def replan(s: Setup, pos: Position, budget: Optional[float]) -> None:
+    """The first steps run slower (allocations, kernel selection): at an epoch end, re-fit the
+    cosine to the speed of the steps since the plan, so a run fills its budget instead of ending early."""
+    plan_step, plan_s = pos.plan_at or (None, None)
+    if budget and plan_step is not None and pos.step - plan_step >= PLAN_AFTER_STEPS:
+        step_s = (pos.elapsed - plan_s) / (pos.step - plan_step)
+        pos.planned_epochs = int(distributed.from_rank0(replan_epochs(
+            budget, pos.elapsed, step_s, pos.epoch + 1, s.steps_per_epoch), s.device))
 
 
 def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1) -> dict:
-    for g in s.optimizer.param_groups:
-        g["lr"] = lr
+    """One augmented batch forward, backward, optimizer step, then the method's no-grad update."""
+    set_lr(s.optimizer, lr)
     raw = s.train.images[idx]
     images = torch.cat([s.augment(raw) for _ in range(s.model.num_views)])  # (views * B, 3, S, S)
     labels = s.train.labels[idx] if s.train.labels is not None else None
     with autocast(s.device, s.precision):
         out = (s.forward or s.model)(images, idx, labels)
-    if distributed.any_rank(not bool(torch.isfinite(out["loss"])), s.device):
-        raise EdgesslError(f"loss is {out['loss'].item()} at step {step}"
-                           f"{f' on rank {s.rank} or another' if s.world > 1 else ''}: stopped before the weights "
-                           "or the bank took it in; the last checkpoint is kept")
-    s.optimizer.zero_grad(set_to_none=True)
-    s.scaler.scale(out["loss"]).backward()
-    scale = s.scaler.get_scale() if s.scaler.is_enabled() else 1.0
-    s.scaler.step(s.optimizer)
-    s.scaler.update()
-    # fp16: a lowered scale means inf/NaN gradients and a skipped optimizer step (not fatal, counted)
-    out["skipped"] = s.scaler.is_enabled() and s.scaler.get_scale() < scale
+    check_finite(out["loss"], step, s.device)
+    out["skipped"] = optimizer_step(out["loss"], s.optimizer, s.scaler)
     s.model.update(out, min(1.0, (step + 1) / total))
     return out
 
 
-def end_epoch(s: Setup, files: RunFiles, pos: dict, lr: float, step_log: list, images_per_s: float,
+def end_epoch(s: Setup, files: RunFiles, pos: Position, lr: float, step_log: list, images_per_s: float,
               last: bool) -> None:
     c, steps = s.cfg, s.steps_per_epoch
-    pos["epoch"] += 1
-    knn = monitor(s) if c.run.monitor_every and (pos["epoch"] % c.run.monitor_every == 0 or last) else None
-    sums = pos["sums"]
+    pos.epoch += 1
+    knn = monitor(s) if c.run.monitor_every and (pos.epoch % c.run.monitor_every == 0 or last) else None
     files.add_steps(step_log)
-    files.add_metrics({"epoch": pos["epoch"], "step": pos["step"], "lr": f"{lr:.6g}",
-                       **{k: f"{v / steps:.6f}" for k, v in sums.items()},
-                       "seconds": f"{pos['elapsed']:.2f}", "images_per_s": f"{images_per_s:.1f}",
+    files.add_metrics({"epoch": pos.epoch, "step": pos.step, "lr": f"{lr:.6g}",
+                       **{k: f"{v / steps:.6f}" for k, v in pos.sums.items()},
+                       "seconds": f"{pos.elapsed:.2f}", "images_per_s": f"{images_per_s:.1f}",
                        "peak_mem_mb": f"{peak_mem_mb(s.device):.0f}", "knn_top1": _fmt(knn)})
-    pos.update(perm=None, epoch_step=0, sums={}, last_loss=sums.get("loss", 0.0) / steps, last_knn=knn)
+    pos.last_loss, pos.last_knn = pos.sums.get("loss", 0.0) / steps, knn
+    pos.perm, pos.epoch_step, pos.sums = None, 0, {}
     save(s, files, pos)
 
 
-def summary(s: Setup, files: RunFiles, pos: dict, log, stopped: bool = False) -> dict:
+def summary(s: Setup, files: RunFiles, pos: Position, log, stopped: bool = False) -> dict:
     c = s.cfg
-    images = pos["step"] * c.optim.batch_size * s.world
+    images = pos.step * c.optim.batch_size * s.world
     out = {"run_dir": str(files.dir), "method": c.method.name, "backbone": s.model.backbone.timm_name,
-           "device": str(s.device), "precision": s.precision, "epochs": pos["epoch"], "steps": pos["step"],
-           "seconds": round(pos["elapsed"], 2), "images_per_s": round(images / max(pos["elapsed"], 1e-9), 1),
-           "peak_mem_mb": round(peak_mem_mb(s.device)), "final_loss": pos.get("last_loss"),
-           "knn_top1": pos.get("last_knn"), **pos["baselines"], "stopped_early": stopped,
-           "skipped_steps": pos.get("skipped_steps", 0)}
+           "device": str(s.device), "precision": s.precision, "epochs": pos.epoch, "steps": pos.step,
+           "seconds": round(pos.elapsed, 2), "images_per_s": round(images / max(pos.elapsed, 1e-9), 1),
+           "peak_mem_mb": round(peak_mem_mb(s.device)), "final_loss": pos.last_loss,
+           "knn_top1": pos.last_knn, **pos.baselines, "stopped_early": stopped,
+           "skipped_steps": pos.skipped_steps}
     lines = [f"run        {out['run_dir']}",
              f"trained    {out['epochs']} epochs, {out['steps']} steps in {out['seconds']:.0f} s "
              f"({out['images_per_s']:.0f} images/s, peak memory {out['peak_mem_mb']} MB)",
@@ -536,7 +417,7 @@ def summary(s: Setup, files: RunFiles, pos: dict, log, stopped: bool = False) ->
                      f"{len(s.val)} images)")
     lines.append(f"files      {files.dir}/{{config.yaml, metrics.csv, steps.csv, checkpoint.pt}}")
     if stopped:
-        lines.append(f"stopped    at step {pos['step']}, checkpoint saved: --resume continues the run")
+        lines.append(f"stopped    at step {pos.step}, checkpoint saved: --resume continues the run")
     log("\n".join(lines))
     return out
 

@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 import statistics
-import sys
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from edgessl import config as config_lib  # noqa: E402
-from edgessl.methods import PRESETS  # noqa: E402
-from edgessl.train import load_data, pretrain  # noqa: E402
+from benchlib import REPO, load_results, markdown, mean_sd, save_results
+from edgessl import config as config_lib
+from edgessl.data import load_split
+from edgessl.methods import PRESETS
+from edgessl.train import pretrain
 
 SPEC_KEYS = {"data", "val_fraction", "split_seed", "budget", "quick_budget", "monitor_every", "linear", "methods",
              "backbones", "seeds", "train_sizes", "overrides"}
@@ -88,10 +85,10 @@ def curve(run_dir: Path) -> list[list[float]]:
 
 
 def linear_top1(cfg: config_lib.Config, run_dir: Path) -> float:
-    from edgessl.probe import _run_features, linear_probe
+    from edgessl.probe import run_features, linear_probe
 
-    train, val = load_data(cfg)
-    feats, _, _ = _run_features(run_dir)
+    train, val = load_split(cfg.data)
+    feats, _, _ = run_features(run_dir)
     return linear_probe(feats(train.images), train.labels, feats(val.images), val.labels, len(train.classes))[0]
 
 
@@ -151,15 +148,6 @@ def plots(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-def ms(vals, digits=2, sign="") -> str:
-    """'mean ± sample standard deviation' of the values that are not None ('-' if none)."""
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "-"
-    spread = f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""
-    return f"{statistics.mean(vals):{sign}.{digits}f}{spread}"
-
-
 def chain_table(results: dict, chain: list[str]) -> str:
     """Markdown for an ablation: each method key in turn, its kNN over seeds, and its change
     from the row before, paired by seed (same seed: same initial weights and data order).
@@ -173,8 +161,9 @@ def chain_table(results: dict, chain: list[str]) -> str:
     if missing:
         raise SystemExit(f"error: no results for {missing} (have: {sorted(have)})")
     label = len(groups) > 1
-    lines = [("| backbone | train images " if label else "") + "| step | seeds | kNN top-1 | change from the row "
-             "above (paired by seed) |", ("| --- | ---: " if label else "") + "| --- | ---: | --- | --- |"]
+    header = (["backbone", "train images"] if label else []) + ["step", "seeds", "kNN top-1",
+                                                                 "change from the row above (paired by seed)"]
+    rows = []
     for (backbone, size), by_key in groups.items():
         steps = [k for k in chain if k in by_key]
         for i, key in enumerate(steps):
@@ -182,10 +171,9 @@ def chain_table(results: dict, chain: list[str]) -> str:
             change = "-"
             if i:
                 before = by_key[steps[i - 1]]
-                change = ms([runs[s] - before[s] for s in sorted(set(runs) & set(before))], sign="+")
-            lines.append((f"| {backbone} | {size} " if label else "") +
-                         f"| {key} | {len(runs)} | {ms(list(runs.values()))} | {change} |")
-    return "\n".join(lines)
+                change = mean_sd([runs[s] - before[s] for s in sorted(set(runs) & set(before))], sign="+")
+            rows.append(([backbone, size] if label else []) + [key, len(runs), mean_sd(list(runs.values())), change])
+    return markdown(header, rows, ("lr" if label else "") + "lrll")
 
 
 def table(results: dict) -> str:
@@ -196,9 +184,9 @@ def table(results: dict) -> str:
     lines = ["| method | backbone | train images | seeds | epochs | kNN top-1 | linear top-1 | raw pixels kNN | "
              "untrained kNN | images/s | peak MB |", "| --- | --- | --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: |"]
     for (m, b, n), rs in groups.items():
-        lines.append(f"| {m} | {b} | {n} | {len(rs)} | {ms([r['epochs'] for r in rs], 0)} | "
-                     f"{ms([r['knn_top1'] for r in rs])} | {ms([r.get('linear_top1') for r in rs])} | "
-                     f"{ms([r['knn_pixels'] for r in rs])} | {ms([r['knn_untrained'] for r in rs])} | "
+        lines.append(f"| {m} | {b} | {n} | {len(rs)} | {mean_sd([r['epochs'] for r in rs], 0)} | "
+                     f"{mean_sd([r['knn_top1'] for r in rs])} | {mean_sd([r.get('linear_top1') for r in rs])} | "
+                     f"{mean_sd([r['knn_pixels'] for r in rs])} | {mean_sd([r['knn_untrained'] for r in rs])} | "
                      f"{statistics.mean(r['images_per_s'] for r in rs):.0f} | "
                      f"{max(r['peak_mem_mb'] for r in rs):.0f} |")
     return "\n".join(lines)
@@ -217,7 +205,7 @@ def main() -> None:
     spec = load_spec(args.spec)
     out = args.out or REPO / "runs" / "bench" / (args.spec.stem + ("-quick" if args.quick else ""))
     if args.table:
-        results = json.loads((out / "results.json").read_text())
+        results = load_results(out / "results.json")
         print(chain_table(results, args.chain.split(",")) if args.chain else table(results))
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +216,7 @@ def main() -> None:
     if args.quick:
         backbones, seeds, sizes = backbones[:1], seeds[:1], sizes[:1]
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results = load_results(results_path)
     # an entry may name its own seeds (a one-seed sweep beside a three-seed ablation)
     entry_seeds = {k: (e or {}).get("seeds", seeds) for k, e in spec["methods"].items()}
     if not args.quick:
@@ -251,7 +239,7 @@ def main() -> None:
         if record is None:  # SIGINT / SIGTERM: checkpointed; running the script again resumes it
             raise SystemExit(f"stopped during {key}; run again to resume it")
         results[key] = record
-        results_path.write_text(json.dumps(results, indent=1))
+        save_results(results_path, results)
         r = results[key]
         print(f"{key:48s} kNN {r['knn_top1']:.2f} (pixels {r['knn_pixels']:.2f}, untrained {r['knn_untrained']:.2f}) "
               f"{r['epochs']} ep {r['seconds']:.0f} s {r['images_per_s']:.0f} img/s {r['peak_mem_mb']:.0f} MB",

@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_export.py --runs RUN_DIR [RUN_DIR ...] --out runs/bench_export_trained.json
 
 For each backbone and input size it makes a run (one training step on the shared CIFAR-10
-file, 20% held out: the weights are near their initialisation, as MEASURED.md's were),
+file, 20% held out: the weights are near their initialisation),
 exports it at each precision, and measures through onnxruntime on one thread: p50 latency at
 batch 1 and 32, speed-up over fp32 from the same process, parity with torch, and kNN top-1
 on the held-out split. Writes JSON and a Markdown table next to it. `--runs` measures trained
@@ -20,11 +20,12 @@ from pathlib import Path
 
 import onnxruntime
 
+from benchlib import SHARED_CIFAR, markdown
 from edgessl.config import from_dict
-from edgessl.export import check, export_onnx, load_run
+from edgessl.export import check, export_onnx
+from edgessl.runs import load_run
 from edgessl.train import config_from_checkpoint, pretrain
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k-train.npz"
 MODELS = [("mobilenetv3_small_100", 32), ("mobilenetv3-relu", 32), ("resnet18", 32), ("mobilenetv4_conv_small", 32),
           ("mobilenetv3_small_100", 224)]
 
@@ -54,22 +55,22 @@ def bench_model(run: Path, name: str, size: int, work: Path, threads: int, iters
     return rows
 
 
-def markdown(results: dict) -> str:
-    lines = ["| backbone | px | precision | MB | p50 b1 ms | p50 b32 ms | speed-up b1 / b32 | min cosine | kNN top-1 |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for key, rows in results.items():
+def table(results: dict) -> str:
+    rows = []
+    for key, by_precision in results.items():
         name, size = key.rsplit("@", 1)
-        for p, r in rows.items():
+        for p, r in by_precision.items():
             sp = f"{r['speedup']['1']}x / {r['speedup']['32']}x" if "speedup" in r else "1x"
             knn = "" if r["knn_top1"] is None else round(r["knn_top1"], 2)
-            lines.append(f"| {name} | {size} | {p} | {r['size_mb']} | {r['p50_ms']['1']} | {r['p50_ms']['32']} | "
-                         f"{sp} | {r['min_cosine']:.4f} | {knn} |")
-    return "\n".join(lines)
+            rows.append([name, size, p, r["size_mb"], r["p50_ms"]["1"], r["p50_ms"]["32"], sp,
+                         f"{r['min_cosine']:.4f}", knn])
+    return markdown(["backbone", "px", "precision", "MB", "p50 b1 ms", "p50 b32 ms", "speed-up b1 / b32",
+                     "min cosine", "kNN top-1"], rows, "lrlrrrrrr")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=f"npz:{SHARED}")
+    ap.add_argument("--data", default=f"npz:{SHARED_CIFAR}")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--only", nargs="*", help="substrings of backbone names to run")
@@ -92,8 +93,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "onnxruntime": onnxruntime.__version__,
                                "threads": args.threads, "results": results}, indent=1))
-    out.with_suffix(".md").write_text(markdown(results) + "\n")
-    print(markdown(results))
+    out.with_suffix(".md").write_text(table(results) + "\n")
+    print(table(results))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k-train.npz"
+from benchlib import SHARED_CIFAR
+
 METHODS = ["supervised", "memdistill", "npid", "simclr", "byol"]
 
 
@@ -35,7 +36,8 @@ def measure_one(method: str, batch: int, data: str, steps: int, image_size: int 
 
     from edgessl.config import from_dict
     from edgessl.methods import PRESETS
-    from edgessl.train import build, peak_mem_mb, train_step
+    from edgessl.device import peak_mem_mb
+    from edgessl.train import build, train_step
 
     s = build(from_dict({"method": {"name": method, **PRESETS[method]},
                          "data": {"spec": data, "image_size": image_size},
@@ -64,7 +66,7 @@ def measure_one(method: str, batch: int, data: str, steps: int, image_size: int 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=f"npz:{SHARED}")
+    ap.add_argument("--data", default=f"npz:{SHARED_CIFAR}")
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--batch-sizes", default="64,256")
     ap.add_argument("--image-size", type=int, default=None, help="resize the data (default: its own size)")

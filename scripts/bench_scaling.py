@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "cifar10-5k-train.npz"
+from benchlib import REPO, SHARED_CIFAR, markdown
+
 
 
 def make_folder(root: Path, n: int, size: int) -> None:
@@ -69,7 +69,8 @@ def child(args) -> dict:
     import torch
 
     from edgessl.config import from_dict
-    from edgessl.train import build, peak_mem_mb, train_step
+    from edgessl.device import peak_mem_mb
+    from edgessl.train import build, train_step
 
     torch.set_num_threads(args.threads)
     cfg = from_dict({"data": {"spec": f"folder:{args.dir}", "image_size": args.size, "storage": args.storage},
@@ -118,7 +119,7 @@ def run_child(args, what: str, storage: str, cold: bool, batches: int, env: dict
 
 def ddp_rows(args, work: Path) -> list[dict]:
     rows = []
-    common = ["--data", f"npz:{SHARED}", "--epochs", str(args.ddp_epochs), "--json"]
+    common = ["--data", f"npz:{SHARED_CIFAR}", "--epochs", str(args.ddp_epochs), "--json"]
     bin_dir = Path(sys.executable).parent
     for procs, batch in ((1, 64), (2, 32)):
         out = work / f"ddp{procs}"
@@ -144,19 +145,16 @@ def ddp_rows(args, work: Path) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = [f"| measurement ({result['images']} images, {result['size']} px, batch 64) | images/s | peak RSS MB "
-             "| anonymous MB at the end | file-backed MB at the end |", "| --- | ---: | ---: | ---: | ---: |"]
-    for r in result["storage"]:
-        name = f"{'load + augment' if r['what'] == 'load' else 'train step'}, {r['storage']}{' (cold page cache)' if r['cold'] else ''}"
-        lines.append(f"| {name} | {r['images_per_s']:.0f} | {r['peak_rss_mb']} | {r.get('rssanon_mb', '-')} "
-                     f"| {r.get('rssfile_mb', '-')} |")
-    lines += ["", "| edgessl pretrain, shared CIFAR-10, 32 px | global batch | images/s | vs 1 process |",
-              "| --- | ---: | ---: | ---: |"]
+    storage = [[f"{'load + augment' if r['what'] == 'load' else 'train step'}, {r['storage']}"
+                f"{' (cold page cache)' if r['cold'] else ''}", f"{r['images_per_s']:.0f}", r["peak_rss_mb"],
+                r.get("rssanon_mb", "-"), r.get("rssfile_mb", "-")] for r in result["storage"]]
     base = result["ddp"][0]["images_per_s"] if result["ddp"] else None
-    for r in result["ddp"]:
-        lines.append(f"| {r['processes']} process(es) x {r['threads_per_process']} thread(s), batch {r['batch_per_process']} "
-                     f"each | {r['global_batch']} | {r['images_per_s']:.0f} | {r['images_per_s'] / base:.2f}x |")
-    return "\n".join(lines)
+    ddp = [[f"{r['processes']} process(es) x {r['threads_per_process']} thread(s), batch {r['batch_per_process']} each",
+            r["global_batch"], f"{r['images_per_s']:.0f}", f"{r['images_per_s'] / base:.2f}x"] for r in result["ddp"]]
+    return (markdown([f"measurement ({result['images']} images, {result['size']} px, batch 64)", "images/s",
+                      "peak RSS MB", "anonymous MB at the end", "file-backed MB at the end"], storage, "lrrrr")
+            + "\n\n" + markdown(["edgessl pretrain, shared CIFAR-10, 32 px", "global batch", "images/s",
+                                   "vs 1 process"], ddp, "lrrr"))
 
 
 def main() -> None:

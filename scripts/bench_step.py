@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from benchlib import SHARED_CIFAR
 from edgessl.config import from_dict
 from edgessl.train import build, train_step
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k-train.npz"
 
 VARIANTS = {
     "mobilenetv3 os16 fp32 (default)": {},
@@ -72,7 +72,7 @@ def time_variant(overrides: dict, data: str, steps: int, batch: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=f"npz:{SHARED}")
+    ap.add_argument("--data", default=f"npz:{SHARED_CIFAR}")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--only", nargs="*", help="substrings of variant names to run")

@@ -11,7 +11,6 @@ was seen in pretraining. Resumable: a (fraction, init, seed) already in the JSON
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import tempfile
@@ -19,13 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
+from benchlib import load_results, markdown, mean_sd, save_results
+from edgessl.config import FinetuneConfig
 from edgessl.finetune import finetune
-from edgessl.train import config_from_checkpoint, load_data
+from edgessl.data import load_split
+from edgessl.train import config_from_checkpoint
 
 
 def run_split_specs(run_dir: str, folder: Path) -> tuple[str, str]:
     """The run's train split and hold-out written as npz files: (train spec, test spec)."""
-    train, val = load_data(config_from_checkpoint(run_dir))
+    train, val = load_split(config_from_checkpoint(run_dir).data)
     if val is None or train.labels is None:
         raise SystemExit(f"error: {run_dir} has no labelled held-out split; give --train and --test")
     specs = []
@@ -65,20 +67,19 @@ def table(results: dict) -> str:
         a = [r["test_top1"] for r in results.values() if r["fraction"] == fraction and r["init"] == init]
         if not a:
             return None, "-"
-        m = statistics.mean(a)
-        return m, f"{m:.2f} ± {statistics.stdev(a):.2f}" if len(a) > 1 else f"{m:.2f}"
+        return statistics.mean(a), mean_sd(a)
 
-    lines = ["| labels | labelled images | steps | pretrained | from scratch | gain | seeds |",
-             "| ---: | ---: | ---: | --- | --- | ---: | ---: |"]
+    rows = []
     for fraction in sorted({r["fraction"] for r in results.values()}):
         any_r = next(r for r in results.values() if r["fraction"] == fraction)
-        n, bs = any_r["n_labelled"], inspect.signature(finetune).parameters["batch_size"].default
+        n, bs = any_r["n_labelled"], FinetuneConfig().batch_size
         steps = any_r["epochs"] * max(1, n // min(bs, n))
         (mp, p), (mr, r) = cell(fraction, "pretrained"), cell(fraction, "random")
         gain = f"{mp - mr:+.2f}" if mp is not None and mr is not None else "-"
         seeds = sum(1 for x in results.values() if x["fraction"] == fraction and x["init"] == "pretrained")
-        lines.append(f"| {100 * fraction:g}% | {any_r['n_labelled']} | {steps} | {p} | {r} | {gain} | {seeds} |")
-    return "\n".join(lines)
+        rows.append([f"{100 * fraction:g}%", any_r["n_labelled"], steps, p, r, gain, seeds])
+    return markdown(["labels", "labelled images", "steps", "pretrained", "from scratch", "gain", "seeds"], rows,
+                    "rrrllrr")
 
 
 def main() -> None:
@@ -98,7 +99,7 @@ def main() -> None:
     if not args.run_dir:
         ap.error("RUN_DIR is required (or --table JSON)")
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
+    results = load_results(out)
     with tempfile.TemporaryDirectory() as tmp:
         if not (args.train and args.test):
             args.train, args.test = run_split_specs(args.run_dir, Path(tmp))
@@ -112,8 +113,7 @@ def main() -> None:
                                  label_fraction=fraction, epochs=args.epochs, seed=seed, init=init,
                                  log=lambda *_: None)
                     results[key] = {**r, "fraction": fraction}
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(json.dumps(results, indent=1))
+                    save_results(out, results)
                     print(f"{key:22s} test top-1 {r['test_top1']:.2f} % ({r['n_labelled']} labels)", flush=True)
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

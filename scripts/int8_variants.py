@@ -25,8 +25,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from edgessl.export import (Encoder, _batch_of, _latency, _topological_sort, _torch_export, load_run, ort_features,
-                            parity, rewrite_hard_activations, run_images, session)
+from edgessl.export import Encoder, rewrite_hard_activations, run_images, topological_sort, torch_export
+from edgessl.onnxrt import batch_of, latency, ort_features, parity, session
+from edgessl.runs import load_run
 
 U8, S8 = QuantType.QUInt8, QuantType.QInt8
 VARIANTS = {
@@ -106,7 +107,7 @@ def lut_activations(src: Path, dst: Path) -> int:
     kept = [n for n in g.node if id(n) not in drop] + new
     del g.node[:]
     g.node.extend(kept)
-    _topological_sort(g)
+    topological_sort(g)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
     return count
@@ -127,15 +128,15 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        _torch_export(encoder, d / "fp32.onnx", size, "dynamic", 18)
-        base = {b: _latency(session(d / "fp32.onnx", args.threads), _batch_of(images, b), 40)["p50"] for b in (1, 32)}
+        torch_export(encoder, d / "fp32.onnx", size, "dynamic", 18)
+        base = {b: latency(session(d / "fp32.onnx", args.threads), batch_of(images, b), 40)["p50"] for b in (1, 32)}
         rows["fp32"] = {"p50_ms": base}
         quant_pre_process(str(d / "fp32.onnx"), str(d / "pre_stock.onnx"), skip_symbolic_shape=True)
         default = VARIANTS["qdq u8s8 per-channel reduce_range (default)"]
         quantize_static(str(d / "pre_stock.onnx"), str(d / "stock.onnx"), Reader(images), **default)
         replaced = lut_activations(d / "stock.onnx", d / "lut.onnx")
         rewrite_hard_activations(encoder)
-        _torch_export(encoder, d / "rewritten.onnx", size, "dynamic", 18)
+        torch_export(encoder, d / "rewritten.onnx", size, "dynamic", 18)
         quant_pre_process(str(d / "rewritten.onnx"), str(d / "pre.onnx"), skip_symbolic_shape=True)
 
         def quantised():
@@ -147,7 +148,7 @@ def main() -> None:
 
         for name, path in quantised():
             sess = session(path, args.threads)
-            lat = {b: _latency(sess, _batch_of(images, b), 40)["p50"] for b in (1, 32)}
+            lat = {b: latency(sess, batch_of(images, b), 40)["p50"] for b in (1, 32)}
             rows[name] = {"p50_ms": lat, "speedup": {b: round(base[b] / lat[b], 2) for b in lat},
                           "min_cosine": parity(reference, ort_features(sess, images[:64]))["min_cosine"]}
             print(f"{name:45s} b1 {rows[name]['speedup'][1]:.2f}x  b32 {rows[name]['speedup'][32]:.2f}x  "

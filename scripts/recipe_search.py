@@ -11,14 +11,13 @@ different --split-seed and fresh seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
+from benchlib import SHARED_CIFAR, load_results, markdown, save_results
 from edgessl.config import from_dict, load_yaml
 from edgessl.train import pretrain
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k-train.npz"
 NPID = {"bank_init": "random", "sqrtkl_weight": 0.0, "cutmix_prob": 0.0}
 PLAIN = {"sqrtkl_weight": 0.0, "cutmix_prob": 0.0}  # calibrated init, no SqrtKL, no CutMix
 LIN = {**PLAIN, "temperature": 0.1, "bank_update": "grad", "head_dims": [128]}  # linear head (NPID's), grad
@@ -101,8 +100,7 @@ def run_variant(name: str, overrides: dict, args, work: Path) -> dict:
 
 def table(results: dict) -> str:
     """Markdown: one row per variant run, in VARIANTS order, kNN at the monitor epochs."""
-    lines = ["| variant (from configs/released.yaml) | kNN at epochs 5 / 10 / 15 / 20 | images/s |",
-             "| --- | --- | --- |"]
+    rows = []
     for name in VARIANTS:
         if name not in results:
             continue
@@ -110,15 +108,15 @@ def table(results: dict) -> str:
         curve = [row.split(",")[-1] for row in r["metrics_csv"][1:]]
         marks = " / ".join(curve[e] or "-" for e in (5, 10, 15, 20) if e < len(curve))
         bold = "**" if name == WINNER else ""
-        lines.append(f"| {bold}{name}{bold} | {marks} | {r['images_per_s']:.0f} |")
+        rows.append([f"{bold}{name}{bold}", marks, f"{r['images_per_s']:.0f}"])
     r = next(iter(results.values()))
-    lines.append(f"| untrained network / raw pixels | {r['knn_untrained']:.2f} / {r['knn_pixels']:.2f} | |")
-    return "\n".join(lines)
+    rows.append(["untrained network / raw pixels", f"{r['knn_untrained']:.2f} / {r['knn_pixels']:.2f}", ""])
+    return markdown(["variant (from configs/released.yaml)", "kNN at epochs 5 / 10 / 15 / 20", "images/s"], rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=f"npz:{SHARED}")
+    ap.add_argument("--data", default=f"npz:{SHARED_CIFAR}")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split-seed", type=int, default=0)
@@ -128,7 +126,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the JSON's results as a markdown table and exit")
     args = ap.parse_args()
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
+    results = load_results(out)
     if args.table:
         print(table(results))
         return
@@ -140,8 +138,7 @@ def main() -> None:
             if r.get("stopped_early"):  # SIGINT / SIGTERM: an unfinished run is not a result
                 raise SystemExit(f"stopped during {name!r}; not recorded")
             results[name] = r
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1))
+            save_results(out, results)
             print(f"{name:40s} kNN {r['knn_top1']:.2f}  (untrained {r['knn_untrained']:.2f}, pixels "
                   f"{r['knn_pixels']:.2f})  {r['epochs']} epochs {r['seconds']:.0f} s {r['images_per_s']:.0f} img/s",
                   flush=True)

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic data, a tiny recipe, and the shared CIFAR-10 file."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from edgessl.config import Config, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # the benchmark scripts import their shared `benchlib`
 SHARED_NPZ = REPO.parent / "shared" / "data" / "cifar10-5k-train.npz"
 
 torch.set_num_threads(1)  # tiny tensors: one thread is faster, and runs are repeatable

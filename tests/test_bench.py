@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO, tiny_config
-from edgessl.train import load_data
+from edgessl.data import load_split
 
 
 def bench_module():
@@ -34,7 +34,8 @@ def test_bench_grid_json_plots_and_resume(tiny_npz, tmp_path, monkeypatch):
     # an entry's own seeds replace the spec's
     assert sorted(results) == ["memdistill|mobilenetv3_small_050|seed0|n24", "npid-tau0.1|mobilenetv3_small_050|seed1|n24"]
     for r in results.values():
-        assert r["epochs"] == 2 and r["train_size"] == 24 and 0 <= r["linear_top1"] <= 100
+        assert r["epochs"] == 2 and r["train_size"] == 24
+        assert r["linear_top1"] * 12 / 100 == pytest.approx(round(r["linear_top1"] * 12 / 100))  # k of 12 right
         assert [round(t, 6) for t, _ in r["curve"]][0] == 0.0 and len(r["curve"]) == 3  # untrained + 2 epochs
         assert r["curve"][-1][1] == pytest.approx(r["knn_top1"], abs=0.01)
     npid_cfg = (out / "runs" / "npid-tau0.1_mobilenetv3_small_050_seed1_n24" / "config.yaml").read_text()
@@ -49,10 +50,10 @@ def test_bench_grid_json_plots_and_resume(tiny_npz, tmp_path, monkeypatch):
 
 def test_train_subset_is_fixed_and_disjoint_from_validation(tiny_npz):
     cfg = tiny_config(f"npz:{tiny_npz}", data={"train_subset": 10})
-    a, val = load_data(cfg)
-    b, _ = load_data(cfg)
+    a, val = load_split(cfg.data)
+    b, _ = load_split(cfg.data)
     assert len(a) == 10 and a.images.equal(b.images)
-    full, _ = load_data(tiny_config(f"npz:{tiny_npz}"))
+    full, _ = load_split(tiny_config(f"npz:{tiny_npz}").data)
     rows = {tuple(x.flatten().tolist()) for x in full.images}
     assert all(tuple(x.flatten().tolist()) in rows for x in a.images)
     assert not any(tuple(x.flatten().tolist()) in rows for x in val.images)
@@ -76,6 +77,7 @@ def test_every_shipped_spec_resolves_to_valid_configs(path):
             assert cfg.optim.minutes or cfg.optim.epochs
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status and clear_refs")
 def test_bench_memory_two_views_need_more_step_memory(shared_npz, tmp_path):
     """scripts/bench_memory.py, each method in its own process: SimCLR's second view must show up

@@ -50,6 +50,7 @@ def test_bad_input_is_one_line_exit_2(tiny_npz, tmp_path, args, msg):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_pretrain_json_and_resume(tiny_npz, tmp_path):
     out = tmp_path / "run"
     common = ["--data", f"npz:{tiny_npz}", "--out", str(out), "--backbone", "mobilenetv3_small_050",

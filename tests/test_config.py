@@ -77,7 +77,7 @@ def test_to_dict_is_plain():
 
 
 def test_defaults_are_the_recipe_search_winner():
-    """The README's recipe table starts from configs/released.yaml; its winner must be what
+    """docs/benchmarks.md's recipe table starts from configs/released.yaml; its winner must be what
     `edgessl pretrain` runs with no config."""
     import importlib.util
 

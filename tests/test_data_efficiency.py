@@ -4,6 +4,8 @@ import importlib.util
 import json
 import sys
 
+import pytest
+
 from conftest import REPO, tiny_pretrained_run
 
 
@@ -21,7 +23,8 @@ def test_data_efficiency_runs_its_grid_and_resumes(tmp_path, monkeypatch):
     assert sorted(results) == sorted(f"{f}/{i}/{s}" for f in (0.5, 1.0) for i in ("pretrained", "random") for s in (0, 1))
     # the run's own split: 60 images, 25% held out -> 45 labelled, 15 test
     assert {r["n_labelled"] for r in results.values() if r["fraction"] == 1.0} == {45}
-    assert all(0 <= r["test_top1"] <= 100 for r in results.values())
+    assert all(r["test_top1"] * 15 / 100 == pytest.approx(round(r["test_top1"] * 15 / 100))  # k of 15 right
+               for r in results.values())
     assert out.with_suffix(".png").stat().st_size > 1000
     mtime = out.stat().st_mtime_ns
     mod.main()  # everything is in the JSON: nothing runs again

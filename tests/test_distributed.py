@@ -4,10 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import tiny_config
 from edgessl.config import to_dict
+
+pytestmark = pytest.mark.slow  # every test here starts torchrun processes
 
 WORKER = """
 import json, sys, torch

@@ -85,7 +85,7 @@ def test_runtime_matches_onnx_features_of_edgessl(exported, tmp_path):
     root, model, x, y = exported
     enc = edgessl_edge.Encoder(model)
     got = enc.embed_arrays(x[:5])
-    from edgessl.export import ort_features, session
+    from edgessl.onnxrt import ort_features, session
 
     expected = ort_features(session(model), normalize(torch.from_numpy(x[:5]).permute(0, 3, 1, 2),
                                                       (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).numpy())

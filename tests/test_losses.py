@@ -66,7 +66,7 @@ def test_sqrtkl_exact_values():
 
 
 def test_sqrtkl_gradient_is_half_negative_entropy_gradient():
-    """METHOD.md: with the stop-gradient, grad L_SqrtKL = 1/2 grad(-H(p))."""
+    """docs/method.md: with the stop-gradient, grad L_SqrtKL = 1/2 grad(-H(p))."""
     torch.manual_seed(3)
     cos = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     (g_sq,) = torch.autograd.grad(sqrtkl_loss(cos, 1.0), cos)

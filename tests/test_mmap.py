@@ -69,7 +69,7 @@ def test_manifest_and_changed_folder_rebuilds(folder, tmp_path):
 def test_interrupted_cache_build_leaves_nothing(folder, tmp_path, monkeypatch):
     from edgessl import data as data_lib
 
-    real, calls = data_lib._decode, []
+    real, calls = data_lib.decode, []
 
     def flaky(path, size):
         calls.append(path)
@@ -77,11 +77,11 @@ def test_interrupted_cache_build_leaves_nothing(folder, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path, size)
 
-    monkeypatch.setattr(data_lib, "_decode", flaky)
+    monkeypatch.setattr(data_lib, "decode", flaky)
     with pytest.raises(KeyboardInterrupt):
         load(f"folder:{folder}", 16, storage="mmap")
     assert list((tmp_path / "cache" / "edgessl").iterdir()) == []
-    monkeypatch.setattr(data_lib, "_decode", real)
+    monkeypatch.setattr(data_lib, "decode", real)
     assert torch.equal(load(f"folder:{folder}", 16, storage="mmap").images[0:24],
                        load(f"folder:{folder}", 16, storage="memory").images)
 

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_npz, tiny_config, tiny_pretrained_run
+from conftest import tiny_pretrained_run
 from edgessl import EdgesslError
 from edgessl.export import export_onnx
 from edgessl.probe import linear_probe, probe
-from edgessl.train import pretrain
 
 
 def test_linear_probe_separates_a_separable_set():
@@ -55,6 +54,7 @@ def test_grid_png(tiny, tmp_path):
     assert (tmp_path / "g.png").stat().st_size > 1000 and out["grid"].endswith("g.png")
 
 
+@pytest.mark.slow
 def test_cli_json(tiny):
     root, train, test = tiny
     r = subprocess.run([sys.executable, "-m", "edgessl", "probe", str(root / "m.onnx"), "--train", train,

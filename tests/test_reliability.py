@@ -18,7 +18,8 @@ from conftest import tiny_config
 from edgessl import EdgesslError, checkpoint
 from edgessl.config import ConfigError, from_dict
 from edgessl.data import load
-from edgessl.train import check_run_dir, pretrain
+from edgessl.runfiles import check_run_dir
+from edgessl.train import pretrain
 
 TIMING = ("seconds", "images_per_s", "peak_mem_mb")
 
@@ -42,6 +43,7 @@ def _mtime(path):
         return None
 
 
+@pytest.mark.slow
 def test_kill_9_anywhere_then_resume_is_bit_exact(tiny_npz, tmp_path):
     """SIGKILL at random moments of training (many land inside a checkpoint write: one is
     written every step); each time the previous checkpoint loads, and the resumed run equals an
@@ -85,6 +87,7 @@ def test_kill_9_anywhere_then_resume_is_bit_exact(tiny_npz, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_malicious_checkpoint_runs_no_code(tiny_npz, tmp_path):
     marker = tmp_path / "pwned"
 

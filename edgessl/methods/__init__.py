@@ -1,25 +1,75 @@
-"""Pretraining methods: one file each, the same small interface.
+"""Pretraining methods: one file each, the same small interface, one registry.
 
-A method is an nn.Module with `num_views` (augmented views per image the trainer stacks),
-`forward(images, indices, labels) -> {"loss", "parts", ...}` and a no-grad
-`update(out, progress)` hook the trainer calls after the optimizer step (progress: the
-fraction of the schedule done).
+A method is an nn.Module with
+- `num_views`: augmented views per image the trainer stacks (1 for memdistill),
+- `loss_parts`: the names of the loss terms its forward reports (metrics.csv columns),
+- `forward(images, indices, labels) -> {"loss": scalar, "parts": {name: detached scalar}, ...}`,
+- a no-grad `update(out, progress)` hook the trainer calls after the optimizer step
+  (progress: the fraction of the schedule done),
+- `needs_labels` (optional): the constructor takes `num_classes`.
+
+METHODS is the one list of method names: the CLI's choices, config validation, metrics
+columns and the scripts read it. Classes are imported on first use, so `edgessl --help`
+and config validation stay free of torch.
 """
-from edgessl.methods.byol import BYOL
-from edgessl.methods.memdistill import MemDistill
-from edgessl.methods.simclr import SimCLR
-from edgessl.methods.supervised import Supervised
+from __future__ import annotations
 
-METHODS = {"memdistill": MemDistill, "npid": MemDistill, "simclr": SimCLR, "byol": BYOL, "supervised": Supervised}
+import importlib
+from dataclasses import dataclass, field
 
-# Config overrides a method name implies (configs/npid.yaml repeats NPID's; a test checks).
-PRESETS = {
-    "memdistill": {},
+
+@dataclass(frozen=True)
+class Method:
+    target: str  # "module:Class"
+    preset: dict = field(default_factory=dict)  # config overrides the name implies
+    summary: str = ""
+
+    def load(self):
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+METHODS = {
+    "memdistill": Method("edgessl.methods.memdistill:MemDistill", {},
+                         "single view, memory bank: calibrated init, grad bank update (the default)"),
     # NPID (Wu et al. 2018) with a full softmax: every memdistill improvement off
-    "npid": {"bank_init": "random", "bank_update": "ema", "sqrtkl_weight": 0.0, "cutmix_prob": 0.0},
-    "simclr": {"head_dims": [1024, 128], "temperature": 0.2},  # 2-layer head, NT-Xent tau 0.2
-    "byol": {"head_dims": [1024, 128], "predictor_dims": [1024, 128]},
-    "supervised": {},
+    "npid": Method("edgessl.methods.memdistill:MemDistill",
+                   {"bank_init": "random", "bank_update": "ema", "sqrtkl_weight": 0.0, "cutmix_prob": 0.0},
+                   "NPID: memdistill with random bank init and EMA update"),
+    "simclr": Method("edgessl.methods.simclr:SimCLR", {"head_dims": [1024, 128], "temperature": 0.2},
+                     "two views, NT-Xent, 2-layer head"),
+    "byol": Method("edgessl.methods.byol:BYOL", {"head_dims": [1024, 128], "predictor_dims": [1024, 128]},
+                   "two views, predictor, EMA target"),
+    "supervised": Method("edgessl.methods.supervised:Supervised", {}, "cross entropy on labels (reference)"),
 }
+PRESETS = {name: m.preset for name, m in METHODS.items()}  # configs/npid.yaml repeats NPID's; a test checks
 
-__all__ = ["METHODS", "PRESETS", "BYOL", "MemDistill", "SimCLR", "Supervised"]
+
+def method_class(name: str):
+    from edgessl.errors import EdgesslError
+
+    if name not in METHODS:
+        raise EdgesslError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    return METHODS[name].load()
+
+
+def loss_parts(name: str) -> tuple[str, ...]:
+    """The loss terms method `name` reports, in metrics.csv order."""
+    return tuple(method_class(name).loss_parts)
+
+
+def create_method(name: str, backbone, num_samples: int, cfg, num_classes: int | None = None):
+    """The method module `name` around `backbone` for a data set of `num_samples` images.
+
+    cfg: the MethodConfig; num_classes: for methods that train on labels (else ignored)."""
+    from edgessl.errors import EdgesslError
+
+    cls = method_class(name)
+    if not getattr(cls, "needs_labels", False):
+        return cls(backbone, num_samples, cfg)
+    if not num_classes:
+        raise EdgesslError(f"--method {name} needs labelled training data")
+    return cls(backbone, num_samples, cfg, num_classes=num_classes)
+
+
+__all__ = ["METHODS", "PRESETS", "Method", "create_method", "loss_parts", "method_class"]

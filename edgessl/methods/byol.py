@@ -15,6 +15,7 @@ from edgessl.methods.heads import projection_head
 
 class BYOL(nn.Module):
     num_views = 2
+    loss_parts = ()
 
     def __init__(self, backbone: nn.Module, num_samples: int, cfg: MethodConfig):
         super().__init__()

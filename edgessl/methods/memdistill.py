@@ -1,4 +1,4 @@
-"""memdistill: single-branch instance discrimination with a memory bank (../shared/METHOD.md).
+"""memdistill: single-branch instance discrimination with a memory bank (docs/method.md).
 
 Cao and Wu, "On Improving the Algorithm-, Model-, and Data- Efficiency of
 Self-Supervised Learning" (arXiv 2404.19289): NPID's memory bank with a calibrated
@@ -8,6 +8,7 @@ bank_init random, bank_update ema, sqrtkl_weight 0 and cutmix_prob 0 it is NPID.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -21,8 +22,24 @@ from edgessl.losses import instance_loss, sqrtkl_loss
 from edgessl.methods.heads import projection_head
 
 
+@dataclass
+class BankStep:
+    """What one forward pass leaves for the bank update that follows the optimizer step."""
+
+    indices: torch.Tensor  # (B,) dataset rows of the batch
+    z: torch.Tensor  # (B, d) detached unit embeddings
+    cols: Optional[torch.Tensor]  # (C,) scored bank rows, or None for every row
+    cosines: torch.Tensor  # (B, C) detached scores against the bank as it was before this step
+    targets: torch.Tensor  # (B,) column of each image's own row
+    targets_b: Optional[torch.Tensor] = None  # (B,) CutMix partner's column
+    perm: Optional[torch.Tensor] = None  # (B,) CutMix partner of each row
+    lam: float = 1.0  # CutMix: area fraction that stays the row's own image
+    grad: Optional[torch.Tensor] = None  # (C, d) d(batch-summed L_total)/d(scored rows), for `grad`
+
+
 class MemDistill(nn.Module):
     num_views = 1
+    loss_parts = ("loss_id", "loss_sqrtkl")
 
     def __init__(self, backbone: nn.Module, num_samples: int, cfg: MethodConfig):
         super().__init__()
@@ -44,6 +61,9 @@ class MemDistill(nn.Module):
         z = self.embed(images)  # (B, d)
         cols, targets = self._scored_columns(indices)  # (C,) or None for every row; (B,)
         bank = self.bank if cols is None else self.bank[cols]  # (C, d), before this step's update
+        # `grad`: the scored rows are a leaf of the loss, so the bank step below is the exact
+        # gradient of every term of L_total (a new term cannot be left out of the update)
+        bank = bank.detach().requires_grad_(self.training and cfg.bank_update == "grad" and torch.is_grad_enabled())
         cosines = z @ bank.T  # (B, C)
         targets_b = targets[perm] if perm is not None else None
         loss_id = instance_loss(cosines, targets, cfg.temperature, targets_b, lam)
@@ -52,9 +72,11 @@ class MemDistill(nn.Module):
         if cfg.sqrtkl_weight > 0:
             loss_sq = sqrtkl_loss(cosines, cfg.sqrtkl_temperature)
             loss = loss + cfg.sqrtkl_weight * loss_sq
-        return {"loss": loss, "parts": {"loss_id": loss_id.detach(), "loss_sqrtkl": loss_sq.detach()},
-                "z": z.detach(), "cosines": cosines.detach(), "indices": indices, "cols": cols,
-                "targets": targets, "targets_b": targets_b, "lam": lam, "perm": perm}
+        grad = None
+        if bank.requires_grad:  # d(sum over the batch)/dW = B x d(batch mean)/dW; not through the backbone
+            grad = torch.autograd.grad(loss, bank, retain_graph=True)[0] * b
+        step = BankStep(indices, z.detach(), cols, cosines.detach(), targets, targets_b, perm, lam, grad)
+        return {"loss": loss, "parts": {"loss_id": loss_id.detach(), "loss_sqrtkl": loss_sq.detach()}, "bank": step}
 
     def _scored_columns(self, indices: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """`all`: every bank row, target = own index. k: the batch's rows then k random rows."""
@@ -68,53 +90,37 @@ class MemDistill(nn.Module):
     def update(self, out: dict, progress: float = 0.0) -> None:
         """The bank update after the optimizer step (the step's logits used the old bank)."""
         if self.cfg.bank_update == "ema":
-            self._update_ema(out)
+            self._update_ema(out["bank"])
         else:
-            self._update_grad(out)
+            self._update_grad(out["bank"])
 
-    def _update_ema(self, out: dict) -> None:
+    def _update_ema(self, step: BankStep) -> None:
         """NPID: w_i <- normalise(m w_i + (1 - m) z_i) for the batch's own rows.
 
         Under CutMix each row takes the view where its image covers the larger area
         (lam >= 0.5: its own; else its partner's); perm is a permutation, so every
         batch row is still updated exactly once.
         """
-        m, idx, z = self.cfg.bank_momentum, out["indices"], out["z"]
-        if out["perm"] is not None and out["lam"] < 0.5:
-            idx = idx[out["perm"]]
+        m, idx, z = self.cfg.bank_momentum, step.indices, step.z
+        if step.perm is not None and step.lam < 0.5:
+            idx = idx[step.perm]
         idx, z = all_gather_cat(idx), all_gather_cat(z)  # torchrun: every rank applies every rank's rows
         self.bank[idx] = F.normalize(m * self.bank[idx] + (1 - m) * z, dim=1)
 
-    def bank_gradient(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """d(sum over batch of L_total)/dW on the scored rows: (rows (R,), grad (R, d)).
-
-        dL/dc_bk = (p_bk - y_bk) / tau + lambda * q_bk (a_bk - <q_b, a_b>) / T, with
-        p = softmax(c / tau), y the (CutMix-mixed) one-hot target, q = softmax(c / T),
-        a = log q - log u the SqrtKL term's log ratio; dL/dw_k = sum_b dL/dc_bk z_b.
-        """
-        cfg, c, z = self.cfg, out["cosines"], out["z"]  # (B, C), (B, d)
-        y = F.one_hot(out["targets"], c.shape[1]).float()  # (B, C)
-        if out["targets_b"] is not None:
-            y = out["lam"] * y + (1 - out["lam"]) * F.one_hot(out["targets_b"], c.shape[1]).float()
-        g = (F.softmax(c / cfg.temperature, 1) - y) / cfg.temperature  # (B, C)
-        if cfg.sqrtkl_weight > 0:
-            log_q = F.log_softmax(c / cfg.sqrtkl_temperature, 1)
-            a = log_q - F.log_softmax(c / (2 * cfg.sqrtkl_temperature), 1)
-            q = log_q.exp()
-            g = g + cfg.sqrtkl_weight * q * (a - (q * a).sum(1, keepdim=True)) / cfg.sqrtkl_temperature
-        grad_cols = g.T @ z  # (C, d)
-        # torchrun: the gradient of the loss summed over every rank's batch, the same on each rank
-        if out["cols"] is None:
-            return torch.arange(c.shape[1], device=c.device), all_reduce_sum(grad_cols)
-        cols, grad_cols = all_gather_cat(out["cols"]), all_gather_cat(grad_cols)
+    def bank_gradient(self, step: BankStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """d(sum over every rank's batch of L_total)/dW on the scored rows: (rows (R,), grad (R, d))."""
+        if step.cols is None:  # torchrun: the same summed gradient on each rank
+            return torch.arange(step.grad.shape[0], device=step.grad.device), all_reduce_sum(step.grad)
+        cols, grad_cols = all_gather_cat(step.cols), all_gather_cat(step.grad)
         rows, inverse = cols.unique(return_inverse=True)  # repeated rows: gradients add
-        return rows, torch.zeros(rows.shape[0], z.shape[1], device=z.device).index_add_(0, inverse, grad_cols)
+        return rows, torch.zeros(rows.shape[0], grad_cols.shape[1], device=grad_cols.device).index_add_(
+            0, inverse, grad_cols)
 
-    def _update_grad(self, out: dict) -> None:
-        """METHOD.md's corrected rule: W <- normalise_rows(W - (1 - m) tau grad_W L) on the scored rows."""
-        rows, grad = self.bank_gradient(out)
-        step = (1 - self.cfg.bank_momentum) * self.cfg.temperature
-        self.bank[rows] = F.normalize(self.bank[rows] - step * grad, dim=1)
+    def _update_grad(self, step: BankStep) -> None:
+        """docs/method.md's corrected rule: W <- normalise_rows(W - (1 - m) tau grad_W L) on the scored rows."""
+        rows, grad = self.bank_gradient(step)
+        lr = (1 - self.cfg.bank_momentum) * self.cfg.temperature
+        self.bank[rows] = F.normalize(self.bank[rows] - lr * grad, dim=1)
 
     @torch.no_grad()
     def calibrate_bank(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -11,6 +11,7 @@ from edgessl.config import MethodConfig
 class Supervised(nn.Module):
     num_views = 1
     needs_labels = True
+    loss_parts = ()
 
     def __init__(self, backbone: nn.Module, num_samples: int, cfg: MethodConfig, num_classes: int = 0):
         super().__init__()

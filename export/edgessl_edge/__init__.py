@@ -2,8 +2,8 @@
 
 No torch, torchvision, timm or edgessl: copy this folder and the .onnx file to the device.
 The preprocessing is read from the model's metadata and is exactly the one edgessl
-evaluates with (decode, EXIF orientation, RGB, bicubic resize to the input size,
-x / 255, (x - mean) / std); tests/test_edge.py checks the two give the same tensor.
+evaluates with (edgessl_edge.image.decode, which edgessl's folder loader also uses, then x / 255,
+(x - mean) / std); tests/test_edge.py checks the two give the same tensor.
 """
 from __future__ import annotations
 
@@ -12,27 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, ImageOps
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-
-
-class EdgeError(Exception):
-    """An input the runtime cannot use (a file that is not an image, a model without metadata)."""
-
-
-def decode(path, size: int) -> np.ndarray:
-    """One image file -> (size, size, 3) uint8, as edgessl's folder loader decodes it."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255)
-                                     .astype(np.uint8))
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise EdgeError(f"cannot decode {path}: {e}") from None
+from edgessl_edge.image import IMAGE_SUFFIXES, EdgeError, decode, list_images
 
 
 class Encoder:
@@ -72,14 +53,14 @@ class Encoder:
         return np.concatenate(out) if out else np.zeros((0, self.meta["feature_dim"]), np.float32)
 
     def embed(self, paths) -> np.ndarray:
-        return self.embed_arrays(np.stack([decode(p, self.size) for p in paths]))
+        return self.embed_arrays(np.stack([_decode_named(p, self.size) for p in paths]))
 
 
-def list_images(folder) -> list[Path]:
-    root = Path(folder)
-    if not root.is_dir():
-        raise EdgeError(f"not a folder: {root}")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _decode_named(path, size: int) -> np.ndarray:
+    try:
+        return decode(path, size)
+    except EdgeError as e:
+        raise EdgeError(f"{path}: {e}") from None
 
 
 def build_gallery(encoder: Encoder, folder) -> dict:
@@ -105,3 +86,6 @@ def classify(gallery: dict, features: np.ndarray, k: int = 20, t: float = 0.1) -
     for row in range(len(q)):
         np.add.at(votes[row], gallery["labels"][top[row]], np.exp(sim[row, top[row]] / t))
     return votes.argmax(1)
+
+
+__all__ = ["IMAGE_SUFFIXES", "EdgeError", "Encoder", "build_gallery", "classify", "decode", "list_images"]

@@ -1,0 +1,87 @@
+"""onnxruntime helpers shared by export, check and probe: sessions, batched inference,
+parity, latency and the edgessl metadata of a file."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edgessl.errors import EdgesslError
+
+META_KEY = "edgessl"
+
+
+def read_metadata(model_path: str | Path) -> dict:
+    """The edgessl metadata of an ONNX file; a file that is not one is an EdgesslError."""
+    import onnx
+
+    p = Path(model_path)
+    if not p.is_file():
+        raise EdgesslError(f"no ONNX file at {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and friends: all mean "not a model"
+        raise EdgesslError(f"{p} is not a valid ONNX model ({type(e).__name__})") from None
+    props = {x.key: x.value for x in model.metadata_props}
+    if META_KEY not in props:
+        raise EdgesslError(f"{p} has no edgessl metadata (export it with `edgessl export`)")
+    inputs = model.graph.input
+    dims = [d.dim_value or d.dim_param for d in inputs[0].type.tensor_type.shape.dim] if inputs else []
+    if len(inputs) != 1 or len(dims) != 4 or dims[1] != 3:
+        raise EdgesslError(f"{p}: expected one input of shape (batch, 3, H, W), got {dims}")
+    return json.loads(props[META_KEY])
+
+
+def session(path: str | Path, threads: Optional[int] = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_features(sess, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Run a float32 (N, 3, S, S) array through the session in batches: (N, D)."""
+    name = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0]
+    if isinstance(fixed, int):
+        batch_size = fixed
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        pad = batch_size - len(chunk) if isinstance(fixed, int) else 0
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+        out.append(sess.run(None, {name: np.ascontiguousarray(chunk, dtype=np.float32)})[0][:len(chunk) - pad])
+    return np.concatenate(out)
+
+
+def parity(a: np.ndarray, b: np.ndarray) -> dict:
+    """a: reference (N, D), b: candidate. max_rel_diff is max abs diff over max(1, max |a|)."""
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    diff = float(np.abs(a - b).max())
+    return {"max_abs_diff": diff, "max_rel_diff": diff / max(1.0, float(np.abs(a).max())),
+            "min_cosine": float(cos.min())}
+
+
+def batch_of(images: np.ndarray, b: int) -> np.ndarray:
+    """A batch of exactly b rows from `images`, repeating them when there are fewer."""
+    return np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])))
+
+
+def latency(sess, batch: np.ndarray, iters: int, warmup: int = 3) -> dict:
+    """Milliseconds per run of `batch` through `sess`: p50 / p90 / p99 over `iters` timed runs."""
+    name = sess.get_inputs()[0].name
+    for _ in range(warmup):
+        sess.run(None, {name: batch})
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sess.run(None, {name: batch})
+        times.append((time.perf_counter() - t0) * 1e3)
+    p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}

@@ -1,0 +1,39 @@
+"""Optimizers and the one optimizer step that pretraining and fine-tuning share."""
+from __future__ import annotations
+
+import torch
+
+from edgessl import distributed
+from edgessl.errors import EdgesslError
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices and kernels only, not on biases and norm weights."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group gets `lr` times its own `lr_scale` (1 when the group sets none)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def check_finite(loss: torch.Tensor, step: int, device: torch.device) -> None:
+    """A NaN or inf loss (on any rank) stops the run before the weights or a memory bank take it in."""
+    if distributed.any_rank(not bool(torch.isfinite(loss)), device):
+        where = " on this rank or another" if distributed.world()[1] > 1 else ""
+        raise EdgesslError(f"loss is {loss.item()} at step {step}{where}: stopped before the weights "
+                           "or the bank took it in; the last checkpoint is kept")
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """Backward and step through the GradScaler; True when fp16 overflowed and the step was skipped
+    (the scale was lowered: not fatal, counted by the caller)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.is_enabled() and scaler.get_scale() < scale

@@ -1,0 +1,133 @@
+"""The files of a run directory: atomic writes, the per-epoch and per-step CSV logs, and the
+checks made before anything is written (exists, writable, disk space).
+
+Rows are appended before the checkpoint that covers them is written, so on --resume a log
+keeps exactly the rows its checkpoint covers (a line cut by a kill is dropped).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from edgessl.errors import EdgesslError
+
+MIN_FREE_BYTES = 200 * 2**20
+
+
+def atomic_write(path: Path, data: Union[bytes, str, Callable]) -> None:
+    """Write `path` all at once: a temp file in the same folder, fsync, rename, fsync the folder.
+
+    `data` is bytes, text, or a function that writes into the open binary file (torch.save).
+    A crash at any moment leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class CsvLog:
+    """A CSV file with a fixed header that rows are appended to."""
+
+    def __init__(self, path: Path, fields: list[str]):
+        self.path, self.fields = Path(path), list(fields)
+
+    def create(self) -> None:
+        self._write([])
+
+    def append(self, *rows: dict) -> None:
+        """Missing columns stay empty; a column the header does not name is an error, never dropped."""
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields, restval="").writerows(rows)
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def keep(self, n: int) -> None:
+        """Truncate to the first n rows (what a checkpoint covers); fewer than n is an error."""
+        rows = self.rows()
+        if len(rows) < n:
+            raise EdgesslError(f"{self.path} has {len(rows)} rows, fewer than the checkpoint's {n}")
+        self._write(rows[:n])
+
+    def _write(self, rows: list[dict]) -> None:
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+
+def check_run_dir(run_dir: Path, resume: bool, what: str = "checkpoint.pt") -> None:
+    """Before anything is written: a new run never overwrites one, a resume has one to continue,
+    and the folder is writable with room for checkpoints."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise EdgesslError(f"{run_dir} is a file; give a run directory")
+    ckpt = run_dir / what
+    if resume and not ckpt.exists():
+        raise EdgesslError(f"--resume: no checkpoint in {run_dir}")
+    if not resume and ckpt.exists():
+        raise EdgesslError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    parent = run_dir if run_dir.exists() else next(p for p in run_dir.absolute().parents if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise EdgesslError(f"cannot write to {parent}")
+    if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
+        raise EdgesslError(f"less than {MIN_FREE_BYTES >> 20} MB free under {parent}")
+
+
+class RunFiles:
+    """config.yaml, metrics.csv (per epoch), steps.csv (per step) and checkpoint.pt in one folder.
+
+    `enabled` is False on every torchrun rank but 0: only rank 0 writes."""
+
+    def __init__(self, run_dir: Path, metric_fields: list[str], enabled: bool = True):
+        self.dir, self.enabled = Path(run_dir), enabled
+        self.metrics = CsvLog(self.dir / "metrics.csv", metric_fields)
+        self.steps = CsvLog(self.dir / "steps.csv", ["step", "loss"])
+        self.ckpt = self.dir / "checkpoint.pt"
+
+    def start(self, config_yaml: str, covered: Optional[tuple[int, int]] = None, skipped: tuple = ()) -> None:
+        """A new run (covered None) starts empty logs; a resumed one keeps the (epochs + 1, steps)
+        rows its checkpoint covers."""
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.dir / "config.yaml", config_yaml)
+        if skipped:  # --bad-images skip: what was left out, and why
+            atomic_write(self.dir / "bad_images.txt", "".join(f"{f}\t{why}\n" for f, why in skipped))
+        if covered is None:
+            self.metrics.create()
+            self.steps.create()
+        else:
+            self.metrics.keep(covered[0])
+            self.steps.keep(covered[1])
+
+    def add_metrics(self, row: dict) -> None:
+        if self.enabled:
+            self.metrics.append(row)
+
+    def add_steps(self, rows: list[tuple[int, float]]) -> None:
+        if self.enabled and rows:
+            with open(self.steps.path, "a") as f:  # repr: the exact float, for the resume test
+                f.writelines(f"{step},{loss!r}\n" for step, loss in rows)

@@ -1,0 +1,43 @@
+"""Image files -> uint8 arrays: the one decoder edgessl trains with and the edge runtime serves with.
+
+Pillow and numpy only. Decoding: EXIF orientation applied, 16-bit images scaled (not
+saturated) to 8 bits, alpha dropped, RGB, bicubic resize to size x size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+MIN_SIDE = 8  # smaller images are reported as bad, not upscaled from a few pixels
+
+
+class EdgeError(Exception):
+    """An input the runtime cannot use (a file that is not an image, a model without metadata)."""
+
+
+def decode(path, size: int) -> np.ndarray:
+    """One image file -> (size, size, 3) uint8. EdgeError says why a file cannot be used."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            if min(im.size) < MIN_SIDE:
+                raise EdgeError(f"too small ({im.size[0]}x{im.size[1]}; at least {MIN_SIDE} px a side)")
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255)
+                                     .astype(np.uint8))
+            return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise EdgeError(f"cannot decode ({type(e).__name__}: {e})") from None
+
+
+def list_images(folder) -> list[Path]:
+    """Image files under `folder` (by suffix), sorted: the order edgessl indexes a folder in."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise EdgeError(f"not a folder: {root}")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
