@@ -1,8 +1,24 @@
-"""edgessl: single-view self-supervised pretraining of small timm backbones, shipped to the edge."""
+"""edgessl: single-view self-supervised pretraining of small timm backbones, shipped to the edge.
 
-__version__ = "0.1.0"
+    import edgessl
+    run = edgessl.pretrain(data="folder:photos", out="runs/r1", minutes=15)
+    run.export("model.onnx", precision="int8")
+    clf = edgessl.finetune(run, labels_per_class=10, out="runs/ft")
 
-from edgessl.errors import ConfigError, EdgesslError  # noqa: E402
+See edgessl/api.py. Heavy modules are imported on first use, so `import edgessl` is light.
+"""
+from edgessl.errors import ConfigError, EdgesslError
+from edgessl.version import __version__
+
+_API = {"Run", "pretrain", "finetune"}
+
+
+def __getattr__(name):  # PEP 562: edgessl.pretrain & co. import torch only when first used
+    if name in _API:
+        from edgessl import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'edgessl' has no attribute {name!r}")
 
 
 def create_backbone(name, image_size=32, downsample="auto", init_weights=None, model_args=None):
@@ -19,4 +35,5 @@ def load_backbone(folder):
     return _load(folder)
 
 
-__all__ = ["__version__", "create_backbone", "load_backbone", "ConfigError", "EdgesslError"]
+__all__ = ["__version__", "Run", "pretrain", "finetune", "create_backbone", "load_backbone", "ConfigError",
+           "EdgesslError"]

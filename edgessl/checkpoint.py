@@ -17,6 +17,7 @@ import torch
 
 from edgessl.errors import EdgesslError
 from edgessl.runfiles import atomic_write
+from edgessl.version import __version__
 
 FORMAT = "edgessl-checkpoint"
 FORMAT_VERSION = 1
@@ -25,9 +26,7 @@ FORMAT_VERSION = 1
 def versions() -> dict:
     import timm
 
-    import edgessl
-
-    return {"edgessl": edgessl.__version__, "torch": str(torch.__version__), "timm": timm.__version__}
+    return {"edgessl": __version__, "torch": str(torch.__version__), "timm": timm.__version__}
 
 
 def rng_state() -> dict:

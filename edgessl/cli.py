@@ -7,7 +7,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from edgessl import __version__
+from edgessl.version import __version__
 from edgessl.config import Config, FinetuneConfig
 from edgessl.errors import EdgesslError
 from edgessl.methods import METHODS
@@ -29,7 +29,7 @@ def cli(ctx, debug):
 
 
 @cli.command()
-@click.option("--data", "data_spec", help="Training images: npz:PATH, cifar10:DIR, cifar100:DIR, "
+@click.option("--data", help="Training images: npz:PATH, cifar10:DIR, cifar100:DIR, "
               "fashion-mnist[:DIR], folder:DIR.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--backbone", default=_D.backbone.name, help="Alias (mobilenetv3, mobilenetv3-large, "
@@ -43,7 +43,7 @@ def cli(ctx, debug):
 @click.option("--image-size", type=int, help="Resize images to this size (default: the dataset's own).")
 @click.option("--val-fraction", type=float, default=_D.data.val_fraction,
               help="Hold out this fraction (fixed seed) for the kNN monitor.")
-@click.option("--val-data", "val_spec", help="A second dataset spec for the kNN monitor.")
+@click.option("--val-data", help="A second dataset spec for the kNN monitor.")
 @click.option("--init-weights", type=click.Path(dir_okay=False), help="Local timm state dict to start from.")
 @click.option("--bad-images", type=click.Choice(["fail", "skip"]), default=_D.data.bad_images,
               help="folder: data with undecodable images: fail listing them, or train on the rest.")
@@ -58,32 +58,10 @@ def cli(ctx, debug):
 @click.pass_context
 def pretrain(ctx, out, config_path, resume, as_json, **flags):
     """Pretrain a backbone on unlabelled images with a single-view method."""
-    from edgessl import config as config_lib, train
+    from edgessl import api
 
-    cfg = train.config_from_checkpoint(out) if resume else Config()
-    yaml_overrides = config_lib.load_yaml(config_path) if config_path else {}
-    if not resume:
-        name = flags["method"] if _given(ctx, "method") else yaml_overrides.get("method", {}).get("name", "memdistill")
-        if name not in METHODS:
-            raise EdgesslError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
-        config_lib.from_dict({"method": {"name": name, **METHODS[name].preset}}, cfg)
-        config_lib.from_dict(yaml_overrides, cfg)
-    elif config_path:
-        raise EdgesslError("--resume uses the run's stored config; drop --config")
-    where = {"data_spec": ("data", "spec"), "val_spec": ("data", "val_spec"), "val_fraction": ("data", "val_fraction"),
-             "image_size": ("data", "image_size"), "bad_images": ("data", "bad_images"),
-             "storage": ("data", "storage"), "backbone": ("backbone", "name"),
-             "init_weights": ("backbone", "init_weights"), "method": ("method", "name"),
-             "epochs": ("optim", "epochs"), "minutes": ("optim", "minutes"), "batch_size": ("optim", "batch_size"),
-             "precision": ("run", "precision"), "device": ("run", "device"), "seed": ("run", "seed")}
-    overrides: dict = {}
-    for flag, (section, key) in where.items():
-        if _given(ctx, flag) and not (flag == "method" and not resume and flags[flag] == cfg.method.name):
-            overrides.setdefault(section, {})[key] = flags[flag]
-    if _given(ctx, "minutes") and not _given(ctx, "epochs") and not resume:
-        overrides.setdefault("optim", {})["epochs"] = None  # the schedule is fitted to the minute budget
-    config_lib.from_dict(overrides, cfg)
-    result = train.pretrain(cfg, out, resume=resume)
+    given = {flag: value for flag, value in flags.items() if _given(ctx, flag)}
+    result = api.pretrain(out=out, config=config_path, resume=resume, **given).summary
     if as_json:
         click.echo(json.dumps(result))
     if result["stopped_early"]:  # SIGINT / SIGTERM: checkpointed at a step boundary
@@ -174,8 +152,9 @@ def probe(source, train_spec, test_spec, knn_k, linear, grid, as_json):
 
 @cli.command()
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--train", "train_spec", help="Labelled training images (a subset is taken).")
-@click.option("--test", "test_spec", help="Labelled test images.")
+@click.option("--train", "train_spec", help="Labelled training images (a subset is taken; default with no "
+              "--test either: the pretraining run's own training split).")
+@click.option("--test", "test_spec", help="Labelled test images (default: the run's held-out split).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory for the classifier.")
 @click.option("--label-fraction", type=float, help="Fraction of each class's labels to use.")
 @click.option("--labels-per-class", type=int, help="Number of labels per class to use.")
@@ -191,16 +170,43 @@ def probe(source, train_spec, test_spec, knn_k, linear, grid, as_json):
 def finetune(run_dir, train_spec, test_spec, out, label_fraction, labels_per_class, resume, as_json, **settings):
     """Fine-tune a pretrained encoder plus a linear head on a few labels (RUN_DIR --train --test,
     or --out DIR --resume)."""
-    from edgessl import finetune as finetune_lib
+    from edgessl import api
 
-    if not resume and not (run_dir and train_spec and test_spec):
-        raise EdgesslError("finetune needs RUN_DIR, --train and --test (or --out DIR --resume)")
+    if not resume and not run_dir:
+        raise EdgesslError("finetune needs RUN_DIR (and --train and --test, or neither for the run's own split), "
+                           "or --out DIR --resume")
     if resume:  # the stored settings, but where it runs
         settings = {k: settings[k] for k in ("device", "precision")}
-    r = finetune_lib.finetune(run_dir, train_spec or "", test_spec or "", out, label_fraction, labels_per_class,
-                              resume=resume, **settings)
+    r = api.finetune(run_dir, train_spec or "", test_spec or "", out, label_fraction=label_fraction,
+                     labels_per_class=labels_per_class, resume=resume, **settings).summary
     if as_json:
         click.echo(json.dumps(r))
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--data", "spec", required=True, help="Images to embed (dataset spec).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="FILE.npy (+ FILE.json: ids, files, labels), FILE.npz or FILE.csv.")
+@click.option("--bad-images", type=click.Choice(["fail", "skip"]), default="fail",
+              help="folder: undecodable images fail, or are left out (named in the sidecar's row ids).")
+def embed(source, spec, out, bad_images):
+    """Features of every image: SOURCE is a run directory, a .onnx file, random:BACKBONE or pixels."""
+    from edgessl import embed as embed_lib
+
+    e = embed_lib.embed(source, spec, bad_images=bad_images)
+    path = embed_lib.save(e, out)
+    click.echo(f"wrote {path}: {e.features.shape[0]} x {e.features.shape[1]} features of {spec}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="HTML file (default: RUN_DIR/report.html).")
+def report(run_dir, out):
+    """One self-contained HTML page about a pretraining run: config, curves, neighbours, exports."""
+    from edgessl import api
+
+    click.echo(f"wrote {api.Run(run_dir).report(out)}")
 
 
 def main() -> None:

@@ -104,6 +104,7 @@ class RunConfig:
     checkpoint_every_steps: int = 0  # also checkpoint every N steps (0: epoch ends only) ...
     checkpoint_every_minutes: float = 10.0  # ... and every M minutes of training (0: off)
     sync_bn: bool = False  # torchrun on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm is CUDA-only)
+    report: bool = True  # write RUN_DIR/report.html when the run ends (edgessl report writes it any time)
 
 
 @dataclass

@@ -94,6 +94,7 @@ class ImageData:
     classes: list[str]
     spec: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out
+    files: Optional[list[str]] = None  # folder specs: row i's file, relative to the folder
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -101,7 +102,8 @@ class ImageData:
     def subset(self, index: torch.Tensor) -> "ImageData":
         labels = self.labels[index] if self.labels is not None else None
         images = self.images.subset(index) if self.mapped else self.images[index]
-        return ImageData(images, labels, self.classes, self.spec, self.skipped)
+        files = [self.files[i] for i in index.tolist()] if self.files is not None else None
+        return ImageData(images, labels, self.classes, self.spec, self.skipped, files)
 
     @property
     def mapped(self) -> bool:
@@ -109,7 +111,7 @@ class ImageData:
 
     def to(self, device) -> "ImageData":
         labels = self.labels.to(device) if self.labels is not None else None
-        return ImageData(self.images.to(device), labels, self.classes, self.spec, self.skipped)
+        return ImageData(self.images.to(device), labels, self.classes, self.spec, self.skipped, self.files)
 
 
 def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail", storage: str = "auto") -> ImageData:
@@ -130,8 +132,9 @@ def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail", 
     if not rest and kind != "fashion-mnist":
         raise EdgesslError(f"malformed dataset spec {spec!r}: {kind}: needs a path")
     skipped: list[tuple[str, str]] = []
+    files = None
     if kind == "folder":
-        images, labels, classes, skipped = _load_folder(rest, image_size, bad_images, storage)
+        images, labels, classes, skipped, files = _load_folder(rest, image_size, bad_images, storage)
     else:
         images, labels, classes = loaders[kind](kind, rest, image_size)
     if images.shape[1] == 1:  # grayscale replicated to 3 channels: the stock RGB stem stays
@@ -149,7 +152,7 @@ def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail", 
             classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
     if images.shape[0] == 0:
         raise EdgesslError(f"dataset {spec!r} holds no images")
-    return ImageData(images, labels, list(classes), spec, skipped)
+    return ImageData(images, labels, list(classes), spec, skipped, files)
 
 
 def load_split(cfg) -> tuple[ImageData, Optional[ImageData]]:
@@ -337,7 +340,7 @@ def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage:
     parts = [Path(f).parts for f, _, _ in listing if f not in bad]
     classes = sorted({q[0] for q in parts if len(q) > 1}) if all(len(q) > 1 for q in parts) else []
     labels = np.array([classes.index(q[0]) for q in parts]) if classes else None
-    return images, labels, classes, skipped
+    return images, labels, classes, skipped, [f for f, _, _ in listing if f not in bad]
 
 
 def _build_folder_cache(root: Path, files: list[Path], listing: list, size: int, cache: Path, manifest: Path):

@@ -21,8 +21,9 @@ from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.errors import EdgesslError
 from edgessl.onnxrt import META_KEY, batch_of, latency, ort_features, parity, read_metadata, session
-from edgessl.runfiles import atomic_write
+from edgessl.runfiles import atomic_write, record_export
 from edgessl.runs import Classifier, is_classifier, load_run
+from edgessl.version import __version__
 
 # The export's own bar for an fp32 file: max abs diff <= 1e-4 of the feature scale
 # (max(1, max |feature|): float32 rounding grows with magnitude) and cosine >= 0.99999.
@@ -88,8 +89,6 @@ def sha256(path: Path) -> str:
 def metadata(cfg: Config, state: dict, encoder: Encoder, precision: str, ckpt: Path, batch) -> dict:
     import onnx
 
-    import edgessl
-
     size = state["backbone"]["image_size"]
     classifier = is_classifier(state)
     head = getattr(encoder, "head", None)
@@ -105,7 +104,7 @@ def metadata(cfg: Config, state: dict, encoder: Encoder, precision: str, ckpt: P
             "output_stride": state["backbone"]["output_stride"],
             "method": cfg.method.name, "precision": precision, "batch": batch,
             "source_checkpoint_sha256": sha256(ckpt),
-            "versions": {"edgessl": edgessl.__version__, "torch": str(torch.__version__), "onnx": onnx.__version__}}
+            "versions": {"edgessl": __version__, "torch": str(torch.__version__), "onnx": onnx.__version__}}
 
 
 def output_name(state: dict) -> str:
@@ -225,6 +224,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
             report.update(knn_change(encoder, sess, cfg, size))
         atomic_write(out, final.read_bytes())  # only a file that passed its check replaces anything
     atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1))
+    record_export(run_dir, out, report)
     return report
 
 
@@ -288,6 +288,8 @@ def check(model_path: str | Path, against: Optional[str] = None, data: Optional[
         lat = latency(sess, x, iters)
         report["latency_ms"][str(b)] = lat
         report["images_per_s"][str(b)] = round(b / lat["p50"] * 1e3, 1)
+    if against:  # the run's report shows what its exports measured
+        record_export(against, model_path, {"precision": meta["precision"], "check": report})
     return report
 
 

@@ -149,8 +149,9 @@ def probe(source: str, train_spec: str, test_spec: str, knn_k: int = 200, linear
     return out
 
 
-def neighbour_grid(ftr: torch.Tensor, fte: torch.Tensor, train, test, path: str, rows: int = 8, k: int = 8) -> None:
-    """8 test images, each followed by its 8 nearest training images, class names in the margin."""
+def neighbour_grid(ftr: torch.Tensor, fte: torch.Tensor, train, test, path, rows: int = 8, k: int = 8) -> None:
+    """8 test images, each followed by its 8 nearest training images, class names in the margin
+    (wrong ones in red; none for unlabelled data). `path`: a file name or a binary file object."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,18 +160,23 @@ def neighbour_grid(ftr: torch.Tensor, fte: torch.Tensor, train, test, path: str,
     queries = torch.linspace(0, len(test) - 1, min(rows, len(test))).long()
     sim = F.normalize(fte[queries], dim=1) @ F.normalize(ftr, dim=1).T  # (rows, N)
     nn_idx = sim.topk(min(k, len(train)), dim=1).indices
-    names = train.classes or [str(i) for i in range(int(train.labels.max()) + 1)]
+    labelled = train.labels is not None and test.labels is not None
+    names = (train.classes or [str(i) for i in range(int(train.labels.max()) + 1)]) if labelled else []
+
+    def name(data, i):
+        return names[int(data.labels[i])] if labelled else ""
+
     fig, axes = plt.subplots(len(queries), nn_idx.shape[1] + 1, figsize=(1.3 * (nn_idx.shape[1] + 1),
                                                                          1.45 * len(queries)), squeeze=False)
     for r, q in enumerate(queries.tolist()):
-        cells = [(test.images[q], names[int(test.labels[q])], "query")] + [
-            (train.images[j], names[int(train.labels[j])], "") for j in nn_idx[r].tolist()]
+        cells = [(test.images[q], name(test, q), "query")] + [
+            (train.images[j], name(train, j), "") for j in nn_idx[r].tolist()]
         for c, (img, label, tag) in enumerate(cells):
             ax = axes[r][c]
             ax.imshow(img.permute(1, 2, 0).numpy())
-            ok = c == 0 or label == names[int(test.labels[q])]
+            ok = c == 0 or label == name(test, q)
             ax.set_title(f"{tag} {label}".strip(), fontsize=7, color="black" if ok else "red")
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

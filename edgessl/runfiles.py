@@ -7,6 +7,7 @@ keeps exactly the rows its checkpoint covers (a line cut by a kill is dropped).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,9 @@ from typing import Callable, Optional, Union
 from edgessl.errors import EdgesslError
 
 MIN_FREE_BYTES = 200 * 2**20
+_UMASK = os.umask(0o022)  # read the process umask (and put it back): atomic writes get the usual mode
+os.umask(_UMASK)
+EXPORTS = "exports.json"  # what export and check measured of a run's exported files
 
 
 def atomic_write(path: Path, data: Union[bytes, str, Callable]) -> None:
@@ -27,6 +31,7 @@ def atomic_write(path: Path, data: Union[bytes, str, Callable]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; a written file is 0644 as usual
             if callable(data):
                 data(f)
             else:
@@ -131,3 +136,12 @@ class RunFiles:
         if self.enabled and rows:
             with open(self.steps.path, "a") as f:  # repr: the exact float, for the resume test
                 f.writelines(f"{step},{loss!r}\n" for step, loss in rows)
+
+
+def record_export(run_dir: str | Path, model_path: str | Path, entry: dict) -> None:
+    """Merge `entry` into the run's exports.json under the model's resolved path."""
+    path = Path(run_dir) / EXPORTS
+    records = json.loads(path.read_text()) if path.exists() else {}
+    key = str(Path(model_path).resolve())
+    records[key] = {**records.get(key, {}), **entry}
+    atomic_write(path, json.dumps(records, indent=1))

@@ -33,7 +33,8 @@ from edgessl.optim import check_finite, optimizer_step, param_groups, set_lr
 from edgessl.runfiles import RunFiles, check_run_dir
 from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs
 
-BUDGET_KEYS = {("optim", "minutes"), ("data", "storage")}  # what --resume may change: a budget and where images live
+# what --resume may change: the budget, where images live, whether a report is written
+BUDGET_KEYS = {("optim", "minutes"), ("data", "storage"), ("run", "report")}
 
 
 def metric_fields(method: str) -> list[str]:
@@ -235,7 +236,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
         + (f" | {s.world} processes x batch {cfg.optim.batch_size}" if s.world > 1 else ""))
     with stop_signals() as signalled:
         try:
-            return train_loop(s, files, pos, progress, lambda step: step == stop_at_step or bool(signalled), log)
+            result = train_loop(s, files, pos, progress, lambda step: step == stop_at_step or bool(signalled), log)
         except RuntimeError as e:
             if s.world == 1:
                 raise
@@ -243,6 +244,12 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EdgesslError(f"rank {s.rank} of {s.world}: a collective failed, another process probably died "
                                f"({first[:300]}); the last checkpoint is kept, --resume continues") from e
+    if s.rank == 0 and cfg.run.report and not result["stopped_early"]:
+        from edgessl.report import write_report
+
+        result["report"] = str(write_report(run_dir))
+        log(f"report     {result['report']}")
+    return result
 
 
 @contextmanager

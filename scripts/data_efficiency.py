@@ -20,7 +20,7 @@ import numpy as np
 
 from benchlib import load_results, markdown, mean_sd, save_results
 from edgessl.config import FinetuneConfig
-from edgessl.finetune import finetune
+from edgessl.finetuning import finetune
 from edgessl.data import load_split
 from edgessl.train import config_from_checkpoint
 

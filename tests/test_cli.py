@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from edgessl.cli import cli
 
-COMMANDS = [[], ["pretrain"], ["export"], ["check"], ["probe"], ["finetune"]]
+COMMANDS = [[], ["pretrain"], ["export"], ["check"], ["probe"], ["finetune"], ["embed"], ["report"]]
 
 
 def run(*args, cwd=None):

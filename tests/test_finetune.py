@@ -12,7 +12,7 @@ from edgessl import EdgesslError, checkpoint
 from edgessl.export import check, export_onnx
 from edgessl.onnxrt import read_metadata, session
 from edgessl.runs import load_run
-from edgessl.finetune import finetune, stratified_subset
+from edgessl.finetuning import finetune, stratified_subset
 
 
 def test_stratified_subset_sizes_are_exact():
@@ -45,7 +45,7 @@ def test_finetune_end_to_end_and_classifier_export(pretrained, tmp_path):
     assert float(rows[-1].split(",")[-1]) == pytest.approx(r["test_top1"], abs=0.005)
     # the reported accuracy is the saved classifier's on the test images
     from edgessl.data import load
-    from edgessl.finetune import evaluate
+    from edgessl.finetuning import evaluate
 
     clf, cfg, _ = load_run(tmp_path / "ft")
     data = load(test, 32)

@@ -11,10 +11,10 @@ PKG = REPO / "edgessl"
 
 # Upper layers first; a module may import modules of its own layer or below, never above.
 LAYERS = [
-    {"edgessl.__main__"},
+    {"edgessl", "edgessl.__main__"},  # the package facade (lazy edgessl.pretrain & co.) and `python -m edgessl`
     {"edgessl.cli"},
     {"edgessl.api"},
-    {"edgessl.train", "edgessl.finetune", "edgessl.export", "edgessl.probe", "edgessl.report", "edgessl.embed"},
+    {"edgessl.train", "edgessl.finetuning", "edgessl.export", "edgessl.probe", "edgessl.report", "edgessl.embed"},
     {"edgessl.runs"},
 ]
 

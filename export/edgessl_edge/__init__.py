@@ -7,6 +7,7 @@ evaluates with (edgessl_edge.image.decode, which edgessl's folder loader also us
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from edgessl_edge.image import IMAGE_SUFFIXES, EdgeError, decode, list_images
 
 
 class Encoder:
-    """An exported edgessl encoder: `embed(paths)` -> (N, D) float32 features."""
+    """An exported edgessl model: `embed(paths)` -> (N, D) float32 outputs (features for an
+    encoder, logits for a classifier; `kind` says which)."""
 
     def __init__(self, model_path, threads: int = 0):
+        self.path = Path(model_path)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -35,6 +38,22 @@ class Encoder:
         self.mean = np.asarray(self.meta["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(self.meta["std"], dtype=np.float32).reshape(1, 3, 1, 1)
         self.fixed_batch = self.session.get_inputs()[0].shape[0]
+        self.kind = self.meta.get("kind", "encoder")
+
+    @property
+    def model_id(self) -> str:
+        """sha256 of the model file: what a gallery records of the model it was built with."""
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    def require(self, kind: str, command: str) -> None:
+        if self.kind != kind:
+            hint = ("use predict: it runs the classifier's own head" if self.kind == "classifier" else
+                    "use classify with a gallery, or export a classifier from an `edgessl finetune` run")
+            raise EdgeError(f"{self.path} is an {self.kind}; {command} needs an {kind} ({hint})")
 
     def preprocess(self, images_uint8: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, normalised as in training evaluation."""
@@ -64,7 +83,9 @@ def _decode_named(path, size: int) -> np.ndarray:
 
 
 def build_gallery(encoder: Encoder, folder) -> dict:
-    """Features of labelled images, one subfolder per class: {features, labels, classes, files}."""
+    """Features of labelled images, one subfolder per class: {features, labels, classes, files,
+    model} (model: the sha256 of the encoder file it was built with)."""
+    encoder.require("encoder", "build-gallery")
     root = Path(folder)
     files = [p for p in list_images(root) if len(p.relative_to(root).parts) == 2]
     if not files:
@@ -73,6 +94,7 @@ def build_gallery(encoder: Encoder, folder) -> dict:
     feats = encoder.embed(files)
     return {"features": feats / np.linalg.norm(feats, axis=1, keepdims=True), "classes": np.array(classes),
             "labels": np.array([classes.index(p.relative_to(root).parts[0]) for p in files]),
+            "model": np.array(encoder.model_id),
             "files": np.array([str(p) for p in files])}
 
 
@@ -88,4 +110,32 @@ def classify(gallery: dict, features: np.ndarray, k: int = 20, t: float = 0.1) -
     return votes.argmax(1)
 
 
-__all__ = ["IMAGE_SUFFIXES", "EdgeError", "Encoder", "build_gallery", "classify", "decode", "list_images"]
+def check_gallery(gallery: dict, encoder: Encoder, gallery_path) -> None:
+    """A gallery holds features of one model: used with another, kNN would compare unrelated spaces."""
+    encoder.require("encoder", "classify")
+    need = {"features", "labels", "classes"}
+    if not need <= set(gallery):
+        raise EdgeError(f"{gallery_path} is not an edgessl gallery (needs {', '.join(sorted(need))})")
+    made_with = str(gallery["model"]) if "model" in gallery else None
+    if made_with is not None and made_with != encoder.model_id:
+        raise EdgeError(f"gallery {gallery_path} was built with another model (sha256 {made_with[:12]}), "
+                        f"not {encoder.path} (sha256 {encoder.model_id[:12]}); rebuild it with build-gallery")
+    f, y = gallery["features"], gallery["labels"]
+    if f.ndim != 2 or f.shape[1] != encoder.meta["feature_dim"] or y.shape != (f.shape[0],):
+        raise EdgeError(f"gallery {gallery_path} holds {f.shape} features and {y.shape} labels; "
+                        f"{encoder.path} makes {encoder.meta['feature_dim']}-d features")
+
+
+def predict(model: Encoder, paths, top_k: int = 1) -> list[list[tuple[str, float]]]:
+    """A fine-tuned classifier's top-k (class name, probability) for each image, from its metadata."""
+    model.require("classifier", "predict")
+    logits = model.embed(paths).astype(np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    classes = model.meta["classes"]
+    top = np.argsort(-p, axis=1)[:, :max(1, min(top_k, len(classes)))]
+    return [[(classes[j], float(p[i, j])) for j in row] for i, row in enumerate(top)]
+
+
+__all__ = ["IMAGE_SUFFIXES", "EdgeError", "Encoder", "build_gallery", "check_gallery", "classify", "decode",
+           "list_images", "predict"]

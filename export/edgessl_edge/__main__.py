@@ -1,13 +1,14 @@
-"""python -m edgessl_edge {embed, build-gallery, classify}: see --help."""
+"""python -m edgessl_edge {embed, build-gallery, classify, predict}: see --help."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from edgessl_edge import EdgeError, Encoder, build_gallery, classify, list_images
+from edgessl_edge import EdgeError, Encoder, build_gallery, check_gallery, classify, list_images, predict
 
 
 def _paths(items) -> list[Path]:
@@ -33,7 +34,12 @@ def main(argv=None) -> int:
     c.add_argument("gallery")
     c.add_argument("images", nargs="+")
     c.add_argument("--k", type=int, default=20)
-    for p in (e, g, c):
+    p_ = sub.add_parser("predict", help="class names and probabilities from a fine-tuned classifier")
+    p_.add_argument("model")
+    p_.add_argument("images", nargs="+")
+    p_.add_argument("--top-k", type=int, default=1)
+    p_.add_argument("--json", action="store_true", help="one JSON object per image")
+    for p in (e, g, c, p_):
         p.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     try:
@@ -46,9 +52,20 @@ def main(argv=None) -> int:
             gallery = build_gallery(enc, args.folder)
             np.savez(args.out, **gallery)
             print(f"wrote {args.out}: {len(gallery['labels'])} images, {len(gallery['classes'])} classes")
+        elif args.cmd == "predict":
+            paths = _paths(args.images)
+            for path, top in zip(paths, predict(enc, paths, args.top_k)):
+                if args.json:
+                    print(json.dumps({"image": str(path), "top": [{"class": c, "probability": p} for c, p in top]}))
+                else:
+                    print(f"{path}\t" + "\t".join(f"{c} {p:.3f}" for c, p in top))
         else:
-            with np.load(args.gallery, allow_pickle=False) as f:
-                gallery = dict(f)
+            try:
+                with np.load(args.gallery, allow_pickle=False) as f:
+                    gallery = dict(f)
+            except (ValueError, EOFError) as err:
+                raise EdgeError(f"{args.gallery} is not a gallery .npz ({err})") from None
+            check_gallery(gallery, enc, args.gallery)
             paths = _paths(args.images)
             for path, cls in zip(paths, classify(gallery, enc.embed(paths), args.k)):
                 print(f"{path}\t{gallery['classes'][cls]}")

@@ -19,7 +19,7 @@ from torch import nn
 
 from edgessl import checkpoint, data as data_lib
 from edgessl.augment import BatchAugment, normalize
-from edgessl.config import AugmentConfig, FinetuneConfig, finetune_config, to_dict
+from edgessl.config import AugmentConfig, FinetuneConfig, finetune_config, from_dict, to_dict
 from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
 from edgessl.optim import check_finite, optimizer_step, set_lr
@@ -89,14 +89,13 @@ def _train(ft: FinetuneConfig, src: dict, backbone_info: dict, source: str, out:
            encoder: Optional[nn.Module], progress, stop_at_epoch, log) -> dict:
     dev = resolve_device(ft.device)
     prec = resolve_precision(ft.precision, dev)
+    train, test = labelled_sets(ft, src, backbone_info["image_size"])
     size = backbone_info["image_size"]
-    train, test = data_lib.load(ft.train, size), data_lib.load(ft.test, size)
-    if train.labels is None or test.labels is None:
-        raise EdgesslError("fine-tuning needs labels in both --train and --test")
     subset = stratified_subset(train.labels, ft.seed, ft.label_fraction if ft.labels_per_class is None else None,
                                ft.labels_per_class)
     if state is not None and _digest(subset) != state["config"]["finetune"]["subset_sha256"]:
-        raise EdgesslError(f"{ft.train} no longer gives the labelled subset this run started with; cannot resume")
+        raise EdgesslError(f"{ft.train or 'the pretraining run split'} no longer gives the labelled subset this run started "
+                           "with; cannot resume")
     train, test = train.subset(subset).to(dev), test.to(dev)
     classes = train.classes or [str(c) for c in range(int(train.labels.max()) + 1)]
     model = (build_classifier(state) if state is not None else Classifier(encoder, len(classes))).to(dev).train()
@@ -163,6 +162,23 @@ def _train(ft: FinetuneConfig, src: dict, backbone_info: dict, source: str, out:
               "init": ft.init, "seed": ft.seed, "seconds": round(time.perf_counter() - start, 2)}
     log(f"test top-1 {top1:.2f} % after {ft.epochs} epochs on {len(train)} labels ({out}/checkpoint.pt)")
     return result
+
+
+def labelled_sets(ft: FinetuneConfig, src: dict, size: int) -> tuple[data_lib.ImageData, data_lib.ImageData]:
+    """--train and --test, or with neither the source run's own split: its training images
+    (labels from the data) and its held-out images as the test set."""
+    if bool(ft.train) != bool(ft.test):
+        raise EdgesslError("give both --train and --test, or neither (the pretraining run's own split)")
+    if ft.train:
+        train, test = data_lib.load(ft.train, size), data_lib.load(ft.test, size)
+    else:
+        train, test = data_lib.load_split(from_dict(src).data)
+        if test is None:
+            raise EdgesslError("the pretraining run holds out no images (data.val_fraction / val_spec): "
+                               "give --train and --test")
+    if train.labels is None or test.labels is None:
+        raise EdgesslError("fine-tuning needs labels in both --train and --test")
+    return train, test
 
 
 def _resume_state(out: Path) -> dict:

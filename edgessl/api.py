@@ -1,0 +1,153 @@
+"""The Python API: what the CLI calls, one path for both.
+
+    import edgessl
+    run = edgessl.pretrain(data="folder:photos", out="runs/r1", backbone="mobilenetv3", minutes=15)
+    run.export("model.onnx", precision="int8")     # the export report (dict)
+    run.probe(train="folder:labelled", test="folder:test")
+    feats = run.embed("folder:photos")             # (N, d) numpy, rows in the data's order
+    clf = edgessl.finetune(run, labels_per_class=10, out="runs/ft")
+    run = edgessl.Run("runs/r1")                   # open an existing run
+
+Config overrides are keywords: a section as a dict (`method={"temperature": 0.1}`), a dotted
+key (`**{"optim.lr": 0.01}`), or a shortcut (`backbone`, `method`, `minutes`, `epochs`, ...;
+SHORTCUTS). Errors are the EdgesslError the CLI prints.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edgessl import config as config_lib
+from edgessl.config import Config
+from edgessl.errors import ConfigError, EdgesslError
+from edgessl.methods import METHODS
+
+# shortcut keyword (and CLI flag) -> (section, key)
+SHORTCUTS = {"data": ("data", "spec"), "val_data": ("data", "val_spec"), "val_fraction": ("data", "val_fraction"),
+             "image_size": ("data", "image_size"), "bad_images": ("data", "bad_images"),
+             "storage": ("data", "storage"), "backbone": ("backbone", "name"),
+             "init_weights": ("backbone", "init_weights"), "method": ("method", "name"),
+             "epochs": ("optim", "epochs"), "minutes": ("optim", "minutes"), "batch_size": ("optim", "batch_size"),
+             "precision": ("run", "precision"), "device": ("run", "device"), "seed": ("run", "seed")}
+
+
+def nest(overrides: dict) -> dict:
+    """Shortcuts, dotted keys and section dicts -> one nested overrides dict."""
+    nested: dict = {}
+    for key, value in overrides.items():
+        if key in SHORTCUTS and not isinstance(value, dict):
+            section, name = SHORTCUTS[key]
+        elif "." in key:
+            section, _, name = key.partition(".")
+        elif key in config_lib.to_sections():
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{key}' must be a mapping, got {value!r}")
+            for name, v in value.items():
+                nested.setdefault(key, {})[name] = v
+            continue
+        else:
+            raise ConfigError(f"unknown config key '{key}' (sections: {', '.join(config_lib.to_sections())}; "
+                              f"shortcuts: {', '.join(SHORTCUTS)})")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def resolve_config(out: str | Path, config: Optional[str | Path | dict] = None, resume: bool = False,
+                   **overrides) -> Config:
+    """The run's config: stored (resume) or the defaults, the method's preset, a YAML recipe (or
+    dict), then the overrides. A minute budget without an epoch count fits the schedule to it."""
+    from edgessl.train import config_from_checkpoint
+
+    given = nest(overrides)
+    if resume:
+        if config is not None:
+            raise EdgesslError("--resume uses the run's stored config; drop --config")
+        return config_lib.from_dict(given, config_from_checkpoint(out))
+    recipe = config if isinstance(config, dict) else config_lib.load_yaml(config) if config else {}
+    name = given.get("method", {}).get("name") or recipe.get("method", {}).get("name", "memdistill")
+    if name not in METHODS:
+        raise EdgesslError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    cfg = config_lib.from_dict({"method": {"name": name, **METHODS[name].preset}})
+    config_lib.from_dict(recipe, cfg)
+    if "minutes" in given.get("optim", {}) and "epochs" not in given.get("optim", {}):
+        given["optim"]["epochs"] = None  # the schedule is fitted to the minute budget
+    return config_lib.from_dict(given, cfg)
+
+
+class Run:
+    """A run directory (`edgessl pretrain` or `edgessl finetune`), opened from its checkpoint."""
+
+    def __init__(self, path: str | Path, summary: Optional[dict] = None):
+        from edgessl.runs import read_state
+
+        self.path = Path(path)
+        self._state = read_state(self.path)
+        self.summary = summary  # what the training call that made it returned, if this process made it
+
+    def __repr__(self) -> str:
+        return f"edgessl.Run({str(self.path)!r}, {self.kind})"
+
+    @property
+    def kind(self) -> str:
+        return "classifier" if self._state.get("kind") == "classifier" else "pretraining"
+
+    @property
+    def config(self) -> Config:
+        from edgessl.runs import run_config
+
+        return run_config(self._state)
+
+    def export(self, out: str | Path, precision: str = "fp32", **kwargs) -> dict:
+        """`edgessl export RUN --out OUT`: an ONNX file checked through onnxruntime; its report."""
+        from edgessl.export import export_onnx
+
+        return export_onnx(self.path, out, precision, **kwargs)
+
+    def probe(self, train: str, test: str, knn_k: int = 200, linear: bool = False,
+              grid: Optional[str] = None) -> dict:
+        """kNN (and linear) top-1 of the run's frozen backbone features."""
+        from edgessl.probe import probe
+
+        return probe(str(self.path), train, test, knn_k, linear, grid)
+
+    def embed(self, data: Optional[str] = None, progress: Optional[bool] = False) -> np.ndarray:
+        """(N, D) backbone features of `data` (default: the run's training data), rows in its order."""
+        from edgessl.embed import embed
+
+        return embed(str(self.path), data or self.config.data.spec, progress=progress).features
+
+    def report(self, out: Optional[str | Path] = None) -> Path:
+        from edgessl.report import write_report
+
+        return write_report(self.path, out)
+
+
+def pretrain(data: Optional[str] = None, out: str | Path = "", *, config: Optional[str | Path | dict] = None,
+             resume: bool = False, progress: Optional[bool] = None, log=print, **overrides) -> Run:
+    """Pretrain (or with resume=True continue) a run in `out`; returns it as a Run."""
+    from edgessl.train import pretrain as train_run
+
+    if not out:
+        raise EdgesslError("pretrain needs out= (the run directory)")
+    if data is not None:
+        overrides["data"] = data
+    cfg = resolve_config(out, config, resume, **overrides)
+    summary = train_run(cfg, out, resume=resume, progress=progress, log=log)
+    return Run(out, summary)
+
+
+def finetune(run: Run | str | Path | None, train: str = "", test: str = "", out: str | Path = "", *,
+             label_fraction: Optional[float] = None, labels_per_class: Optional[int] = None,
+             resume: bool = False, progress: Optional[bool] = None, log=print, **settings) -> Run:
+    """Fine-tune a pretraining run's encoder with a linear head (`train`/`test` specs, or neither
+    for the run's own split); `settings` are FinetuneConfig keys. Returns the classifier run."""
+    from edgessl.finetuning import finetune as tune
+
+    if not out:
+        raise EdgesslError("finetune needs out= (the classifier's run directory)")
+    source = run.path if isinstance(run, Run) else run
+    summary = tune(source, train, test, out, label_fraction, labels_per_class, resume=resume, progress=progress,
+                   log=log, **settings)
+    return Run(out, summary)
