@@ -35,8 +35,9 @@ demo: venv
 	@echo "== 6/6 report: open it in a browser"
 	$(BIN)/edgessl report $(DEMO)
 
+# -n 2: two pytest workers (tests pin torch to one thread each), about 1.5x faster on 2 cores
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,8 +7,10 @@ head, bank), optimizer, scaler and every RNG state.
 """
 from __future__ import annotations
 
+import io
 import pickle
 import random
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -61,7 +63,13 @@ def save(state: dict, path: Path) -> None:
     A crash at any moment leaves either the old checkpoint or the new one, never half of one.
     """
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **state}
-    atomic_write(Path(path), lambda f: torch.save(state, f))
+    buf = io.BytesIO()
+    torch.save(state, buf)  # serialised in memory first: a full disk is then an OSError of the write
+    try:
+        atomic_write(Path(path), buf.getbuffer())
+    except OSError as e:  # disk full, quota, a vanished folder: the previous checkpoint is untouched
+        raise EdgesslError(f"cannot write the checkpoint {path} ({e.strerror or e}); the previous checkpoint "
+                           "is kept and --resume continues from it") from None
 
 
 def load(path: Path) -> dict:
@@ -70,7 +78,9 @@ def load(path: Path) -> dict:
     if not path.is_file():
         raise EdgesslError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing: one line here
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), type(e).__name__)
         raise EdgesslError(f"refusing to load {path}: it holds more than plain data ({why.split(' was not')[0]})") from None

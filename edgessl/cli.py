@@ -209,6 +209,39 @@ def report(run_dir, out):
     click.echo(f"wrote {api.Run(run_dir).report(out)}")
 
 
+@cli.group()
+def cache():
+    """The decoded-folder caches (~/.cache/edgessl, or $XDG_CACHE_HOME/edgessl)."""
+
+
+@cache.command("list")
+def cache_list():
+    """One line per cache: size, images, image size, last used, the folder it decodes."""
+    import time
+
+    from edgessl import cache as cache_lib
+
+    entries = cache_lib.list_caches()
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
+        state = "" if e["whole"] else "  (damaged: rebuilt on next use)"
+        click.echo(f"{e['bytes'] / 2**20:9.1f} MB  {e['count'] or '?':>7} images  {e['image_size'] or '?':>4} px  "
+                   f"used {used}  {e['root']}{state}")
+    click.echo(f"{len(entries)} caches, {sum(e['bytes'] for e in entries) / 2**20:.1f} MB in {cache_lib.cache_dir()}")
+
+
+@cache.command("clean")
+@click.option("--older-than", type=float, default=0.0, help="Only caches not used for this many days (0: all).")
+def cache_clean(older_than):
+    """Remove caches (none that a running process is building); they are rebuilt when needed."""
+    from edgessl import cache as cache_lib
+
+    if older_than < 0:
+        raise EdgesslError("--older-than must be 0 or more days")
+    removed = cache_lib.clean(older_than)
+    click.echo(f"removed {len(removed)} caches")
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:3]
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import pickle
 import struct
@@ -33,8 +32,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from edgessl.cache import folder_cache
 from edgessl.errors import EdgesslError
-from edgessl.runfiles import atomic_write
 from edgessl_edge.image import IMAGE_SUFFIXES, EdgeError, decode  # the runtime's decoder: one implementation
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -95,6 +94,8 @@ class ImageData:
     spec: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out
     files: Optional[list[str]] = None  # folder specs: row i's file, relative to the folder
+    source_identity: Optional[dict] = field(default=None, repr=False, compare=False)  # identity() of what
+    # this set was split from (load_split): what a checkpoint records of the run's data
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -103,7 +104,7 @@ class ImageData:
         labels = self.labels[index] if self.labels is not None else None
         images = self.images.subset(index) if self.mapped else self.images[index]
         files = [self.files[i] for i in index.tolist()] if self.files is not None else None
-        return ImageData(images, labels, self.classes, self.spec, self.skipped, files)
+        return ImageData(images, labels, self.classes, self.spec, self.skipped, files, self.source_identity)
 
     @property
     def mapped(self) -> bool:
@@ -111,7 +112,8 @@ class ImageData:
 
     def to(self, device) -> "ImageData":
         labels = self.labels.to(device) if self.labels is not None else None
-        return ImageData(self.images.to(device), labels, self.classes, self.spec, self.skipped, self.files)
+        return ImageData(self.images.to(device), labels, self.classes, self.spec, self.skipped, self.files,
+                         self.source_identity)
 
 
 def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail", storage: str = "auto") -> ImageData:
@@ -161,9 +163,11 @@ def load_split(cfg) -> tuple[ImageData, Optional[ImageData]]:
     if not cfg.spec:
         raise EdgesslError("no training data: give a dataset spec (--data npz:PATH, folder:DIR, ...)")
     train = load(cfg.spec, cfg.image_size, cfg.bad_images, cfg.storage)
+    train.source_identity = identity(train)
     val = None
     if cfg.val_spec:
         val = load(cfg.val_spec, train.images.shape[-1], cfg.bad_images, cfg.storage)
+        val.source_identity = identity(val)
     elif cfg.val_fraction > 0:
         train, val = split(train, cfg.val_fraction, cfg.split_seed)
     n = cfg.train_subset
@@ -173,6 +177,54 @@ def load_split(cfg) -> tuple[ImageData, Optional[ImageData]]:
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(
             cfg.split_seed))[:n].sort().values)
     return train, val
+
+
+def identity(data: ImageData) -> dict:
+    """What a checkpoint records of the images its bank rows stand for: the count, a short hash
+    of each row's decoded pixels in row order, and for a folder each row's file."""
+    rows = [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest()
+            for chunk in data.images.split(1024) for row in chunk.contiguous().numpy()]
+    return {"count": len(data), "rows": rows, "files": list(data.files) if data.files is not None else None}
+
+
+def check_identity(stored: Optional[dict], data: ImageData, what: str) -> None:
+    """Refuse, naming the change, when `data` (or what it was split from) is not row for row the
+    images `stored` describes (row i of a memory bank is image i: a silent change of order
+    would corrupt the run)."""
+    if stored is None:  # a checkpoint written before identities were recorded
+        return
+    now = data.source_identity or identity(data)
+    if now["rows"] == stored["rows"]:
+        return
+    raise EdgesslError(f"{what}: the images changed since the checkpoint ({describe_change(stored, now)}); "
+                       "the run's bank and splits no longer line up with them")
+
+
+def describe_change(old: dict, new: dict, most: int = 3) -> str:
+    def names(xs):
+        xs = sorted(xs)
+        return ", ".join(xs[:most]) + (f" and {len(xs) - most} more" if len(xs) > most else "")
+
+    parts = [f"{old['count']} images then, {new['count']} now"] if old["count"] != new["count"] else []
+    if old.get("files") is not None and new.get("files") is not None:
+        before, after = dict(zip(old["files"], old["rows"])), dict(zip(new["files"], new["rows"]))
+        added, removed = set(after) - set(before), set(before) - set(after)
+        edited = {f for f in set(before) & set(after) if before[f] != after[f]}
+        gone = {before[r]: r for r in removed}  # pixels of the removed files -> their old names
+        renamed = {f for f in added if after[f] in gone}
+        removed -= {gone[after[f]] for f in renamed}
+        for label, group in (("renamed to", renamed), ("added", added - renamed), ("removed", removed),
+                             ("edited", edited)):
+            if group:
+                parts.append(f"{len(group)} {label}: {names(group)}")
+        if not (added or removed or edited):
+            parts.append("the same files in another order")
+    elif sorted(old["rows"]) == sorted(new["rows"]):
+        parts.append("the same images in another order")
+    else:
+        differ = sum(a != b for a, b in zip(old["rows"], new["rows"]))
+        parts.append(f"{differ} of the first {min(old['count'], new['count'])} images differ")
+    return "; ".join(parts)
 
 
 def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, ImageData]:
@@ -318,15 +370,10 @@ def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage:
         raise EdgesslError(f"folder: no image files under {root}")
     size = image_size or FOLDER_DEFAULT_SIZE
     listing = [(str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]]
-    key = hashlib.sha256(f"{size}\n".encode() + "\n".join(f"{f}\t{n}\t{t}" for f, n, t in listing).encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgessl" / f"folder-{key.hexdigest()[:16]}.npy"
-    manifest_path = cache.with_suffix(".json")
-    if not (cache.exists() and manifest_path.exists()):
-        _build_folder_cache(root, files, listing, size, cache, manifest_path)
-    manifest = json.loads(manifest_path.read_text())
+    cache, manifest = folder_cache(root, listing, size, lambda tmp: _decode_into(tmp, files, listing, size))
     skipped = [(str(root / f), why) for f, why in manifest["skipped"]]
     if skipped and bad_images == "fail":
-        listing_s = "\n".join(f"  {f}: {why}" for f, why in skipped)
+        listing_s = "\n".join(f"  {printable(f)}: {why}" for f, why in skipped)
         raise EdgesslError(f"{len(skipped)} of {len(files)} images under {root} cannot be used "
                            f"(--bad-images skip trains on the rest):\n{listing_s}")
     if manifest["count"] == 0:
@@ -343,30 +390,24 @@ def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage:
     return images, labels, classes, skipped, [f for f, _, _ in listing if f not in bad]
 
 
-def _build_folder_cache(root: Path, files: list[Path], listing: list, size: int, cache: Path, manifest: Path):
-    """Decode every file straight into an on-disk .npy (never the whole set in RAM), then
-    write the manifest; both appear under their names only when complete."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+def _decode_into(tmp: Path, files: list[Path], listing: list, size: int) -> tuple[int, list]:
+    """Decode every file straight into an on-disk .npy (never the whole set in RAM): (count, skipped)."""
     skipped, count = [], 0
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
-        for p, (rel, _, _) in zip(files, listing):
-            try:
-                out[count] = decode(p, size)
-                count += 1
-            except EdgeError as e:
-                skipped.append((rel, str(e)))
-        out.flush()
-        del out
-        os.replace(tmp, cache)
-    except OSError as e:
-        raise EdgesslError(f"folder: cannot write the decoded cache {cache} ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    text = json.dumps({"root": str(root), "image_size": size, "count": count, "skipped": skipped,
-                       "files": listing}, indent=0)
-    atomic_write(manifest, text)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
+    for p, (rel, _, _) in zip(files, listing):
+        try:
+            out[count] = decode(p, size)
+            count += 1
+        except EdgeError as e:
+            skipped.append((rel, str(e)))
+    out.flush()
+    del out
+    return count, skipped
+
+
+def printable(name: str) -> str:
+    """A file name as text that can be printed: bytes that are not UTF-8 shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _physical_memory() -> int:

@@ -22,7 +22,7 @@ from edgessl.config import Config
 from edgessl.errors import EdgesslError
 from edgessl.onnxrt import META_KEY, batch_of, latency, ort_features, parity, read_metadata, session
 from edgessl.runfiles import atomic_write, record_export
-from edgessl.runs import Classifier, is_classifier, load_run
+from edgessl.runs import Classifier, check_run_data, is_classifier, load_run
 from edgessl.version import __version__
 
 # The export's own bar for an fp32 file: max abs diff <= 1e-4 of the feature scale
@@ -123,9 +123,8 @@ def _write_onnx_metadata(path: Path, meta: dict) -> None:
     atomic_write(path, model.SerializeToString())
 
 
-def run_images(cfg: Config, spec: Optional[str], count: int, image_size: int) -> np.ndarray:
-    """`count` real images, normalised as in evaluation: float32 (count, 3, S, S)."""
-    data = data_lib.load(spec or cfg.data.spec, image_size)
+def run_images(data: data_lib.ImageData, count: int, cfg: Config) -> np.ndarray:
+    """`count` real images spread over `data`, normalised as in evaluation: float32 (count, 3, S, S)."""
     idx = torch.linspace(0, len(data) - 1, min(count, len(data))).long()
     return normalize(data.images[idx], cfg.data.mean, cfg.data.std).numpy()
 
@@ -194,9 +193,14 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
     if not out.parent.exists():
         raise EdgesslError(f"folder {out.parent} does not exist")
     size = state["backbone"]["image_size"]
-    images = run_images(cfg, calib, max(16, calib_count if precision == "int8" else 16), size)
+    knn = knn and not is_classifier(state)
+    own = None  # a pretraining run's own (train, held-out) images: calibration and the kNN change
+    if not is_classifier(state) and (calib is None or knn):
+        own = data_lib.load_split(cfg.data)
+        check_run_data(state, *own, "export")
+    source = data_lib.load(calib, size) if calib else own[0] if own else data_lib.load(cfg.data.spec, size)
+    images = run_images(source, max(16, calib_count if precision == "int8" else 16), cfg)
     encoder = export_module(model, with_head)
-    knn = knn and state.get("kind") != "classifier"
     with torch.no_grad():
         reference = encoder(torch.from_numpy(images[:16])).numpy()
     if precision == "int8":
@@ -221,18 +225,18 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
                                f"{report['max_rel_diff']:.2e} of the feature scale, "
                                f"min cosine {report['min_cosine']:.6f}); nothing written")
         if knn:
-            report.update(knn_change(encoder, sess, cfg, size))
+            report.update(knn_change(encoder, sess, cfg, *own))
         atomic_write(out, final.read_bytes())  # only a file that passed its check replaces anything
     atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1))
     record_export(run_dir, out, report)
     return report
 
 
-def knn_change(encoder: nn.Module, sess, cfg: Config, size: int) -> dict:
+def knn_change(encoder: nn.Module, sess, cfg: Config, train: data_lib.ImageData,
+               val: Optional[data_lib.ImageData]) -> dict:
     """kNN top-1 of torch fp32 features and of the exported file's, on the run's held-out split."""
     from edgessl.knn import knn_accuracy
 
-    train, val = data_lib.load_split(cfg.data)
     if val is None or train.labels is None or val.labels is None:
         return {}
     acc = {}

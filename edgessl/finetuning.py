@@ -7,6 +7,7 @@ checkpoint.pt) that `edgessl export` turns into an ONNX classifier.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import hashlib
 import sys
 import time
@@ -24,7 +25,7 @@ from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precis
 from edgessl.errors import EdgesslError
 from edgessl.optim import check_finite, optimizer_step, set_lr
 from edgessl.runfiles import CsvLog, check_run_dir
-from edgessl.runs import Classifier, build_classifier, is_classifier, load_encoder
+from edgessl.runs import Classifier, build_classifier, check_run_data, data_record, is_classifier, load_encoder
 from edgessl.schedule import lr_at
 
 # Fine-tuning augmentation: crop and flip, no colour jitter (the usual supervised recipe).
@@ -45,6 +46,16 @@ def stratified_subset(labels: torch.Tensor, seed: int, fraction: Optional[float]
             raise EdgesslError(f"class {c} has {len(idx)} labelled images, fewer than the {k} asked for")
         picked.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     return torch.cat(picked).sort().values
+
+
+@dataclass
+class Source:
+    """The pretraining run a classifier starts from."""
+
+    config: dict  # its resolved config
+    backbone: dict  # how its backbone is built (timm name, stem, input size)
+    path: str
+    data: Optional[dict]  # what its checkpoint records of its images (their identity)
 
 
 def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str = "", out: str | Path = "",
@@ -72,24 +83,28 @@ def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str
                               "labels_per_class": labels_per_class, **settings})
         torch.manual_seed(ft.seed)  # a random init (and the new head) are drawn from the run's seed
         encoder, src_cfg, src_state = load_encoder(run_dir, ft.init)
-        src, backbone_info = to_dict(src_cfg), src_state["backbone"]
-        source = str(run_dir)
+        source = Source(to_dict(src_cfg), src_state["backbone"], str(run_dir), src_state.get("data"))
     else:
         stored = state["config"]["finetune"]
         names = {f.name for f in dataclasses.fields(FinetuneConfig)}
         ft = finetune_config({**{k: v for k, v in stored.items() if k in names and k not in RUN_ONLY},
                               **{k: v for k, v in settings.items() if k in RUN_ONLY}})
-        src = {k: v for k, v in state["config"].items() if k != "finetune"}
-        backbone_info, source = state["backbone"], stored["source"]
-    return _train(ft, src, backbone_info, source, out, state, None if state else encoder, progress, stop_at_epoch,
-                  log)
+        source = Source({k: v for k, v in state["config"].items() if k != "finetune"}, state["backbone"],
+                        stored["source"], None)
+    return _train(ft, source, out, state, None if state else encoder, progress, stop_at_epoch, log)
 
 
-def _train(ft: FinetuneConfig, src: dict, backbone_info: dict, source: str, out: Path, state: Optional[dict],
-           encoder: Optional[nn.Module], progress, stop_at_epoch, log) -> dict:
+def _train(ft: FinetuneConfig, source: Source, out: Path, state: Optional[dict], encoder: Optional[nn.Module],
+           progress, stop_at_epoch, log) -> dict:
     dev = resolve_device(ft.device)
     prec = resolve_precision(ft.precision, dev)
+    src, backbone_info = source.config, source.backbone
     train, test = labelled_sets(ft, src, backbone_info["image_size"])
+    if state is not None:  # the labelled images must be the ones this run started on
+        check_run_data(state, train, test, "--resume")
+    elif not ft.train:  # the pretraining run's own split: still its images
+        check_run_data({"data": source.data}, train, test, "finetune")
+    identity = data_record(train, test)
     size = backbone_info["image_size"]
     subset = stratified_subset(train.labels, ft.seed, ft.label_fraction if ft.labels_per_class is None else None,
                                ft.labels_per_class)
@@ -108,7 +123,7 @@ def _train(ft: FinetuneConfig, src: dict, backbone_info: dict, source: str, out:
     opt = torch.optim.SGD(groups, lr=ft.lr, momentum=0.9, weight_decay=ft.weight_decay, nesterov=True)
     scaler = grad_scaler(dev, prec)
     stored = {k: v for k, v in dataclasses.asdict(ft).items() if k not in RUN_ONLY}
-    cfg = {**src, "finetune": {"source": source, **stored, "n_labelled": len(train), "subset_sha256": _digest(subset)}}
+    cfg = {**src, "finetune": {"source": source.path, **stored, "n_labelled": len(train), "subset_sha256": _digest(subset)}}
     metrics = CsvLog(out / "metrics.csv", FIELDS)
     done, step, elapsed, top1 = 0, 0, 0.0, 0.0
     if state is None:
@@ -152,6 +167,7 @@ def _train(ft: FinetuneConfig, src: dict, backbone_info: dict, source: str, out:
         bar.set_postfix(top1=f"{top1:.1f}")
         checkpoint.save({"kind": "classifier", "config": cfg, "classes": classes, "model": model.state_dict(),
                          "backbone": backbone_info, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                         "data": identity,
                          "rng": checkpoint.rng_state(),
                          "position": {"epoch": epoch, "step": step, "seconds": seconds, "test_top1": top1}},
                         out / "checkpoint.pt")

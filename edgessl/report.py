@@ -19,7 +19,7 @@ import torch
 from edgessl import data as data_lib
 from edgessl.errors import EdgesslError
 from edgessl.runfiles import EXPORTS, atomic_write
-from edgessl.runs import is_classifier, read_state, run_config
+from edgessl.runs import check_run_data, is_classifier, read_state, run_config
 
 
 
@@ -46,7 +46,7 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, grid: bo
     if metrics:
         parts += ["<h2>Training</h2>", _img(_curves(metrics, base))]
     if grid:
-        png = _neighbours(run_dir, cfg)
+        png = _neighbours(run_dir, cfg, state)
         if png:
             parts += ["<h2>Nearest neighbours</h2><p>Held-out images (first column), then their nearest "
                       "training images by the backbone's features; wrong labels in red.</p>", _img(png)]
@@ -120,14 +120,15 @@ def _curves(rows: list[dict], base: dict) -> bytes:
     return buf.getvalue()
 
 
-def _neighbours(run_dir: Path, cfg) -> Optional[bytes]:
+def _neighbours(run_dir: Path, cfg, state: dict) -> Optional[bytes]:
     """The probe's neighbour grid on the run's own split (held-out queries when there are some)."""
     from edgessl.probe import neighbour_grid, run_features
 
     try:
         train, val = data_lib.load_split(cfg.data)
+        check_run_data(state, train, val, "report")
     except EdgesslError:
-        return None  # the data moved since the run: the page says what it can without it
+        return None  # the data moved or changed since the run: the page shows what it can without it
     if train.mapped:
         return None
     fn, _, _ = run_features(run_dir)

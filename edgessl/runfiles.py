@@ -7,10 +7,12 @@ keeps exactly the rows its checkpoint covers (a line cut by a kill is dropped).
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -35,7 +37,7 @@ def atomic_write(path: Path, data: Union[bytes, str, Callable]) -> None:
             if callable(data):
                 data(f)
             else:
-                f.write(data.encode() if isinstance(data, str) else data)
+                f.write(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -83,12 +85,16 @@ class CsvLog:
             w.writerows(rows)
 
 
-def check_run_dir(run_dir: Path, resume: bool, what: str = "checkpoint.pt") -> None:
-    """Before anything is written: a new run never overwrites one, a resume has one to continue,
-    and the folder is writable with room for checkpoints."""
+def check_run_dir(run_dir: Path, resume: bool, what: str = "checkpoint.pt", locked: bool = False) -> None:
+    """Before anything is written: no other process is writing the run, a new run never
+    overwrites one, a resume has one to continue, and the folder is writable with room for
+    checkpoints. `locked`: the caller holds the run's lock itself."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
         raise EdgesslError(f"{run_dir} is a file; give a run directory")
+    holder = None if locked else lock_holder(run_dir)
+    if holder:
+        raise EdgesslError(f"{run_dir} is in use by {holder}; wait for it to end or choose another --out")
     ckpt = run_dir / what
     if resume and not ckpt.exists():
         raise EdgesslError(f"--resume: no checkpoint in {run_dir}")
@@ -99,6 +105,44 @@ def check_run_dir(run_dir: Path, resume: bool, what: str = "checkpoint.pt") -> N
         raise EdgesslError(f"cannot write to {parent}")
     if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
         raise EdgesslError(f"less than {MIN_FREE_BYTES >> 20} MB free under {parent}")
+
+
+def lock_holder(run_dir: Path) -> Optional[str]:
+    """Who holds RUN_DIR/.lock now ("edgessl pid N"), or None when nobody does."""
+    path = Path(run_dir) / ".lock"
+    if not path.exists():
+        return None
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Only one process writes a run directory: an exclusive lock on RUN_DIR/.lock, held while
+    the run trains and released when its process ends, however it ends (SIGKILL included)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise EdgesslError(f"{run_dir} is in use by {holder}; wait for it to end or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"edgessl pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class RunFiles:

@@ -8,11 +8,12 @@ all come here; this module depends only on the layers below it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
-from edgessl import checkpoint
+from edgessl import checkpoint, data as data_lib
 from edgessl.backbones import create_backbone
 from edgessl.config import Config, from_dict
 from edgessl.errors import EdgesslError
@@ -68,6 +69,23 @@ def build_method(state: dict, cfg: Config) -> nn.Module:
     model = create_method(cfg.method.name, new_backbone(state), args.pop("num_samples"), cfg.method, **args)
     model.load_state_dict(state["model"], strict=True)
     return model.eval()
+
+
+def data_record(train: data_lib.ImageData, val: Optional[data_lib.ImageData]) -> dict:
+    """What a checkpoint records of its images: the identity of the training data (as loaded,
+    before any split) and of a separately loaded held-out set."""
+    own = train.source_identity or data_lib.identity(train)
+    sep = val is not None and val.source_identity is not train.source_identity
+    return {"train": own, "val": (val.source_identity or data_lib.identity(val)) if sep else None}
+
+
+def check_run_data(state: dict, train: data_lib.ImageData, val: Optional[data_lib.ImageData], what: str) -> None:
+    """The run's data must still be row for row the images its checkpoint was trained on (a
+    split of the same images with the same stored settings is then the same split)."""
+    stored = state.get("data") or {}
+    data_lib.check_identity(stored.get("train"), train, what)
+    if val is not None and stored.get("val") is not None:
+        data_lib.check_identity(stored["val"], val, f"{what} (held-out images)")
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, Config, dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import random
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from edgessl import checkpoint, data as data_lib, distributed
@@ -30,7 +32,8 @@ from edgessl.errors import EdgesslError
 from edgessl.knn import knn_accuracy
 from edgessl.methods import create_method, loss_parts, method_class
 from edgessl.optim import check_finite, optimizer_step, param_groups, set_lr
-from edgessl.runfiles import RunFiles, check_run_dir
+from edgessl.runfiles import RunFiles, check_run_dir, run_lock
+from edgessl.runs import check_run_data, data_record
 from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs
 
 # what --resume may change: the budget, where images live, whether a report is written
@@ -83,6 +86,7 @@ class Setup:
     rank: int = 0  # torchrun: this process's rank among `world`; only rank 0 writes files
     world: int = 1
     forward: Optional[torch.nn.Module] = None  # the model, or its DistributedDataParallel wrapper
+    data_identity: dict = field(default_factory=dict)  # {"train", "val"}: what the checkpoint records of the images
 
 
 def build(cfg: Config) -> Setup:
@@ -93,6 +97,8 @@ def build(cfg: Config) -> Setup:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)  # unused by edgessl, but in every checkpoint: same seed, same state
+    random.seed(cfg.run.seed)
     resolve_name(cfg.backbone.name)  # a typo fails before the data is decoded
     train, val = data_lib.load_split(cfg.data)
     if cfg.optim.batch_size * world > len(train):
@@ -121,7 +127,8 @@ def build(cfg: Config) -> Setup:
     return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
                  model, make_optimizer(cfg, model), grad_scaler(device, precision),
                  BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
-                 len(train) // (cfg.optim.batch_size * world), rank, world, forward)
+                 len(train) // (cfg.optim.batch_size * world), rank, world, forward,
+                 data_record(train, val))
 
 
 def method_args(cfg: Config, train: data_lib.ImageData) -> dict:
@@ -210,8 +217,19 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
     if state is not None:
         resume_config(cfg, state)
     s = build(cfg)
+    if state is not None:
+        check_run_data(state, s.train, s.val, "--resume")
     if keep is not None:
         keep["setup"] = s
+    if s.rank != 0:  # rank 0 writes the run directory and holds its lock
+        return _pretrain(s, run_dir, state, progress, stop_at_step, _quiet)
+    with run_lock(run_dir):
+        check_run_dir(run_dir, resume, locked=True)  # a run that ended while this one was being built
+        return _pretrain(s, run_dir, state, progress, stop_at_step, log)
+
+
+def _pretrain(s: Setup, run_dir: Path, state: Optional[dict], progress, stop_at_step, log) -> dict:
+    cfg = s.cfg
     files = RunFiles(run_dir, metric_fields(cfg.method.name), enabled=s.rank == 0)
     if state is None:
         pos = Position(planned_epochs=cfg.optim.epochs,
@@ -228,8 +246,6 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
         if s.world > 1:  # the checkpoint holds rank 0's RNG: each rank continues its own stream
             torch.manual_seed(cfg.run.seed + 1000 * s.rank + pos.step)
         files.start(dump_yaml(cfg), (pos.epoch + 1, pos.step), s.train.skipped)
-    if s.rank != 0:
-        log = _quiet
     bb = s.model.backbone
     log(f"edgessl pretrain: {data_lib.describe(s.train)} | {bb.timm_name} "
         f"(output stride {bb.output_stride}, {bb.feature_dim}-d) | {cfg.method.name} | {s.device} {s.precision}"
@@ -286,7 +302,7 @@ def save(s: Setup, files: RunFiles, pos: Position) -> None:
     bb = s.model.backbone
     checkpoint.save({"config": to_dict(s.cfg), "position": dataclasses.asdict(pos), "model": s.model.state_dict(),
                      "method_args": {"num_samples": len(s.train), **method_args(s.cfg, s.train)},
-                     "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+                     "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(), "data": s.data_identity,
                      "rng": checkpoint.rng_state(), "backbone": {
                          "timm_name": bb.timm_name, "model_args": bb.model_args, "output_stride": bb.output_stride,
                          "feature_dim": bb.feature_dim, "image_size": s.image_size}}, files.ckpt)

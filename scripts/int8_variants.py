@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from edgessl.data import load_split
 from edgessl.export import Encoder, rewrite_hard_activations, run_images, topological_sort, torch_export
 from edgessl.onnxrt import batch_of, latency, ort_features, parity, session
 from edgessl.runs import load_run
@@ -121,7 +122,7 @@ def main() -> None:
     args = ap.parse_args()
     model, cfg, state = load_run(args.run_dir)
     size = state["backbone"]["image_size"]
-    images = run_images(cfg, None, 256, size)
+    images = run_images(load_split(cfg.data)[0], 256, cfg)
     encoder = Encoder(model.backbone).eval()
     with torch.no_grad():
         reference = encoder(torch.from_numpy(images[:64])).numpy()

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic data, a tiny recipe, and the shared CIFAR-10 file."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,12 @@ sys.path.insert(0, str(REPO / "scripts"))  # the benchmark scripts import their 
 SHARED_NPZ = REPO.parent / "shared" / "data" / "cifar10-5k-train.npz"
 
 torch.set_num_threads(1)  # tiny tensors: one thread is faster, and runs are repeatable
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_home(tmp_path_factory):
+    """Folder caches go to a temporary folder, never the user's ~/.cache/edgessl."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from edgessl.cli import cli
 
-COMMANDS = [[], ["pretrain"], ["export"], ["check"], ["probe"], ["finetune"], ["embed"], ["report"]]
+COMMANDS = [[], ["pretrain"], ["export"], ["check"], ["probe"], ["finetune"], ["embed"], ["report"], ["cache"],
+            ["cache", "list"], ["cache", "clean"]]
 
 
 def run(*args, cwd=None):

@@ -80,7 +80,7 @@ def test_interrupted_cache_build_leaves_nothing(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(data_lib, "decode", flaky)
     with pytest.raises(KeyboardInterrupt):
         load(f"folder:{folder}", 16, storage="mmap")
-    assert list((tmp_path / "cache" / "edgessl").iterdir()) == []
+    assert [p.name for p in (tmp_path / "cache" / "edgessl").iterdir() if p.suffix != ".lock"] == []  # the lock stays
     monkeypatch.setattr(data_lib, "decode", real)
     assert torch.equal(load(f"folder:{folder}", 16, storage="mmap").images[0:24],
                        load(f"folder:{folder}", 16, storage="memory").images)

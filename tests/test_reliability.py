@@ -101,6 +101,7 @@ def test_malicious_checkpoint_runs_no_code(tiny_npz, tmp_path):
         torch.save({"format": "edgessl-checkpoint", "payload": Evil()}, f)
     r = cli("pretrain", "--out", run, "--resume")
     assert r.returncode == 2 and "refusing to load" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # no pickle-protocol warning before it
     r = cli("export", run, "--out", tmp_path / "m.onnx")
     assert r.returncode == 2 and "refusing to load" in r.stderr
     with open(tmp_path / "raw.pkl", "wb") as f:

@@ -24,7 +24,7 @@ def test_two_epochs_write_every_artefact(tiny_npz, tmp_path):
     cfg = tiny_config(f"npz:{tiny_npz}")
     run = tmp_path / "run"
     out = pretrain(cfg, run, log=quiet)
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.csv", "steps.csv", "checkpoint.pt"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.csv", "steps.csv", "checkpoint.pt", ".lock"}
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 2
     rows = read_csv(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # epoch 0: the untrained network

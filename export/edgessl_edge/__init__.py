@@ -120,10 +120,12 @@ def check_gallery(gallery: dict, encoder: Encoder, gallery_path) -> None:
     if made_with is not None and made_with != encoder.model_id:
         raise EdgeError(f"gallery {gallery_path} was built with another model (sha256 {made_with[:12]}), "
                         f"not {encoder.path} (sha256 {encoder.model_id[:12]}); rebuild it with build-gallery")
-    f, y = gallery["features"], gallery["labels"]
-    if f.ndim != 2 or f.shape[1] != encoder.meta["feature_dim"] or y.shape != (f.shape[0],):
-        raise EdgeError(f"gallery {gallery_path} holds {f.shape} features and {y.shape} labels; "
-                        f"{encoder.path} makes {encoder.meta['feature_dim']}-d features")
+    f, y, c = gallery["features"], gallery["labels"], gallery["classes"]
+    ok = (f.ndim == 2 and f.dtype.kind == "f" and f.shape[1] == encoder.meta["feature_dim"] and c.ndim == 1
+          and y.shape == (f.shape[0],) and y.dtype.kind in "iu" and (y.size == 0 or 0 <= y.min() <= y.max() < len(c)))
+    if not ok:
+        raise EdgeError(f"gallery {gallery_path} is malformed ({f.shape} {f.dtype} features, {y.shape} {y.dtype} "
+                        f"labels, {c.shape} classes); {encoder.path} makes {encoder.meta['feature_dim']}-d features")
 
 
 def predict(model: Encoder, paths, top_k: int = 1) -> list[list[tuple[str, float]]]:

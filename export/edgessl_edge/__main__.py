@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             try:
                 with np.load(args.gallery, allow_pickle=False) as f:
                     gallery = dict(f)
-            except (ValueError, EOFError) as err:
+            except Exception as err:  # not an .npz, a truncated zip, pickled objects: all "not a gallery"
                 raise EdgeError(f"{args.gallery} is not a gallery .npz ({err})") from None
             check_gallery(gallery, enc, args.gallery)
             paths = _paths(args.images)

@@ -5,12 +5,14 @@ saturated) to 8 bits, alpha dropped, RGB, bicubic resize to size x size.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 MIN_SIDE = 8  # smaller images are reported as bad, not upscaled from a few pixels
+MAX_PIXELS = 120_000_000  # above the largest phone sensors (108 MP); Pillow's own bomb limit is 179 MP
 
 
 class EdgeError(Exception):
@@ -18,20 +20,33 @@ class EdgeError(Exception):
 
 
 def decode(path, size: int) -> np.ndarray:
-    """One image file -> (size, size, 3) uint8. EdgeError says why a file cannot be used."""
+    """One image file -> (size, size, 3) uint8. EdgeError says why a file cannot be used.
+
+    The size is read from the header before any pixel is decoded: a file that claims more
+    than MAX_PIXELS (a decompression bomb) or less than MIN_SIDE a side is refused. An
+    animated image gives its first frame."""
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
-            if min(im.size) < MIN_SIDE:
-                raise EdgeError(f"too small ({im.size[0]}x{im.size[1]}; at least {MIN_SIDE} px a side)")
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255)
-                                     .astype(np.uint8))
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
+            with Image.open(path) as im:
+                w, h = im.size
+                if min(w, h) < MIN_SIDE:
+                    raise EdgeError(f"too small ({w}x{h}; at least {MIN_SIDE} px a side)")
+                if w * h > MAX_PIXELS:
+                    raise EdgeError(f"too large ({w}x{h}; at most {MAX_PIXELS // 10**6} megapixels)")
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    a = np.asarray(im, dtype=np.float64)
+                    im = Image.fromarray(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255)
+                                         .astype(np.uint8))
+                return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+    except EdgeError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow refuses at open: more than twice its own limit
+        raise EdgeError(f"too large (a decompression bomb: {e})") from None
+    except Exception as e:  # whatever a broken or hostile file makes Pillow raise is that file's problem
         raise EdgeError(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
