@@ -6,7 +6,7 @@ SHARED  ?= ../shared
 DATA    := $(SHARED)/data/cifar10-5k-train.npz
 DEMO    := runs/demo
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test gpu-check clean
 
 # torch first and pinned: these exact versions come from this machine's disk, no download.
 $(BIN)/edgessl: pyproject.toml
@@ -38,6 +38,10 @@ demo: venv
 # -n 2: two pytest workers (tests pin torch to one thread each), about 1.5x faster on 2 cores
 test: venv
 	$(BIN)/python -m pytest -q -n 2
+
+# On a machine with a CUDA GPU: tests, step throughput and memory, an equal-budget kNN; under 8 minutes.
+gpu-check: venv
+	$(BIN)/python scripts/gpu_check.py --out runs/gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -105,6 +105,7 @@ class RunConfig:
     checkpoint_every_minutes: float = 10.0  # ... and every M minutes of training (0: off)
     sync_bn: bool = False  # torchrun on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm is CUDA-only)
     report: bool = True  # write RUN_DIR/report.html when the run ends (edgessl report writes it any time)
+    compile: bool = False  # torch.compile the training forward (measured in scripts/gpu_check.py; off: untested gain)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import hashlib
 import os
 import pickle
 import struct
+import sys
 import urllib.parse
 import zipfile
 from dataclasses import dataclass, field
@@ -34,12 +35,14 @@ import torch
 
 from edgessl.cache import folder_cache
 from edgessl.errors import EdgesslError
-from edgessl_edge.image import IMAGE_SUFFIXES, EdgeError, decode  # the runtime's decoder: one implementation
+from edgessl_edge.image import IMAGE_SUFFIXES, decode_rows  # the runtime's decoder: one implementation
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 FOLDER_DEFAULT_SIZE = 64
+DECODE_CHUNK = 256  # files per decoding job
+PARALLEL_FROM = 2048  # folders this large are decoded on every core (smaller: the start-up costs more)
 
 
 class MappedImages:
@@ -391,18 +394,46 @@ def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage:
 
 
 def _decode_into(tmp: Path, files: list[Path], listing: list, size: int) -> tuple[int, list]:
-    """Decode every file straight into an on-disk .npy (never the whole set in RAM): (count, skipped)."""
-    skipped, count = [], 0
+    """Decode every file straight into an on-disk .npy (never the whole set in RAM), on every
+    core for a large folder: (count, skipped). Rows keep the listing's order; the rows of files
+    that cannot be used are squeezed out afterwards."""
+    from tqdm import tqdm
+
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
-    for p, (rel, _, _) in zip(files, listing):
-        try:
-            out[count] = decode(p, size)
-            count += 1
-        except EdgeError as e:
-            skipped.append((rel, str(e)))
-    out.flush()
     del out
-    return count, skipped
+    chunks = [range(i, min(i + DECODE_CHUNK, len(files))) for i in range(0, len(files), DECODE_CHUNK)]
+    workers = min(len(chunks), os.cpu_count() or 1) if len(files) >= PARALLEL_FROM else 1
+    show = sys.stderr.isatty() and len(files) >= PARALLEL_FROM
+    bad: dict[int, str] = {}
+    with tqdm(total=len(files), disable=not show, unit="img", desc="decoding", leave=False) as bar:
+        if workers == 1:
+            for rows in chunks:
+                bad.update(decode_rows(str(tmp), [str(files[r]) for r in rows], rows.start, size))
+                bar.update(len(rows))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # fork where there is one: workers run Pillow and numpy only (no OpenMP, safe after a fork);
+            # spawn would re-import the caller's main module (torch) in every worker
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+                jobs = [pool.submit(decode_rows, str(tmp), [str(files[r]) for r in rows], rows.start, size)
+                        for rows in chunks]
+                for job, rows in zip(jobs, chunks):
+                    bad.update(job.result())
+                    bar.update(len(rows))
+    arr = np.load(tmp, mmap_mode="r+")
+    count = 0
+    for i in range(len(files)):  # squeeze out the bad rows, in order (nothing moves when none is bad)
+        if i in bad:
+            continue
+        if count != i:
+            arr[count] = arr[i]
+        count += 1
+    arr.flush()
+    del arr
+    return count, [(listing[i][0], bad[i]) for i in sorted(bad)]
 
 
 def printable(name: str) -> str:

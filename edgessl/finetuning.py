@@ -155,9 +155,10 @@ def _train(ft: FinetuneConfig, source: Source, out: Path, state: Optional[dict],
             set_lr(opt, base_lr)
             with autocast(dev, prec):
                 loss = F.cross_entropy(model(augment(train.images[idx])).float(), train.labels[idx])
-            check_finite(loss, step, dev)
+            value = loss.item()
+            check_finite(value, step, dev)
             optimizer_step(loss, opt, scaler)
-            loss_sum += loss.item()
+            loss_sum += value
             step += 1
             bar.update(1)
         top1 = evaluate(model, test, mean, std, dev, prec)

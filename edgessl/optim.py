@@ -1,6 +1,8 @@
 """Optimizers and the one optimizer step that pretraining and fine-tuning share."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from edgessl import distributed
@@ -20,11 +22,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-def check_finite(loss: torch.Tensor, step: int, device: torch.device) -> None:
-    """A NaN or inf loss (on any rank) stops the run before the weights or a memory bank take it in."""
-    if distributed.any_rank(not bool(torch.isfinite(loss)), device):
+def check_finite(loss: float, step: int, device: torch.device) -> None:
+    """A NaN or inf loss (on any rank) stops the run before the weights or a memory bank take it in.
+    `loss` is a Python float: the caller reads it from the device once per step, with its parts."""
+    if distributed.any_rank(not math.isfinite(loss), device):
         where = " on this rank or another" if distributed.world()[1] > 1 else ""
-        raise EdgesslError(f"loss is {loss.item()} at step {step}{where}: stopped before the weights "
+        raise EdgesslError(f"loss is {loss} at step {step}{where}: stopped before the weights "
                            "or the bank took it in; the last checkpoint is kept")
 
 

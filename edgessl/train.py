@@ -36,8 +36,8 @@ from edgessl.runfiles import RunFiles, check_run_dir, run_lock
 from edgessl.runs import check_run_data, data_record
 from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs
 
-# what --resume may change: the budget, where images live, whether a report is written
-BUDGET_KEYS = {("optim", "minutes"), ("data", "storage"), ("run", "report")}
+# what --resume may change: the budget, where images live, whether a report is written, compilation
+BUDGET_KEYS = {("optim", "minutes"), ("data", "storage"), ("run", "report"), ("run", "compile")}
 
 
 def metric_fields(method: str) -> list[str]:
@@ -124,6 +124,8 @@ def build(cfg: Config) -> Setup:
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           **no_forward_sync)
         torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
+    if cfg.run.compile:
+        forward = torch.compile(forward)
     return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
                  model, make_optimizer(cfg, model), grad_scaler(device, precision),
                  BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
@@ -346,8 +348,8 @@ def run_epoch(s: Setup, files: RunFiles, pos: Position, show: bool, stop, budget
         start = pos.epoch_step * bs * s.world + s.rank * bs  # this rank's slice of the global batch
         idx = pos.perm[start:start + bs].to(s.device)
         out = train_step(s, idx, lr_at(pos.step, total, warmup, c.optim.lr), pos.step, total)
-        loss = out["loss"].item()
-        for k, v in [("loss", loss)] + [(k, v.item()) for k, v in out["parts"].items()]:
+        loss = out["values"]["loss"]
+        for k, v in out["values"].items():
             pos.sums[k] = pos.sums.get(k, 0.0) + v
         step_log.append((pos.step, loss))
         pos.skipped_steps += int(out["skipped"])
@@ -400,7 +402,10 @@ def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1
     labels = s.train.labels[idx] if s.train.labels is not None else None
     with autocast(s.device, s.precision):
         out = (s.forward or s.model)(images, idx, labels)
-    check_finite(out["loss"], step, s.device)
+    # the step's one wait on the device: the loss and its parts together, as Python floats
+    values = torch.stack([out["loss"].detach().float(), *(v.float() for v in out["parts"].values())]).tolist()
+    out["values"] = dict(zip(["loss", *out["parts"]], values))
+    check_finite(values[0], step, s.device)
     out["skipped"] = optimizer_step(out["loss"], s.optimizer, s.scaler)
     s.model.update(out, min(1.0, (step + 1) / total))
     return out

@@ -53,7 +53,8 @@ def tiny_config(spec: str, **sections) -> Config:
             "backbone": {"name": "mobilenetv3_small_050"},
             "method": {"head_dims": [32, 16]},
             "optim": {"batch_size": 8, "epochs": 2},
-            "run": {"knn_k": 5, "threads": 1, "augment_threads": 1, "report": False}}
+            "run": {"knn_k": 5, "threads": 1, "augment_threads": 1, "report": False,
+                    "device": os.environ.get("EDGESSL_TEST_DEVICE", "cpu")}}  # scripts/gpu_check.py sets cuda
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     return from_dict(base)

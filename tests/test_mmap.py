@@ -67,9 +67,9 @@ def test_manifest_and_changed_folder_rebuilds(folder, tmp_path):
 
 
 def test_interrupted_cache_build_leaves_nothing(folder, tmp_path, monkeypatch):
-    from edgessl import data as data_lib
+    import edgessl_edge.image as image_lib
 
-    real, calls = data_lib.decode, []
+    real, calls = image_lib.decode, []
 
     def flaky(path, size):
         calls.append(path)
@@ -77,11 +77,11 @@ def test_interrupted_cache_build_leaves_nothing(folder, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path, size)
 
-    monkeypatch.setattr(data_lib, "decode", flaky)
+    monkeypatch.setattr(image_lib, "decode", flaky)
     with pytest.raises(KeyboardInterrupt):
         load(f"folder:{folder}", 16, storage="mmap")
     assert [p.name for p in (tmp_path / "cache" / "edgessl").iterdir() if p.suffix != ".lock"] == []  # the lock stays
-    monkeypatch.setattr(data_lib, "decode", real)
+    monkeypatch.setattr(image_lib, "decode", real)
     assert torch.equal(load(f"folder:{folder}", 16, storage="mmap").images[0:24],
                        load(f"folder:{folder}", 16, storage="memory").images)
 
@@ -94,3 +94,26 @@ def test_training_from_the_mapped_cache_equals_in_memory(folder, tmp_path):
         states[storage] = checkpoint.load(tmp_path / storage / "checkpoint.pt")["model"]
     for k, v in states["memory"].items():
         assert torch.equal(v, states["mmap"][k]), k
+
+
+def test_parallel_decoding_equals_one_process_bad_rows_squeezed_out(tmp_path, monkeypatch):
+    """Workers write disjoint rows of the cache; a file that cannot be used leaves no gap."""
+    from edgessl import data as data_lib
+
+    root = tmp_path / "many"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(root / f"{i:02d}.jpg")
+    (root / "05.jpg").write_bytes(b"broken")
+    (root / "33.jpg").write_bytes(b"")
+    monkeypatch.setattr(data_lib, "DECODE_CHUNK", 7)
+    monkeypatch.setattr(data_lib, "PARALLEL_FROM", 10**9)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "one"))
+    one = load(f"folder:{root}", 16, bad_images="skip")
+    monkeypatch.setattr(data_lib, "PARALLEL_FROM", 1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "two"))
+    two = load(f"folder:{root}", 16, bad_images="skip")
+    assert len(one) == len(two) == 38 and torch.equal(one.images, two.images)
+    assert [f for f, _ in two.skipped] == [str(root / "05.jpg"), str(root / "33.jpg")]
+    assert "05.jpg" not in two.files and two.files[5] == "06.jpg"

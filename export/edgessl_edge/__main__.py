@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgessl_edge import EdgeError, Encoder, build_gallery, check_gallery, classify, list_images, predict
+from edgessl_edge.image import EdgeError, list_images
+from edgessl_edge.runtime import Encoder, build_gallery, check_gallery, classify, predict
 
 
 def _paths(items) -> list[Path]:

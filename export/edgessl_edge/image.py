@@ -36,6 +36,8 @@ def decode(path, size: int) -> np.ndarray:
                     raise EdgeError(f"too small ({w}x{h}; at least {MIN_SIDE} px a side)")
                 if w * h > MAX_PIXELS:
                     raise EdgeError(f"too large ({w}x{h}; at most {MAX_PIXELS // 10**6} megapixels)")
+                if im.format == "JPEG":  # decode at 1/2 to 1/8 scale in the DCT, never below size x size
+                    im.draft(None, (size, size))  # keep the mode (L, RGB, CMYK); .convert below
                 im = ImageOps.exif_transpose(im)
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                     a = np.asarray(im, dtype=np.float64)
@@ -56,3 +58,17 @@ def list_images(folder) -> list[Path]:
     if not root.is_dir():
         raise EdgeError(f"not a folder: {root}")
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def decode_rows(npy: str, paths: list[str], first: int, size: int) -> dict[int, str]:
+    """Decode `paths` into rows first, first + 1, ... of the (N, size, size, 3) uint8 .npy at `npy`
+    (a decoding worker: Pillow and numpy only); {row: why} for the files that cannot be used."""
+    arr = np.load(npy, mmap_mode="r+")
+    bad = {}
+    for k, path in enumerate(paths):
+        try:
+            arr[first + k] = decode(path, size)
+        except EdgeError as e:
+            bad[first + k] = str(e)
+    arr.flush()
+    return bad

@@ -1,0 +1,199 @@
+"""GPU check: one command for the day a CUDA GPU is lent; one JSON and one Markdown table.
+
+    .venv/bin/python scripts/gpu_check.py --out runs/gpu_check        # a CUDA machine, under 8 minutes
+    .venv/bin/python scripts/gpu_check.py --dry-run --out /tmp/gc     # the CPU, tiny sizes, seconds (CI)
+
+1. the test suite with EDGESSL_TEST_DEVICE set to the device (tests that take one get it);
+2. training-step throughput and peak memory: methods x backbones x input sizes x precisions x
+   torch.compile on and off, each on synthetic images of that size (only the step is timed;
+   the device is synchronised around the timed steps, not inside them);
+3. an equal-budget kNN: memdistill against SimCLR (their presets) for --minutes each on the
+   shared CIFAR-10 file, 20% held out (split_seed 1).
+Nothing here assumes a CPU count or a GPU model. A part that fails is recorded with its error
+and the script goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchlib import REPO, SHARED_CIFAR, markdown
+from edgessl.config import from_dict
+from edgessl.methods import PRESETS
+
+# eager: every method x backbone x size x precision; compiled: the default precision only (each
+# compilation costs tens of seconds). A part stops starting new rows past its allowance (seconds),
+# so the whole check stays under 8 minutes; rows not run are recorded as skipped.
+FULL = {"methods": ["memdistill", "supervised", "simclr", "byol"], "backbones": ["mobilenetv3", "resnet18"],
+        "sizes": [32, 224], "precisions": ["fp32", "bf16", "fp16"], "compiled": [("memdistill", "bf16"),
+        ("supervised", "bf16")], "batch": 128, "steps": 10, "warmup": 3,
+        "allowance": {"tests": 110, "eager": 150, "compiled": 80}}
+DRY = {"methods": ["memdistill", "simclr"], "backbones": ["mobilenetv3_small_050"], "sizes": [16],
+       "precisions": ["fp32"], "compiled": [], "batch": 8, "steps": 2, "warmup": 1,
+       "allowance": {"tests": 120, "eager": 60, "compiled": 60}}
+
+
+def synthetic(root: Path, size: int, n: int) -> str:
+    path = root / f"synthetic{size}.npz"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        np.savez(path, x=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), y=np.arange(n) % 10)
+    return f"npz:{path}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_rate(method: str, backbone: str, size: int, precision: str, compiled: bool, plan: dict, device: str,
+              work: Path) -> dict:
+    from edgessl.device import peak_mem_mb
+    from edgessl.train import build, train_step
+
+    b, steps = plan["batch"], plan["steps"]
+    spec = synthetic(work, size, b * (steps + plan["warmup"] + 1))
+    cfg = from_dict({"data": {"spec": spec}, "backbone": {"name": backbone},
+                     "method": {"name": method, **PRESETS[method]},
+                     "optim": {"batch_size": b, "epochs": 1},
+                     "run": {"device": device, "precision": precision, "compile": compiled, "monitor_every": 0,
+                             "report": False}})
+    s = build(cfg)
+    s.model.train()
+    batches = torch.arange(len(s.train), device=s.device).split(b)
+    t0 = time.perf_counter()
+    for i in range(plan["warmup"]):  # compilation, allocator and kernel selection happen here
+        train_step(s, batches[i], 1e-3, i, 100)
+    sync(s.device)
+    warm_s = time.perf_counter() - t0
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        train_step(s, batches[plan["warmup"] + i], 1e-3, plan["warmup"] + i, 100)
+    sync(s.device)
+    dt = time.perf_counter() - t0
+    return {"images_per_s": round(b * steps / dt, 1), "step_ms": round(1e3 * dt / steps, 2),
+            "warmup_s": round(warm_s, 2), "peak_mem_mb": round(peak_mem_mb(s.device))}
+
+
+def throughput(plan: dict, device: str, work: Path) -> list[dict]:
+    eager = [(m, b, s, p, False) for m, b, s, p in itertools.product(plan["methods"], plan["backbones"],
+                                                                      plan["sizes"], plan["precisions"])]
+    compiled = [(m, b, s, p, True) for (m, p), b, s in itertools.product(plan["compiled"], plan["backbones"],
+                                                                          plan["sizes"])]
+    rows, started = [], {False: None, True: None}
+    for method, backbone, size, precision, comp in eager + compiled:
+        row = {"method": method, "backbone": backbone, "size": size, "precision": precision, "compile": comp}
+        started[comp] = started[comp] or time.perf_counter()
+        if time.perf_counter() - started[comp] > plan["allowance"]["compiled" if comp else "eager"]:
+            row["error"] = "skipped: past this part's time allowance"
+            rows.append(row)
+            continue
+        try:
+            row.update(step_rate(method, backbone, size, precision, comp, plan, device, work))
+        except Exception as e:  # a combination a device cannot run (fp16 on a CPU, memory): recorded, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def equal_budget(minutes: float, dry: bool, device: str, work: Path) -> dict:
+    from edgessl.train import pretrain
+
+    out = {}
+    for method in ("memdistill", "simclr"):
+        data = f"npz:{SHARED_CIFAR}" if not dry else synthetic(work, 16, 64)
+        budget = {"epochs": 1} if dry else {"epochs": None, "minutes": minutes}
+        extra = {"backbone": {"name": "mobilenetv3_small_050"}, "optim": {"batch_size": 8, **budget}} if dry else \
+            {"optim": budget}
+        cfg = from_dict({"data": {"spec": data, "val_fraction": 0.2, "split_seed": 1},
+                         "method": {"name": method, **PRESETS[method]}, **extra,
+                         "run": {"device": device, "monitor_every": 10**6, "report": False,  # kNN at the end only
+                                 "knn_k": 5 if dry else 200}})
+        try:
+            r = pretrain(cfg, work / f"knn_{method}", progress=False, log=lambda *_: None)
+            out[method] = {k: round(r[k], 2) if isinstance(r[k], float) else r[k] for k in (
+                "knn_top1", "knn_pixels", "knn_untrained", "epochs", "seconds", "images_per_s", "peak_mem_mb")}
+        except Exception as e:
+            out[method] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
+def test_suite(dry: bool, device: str, allowance: float) -> dict:
+    workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + (
+        ["tests/test_losses.py"] if dry else ["-m", "not slow", "-n", str(workers)])
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=allowance,
+                           env={**os.environ, "EDGESSL_TEST_DEVICE": device})
+        code, tail = r.returncode, (r.stdout.strip().splitlines() or [""])[-1]
+    except subprocess.TimeoutExpired:
+        code, tail = None, f"stopped after its {allowance:.0f} s allowance"
+    return {"returncode": code, "summary": tail, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def table(result: dict) -> str:
+    rows = [[r["method"], r["backbone"], r["size"], r["precision"], "on" if r["compile"] else "off",
+             r.get("images_per_s", "-"), r.get("step_ms", "-"), r.get("peak_mem_mb", "-"), r.get("warmup_s", "-"),
+             r.get("error", "")] for r in result["throughput"]]
+    text = [f"GPU check on {result['device_name']} ({result['device']}), torch {result['torch']}"
+            f"{' (dry run)' if result['dry_run'] else ''}", "",
+            markdown(["method", "backbone", "px", "precision", "compile", "images/s", "step ms", "peak MB",
+                      "warm-up s", "error"], rows, "lllllrrrrl"), ""]
+    knn = [[m, r.get("knn_top1", "-"), r.get("knn_pixels", "-"), r.get("knn_untrained", "-"), r.get("epochs", "-"),
+            r.get("images_per_s", "-"), r.get("error", "")] for m, r in result["equal_budget"].items()]
+    text += [markdown(["method", "kNN top-1", "raw pixels", "untrained", "epochs", "images/s", "error"], knn,
+                      "lrrrrrl"), "", f"test suite: {result['tests']['summary']} "
+             f"(exit {result['tests']['returncode']}, {result['tests']['seconds']} s)"]
+    return "\n".join(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_check")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script itself")
+    ap.add_argument("--minutes", type=float, default=1.5,
+                    help="budget of each of the two equal-budget runs (3 minutes in all)")
+    ap.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
+    args = ap.parse_args()
+    device = args.device or ("cpu" if args.dry_run else "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device visible to torch (use --dry-run to check the script on the CPU)")
+    plan = DRY if args.dry_run else FULL
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"dry_run": args.dry_run, "device": device, "torch": torch.__version__, "machine": platform.platform(),
+              "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor()
+              or "cpu", "cpus": os.cpu_count()}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for part, fn in (("tests", lambda: test_suite(args.dry_run, device, plan["allowance"]["tests"])),
+                         ("throughput", lambda: throughput(plan, device, Path(tmp))),
+                         ("equal_budget", lambda: equal_budget(args.minutes, args.dry_run, device, Path(tmp)))):
+            try:
+                result[part] = fn()
+            except Exception:
+                result[part] = {"error": traceback.format_exc(limit=3)}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+    (args.out / "gpu_check.md").write_text(table(result) + "\n")
+    print(table(result))
+    print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'} ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""scripts/gpu_check.py's CPU dry run: every part runs and lands in the JSON and the table."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["dry_run"] and result["device"] == "cpu"
+    assert result["tests"]["returncode"] == 0 and "passed" in result["tests"]["summary"]
+    rows = result["throughput"]
+    assert {r["method"] for r in rows} == {"memdistill", "simclr"}
+    assert all(r["images_per_s"] > 0 and r["peak_mem_mb"] > 0 and "error" not in r for r in rows)
+    for method in ("memdistill", "simclr"):  # 13 held-out images (20% of 64): a kNN score is k of 13 right
+        knn = result["equal_budget"][method]["knn_top1"] * 13 / 100
+        assert knn == pytest.approx(round(knn), abs=0.01) and result["equal_budget"][method]["epochs"] == 1
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table.count("| memdistill |") == 2 and "test suite:" in table
