@@ -93,6 +93,9 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
                                         batch if batch == "dynamic" else int(batch), opset, with_head)
         knn = (f", kNN {report['knn_onnx']:.2f} % ({report['knn_change']:+.2f} vs torch fp32)"
                if "knn_onnx" in report else "")
+        if "top1_agreement" in report:
+            knn = (f", top-1 agrees with torch fp32 on {100 * report['top1_agreement']:.1f} % of "
+                   f"{report['agreement_images']} held-out images")
         click.echo(f"wrote {report['path']} ({report['size_bytes'] / 2**20:.2f} MB, {precision}): "
                    f"max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} vs torch, "
                    f"latency {report['latency_ms_p50']:.2f} ms at batch {report['latency_batch']}{knn}")
@@ -106,8 +109,9 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
 @click.option("--data", help="Images for the parity check (default: the run's own data).")
 @click.option("--batch-sizes", default="1,8,32", help="Comma-separated batch sizes for latency.")
 @click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default).")
+@click.option("--profile", is_flag=True, help="Time per operator type (onnxruntime's profiler), float islands named.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
-def check(model, against, data, batch_sizes, threads, as_json):
+def check(model, against, data, batch_sizes, threads, profile, as_json):
     """Check an exported ONNX model through onnxruntime: parity and latency."""
     from edgessl import export as export_lib
 
@@ -115,13 +119,23 @@ def check(model, against, data, batch_sizes, threads, as_json):
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
         raise EdgesslError(f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}") from None
-    report = export_lib.check(model, against, data, sizes, threads or None)
+    report = export_lib.check(model, against, data, sizes, threads or None, profile=profile)
     click.echo(f"{report['path']} ({report['precision']}, {report['provider']})")
     if "max_abs_diff" in report:
         click.echo(f"parity     max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f}")
     for b, lat in report["latency_ms"].items():
         click.echo(f"batch {b:>4}  p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  p99 {lat['p99']:.2f} ms  "
                    f"{report['images_per_s'][b]:.0f} images/s")
+    if profile:
+        p = report["profile"]
+        click.echo(f"profile    batch {p['batch']}, {p['iters']} runs, time per operator type per run "
+                   f"(onnxruntime's profiler):")
+        for r in p["ops"]:
+            island = "  float island" if r in p["float_islands"] else ""
+            click.echo(f"  {r['op']:<24} {r['nodes']:>4} nodes  {r['ms']:8.3f} ms  {100 * r['share']:5.1f} %{island}")
+        if p["float_islands"]:
+            click.echo(f"  float islands: {100 * p['float_share']:.1f} % of the time in "
+                       f"{', '.join(r['op'] for r in p['float_islands'])}")
     if as_json:
         click.echo(json.dumps(report))
 

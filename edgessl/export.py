@@ -226,10 +226,24 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
                                f"min cosine {report['min_cosine']:.6f}); nothing written")
         if knn:
             report.update(knn_change(encoder, sess, cfg, *own))
+        if is_classifier(state):
+            report.update(top1_agreement(encoder, sess, cfg))
         atomic_write(out, final.read_bytes())  # only a file that passed its check replaces anything
     atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1))
     record_export(run_dir, out, report)
     return report
+
+
+def top1_agreement(classifier: nn.Module, sess, cfg: Config, most: int = 1024) -> dict:
+    """How often the exported classifier's top-1 class is torch fp32's, on up to `most` held-out
+    images of the pretraining run's data (its training images when it held none out)."""
+    train, val = data_lib.load_split(cfg.data)
+    data = val if val is not None else train
+    x = run_images(data, most, cfg)
+    with torch.no_grad():
+        ref = classifier(torch.from_numpy(x)).argmax(1).numpy()
+    got = ort_features(sess, x).argmax(1)
+    return {"top1_agreement": float((ref == got).mean()), "agreement_images": len(x)}
 
 
 def knn_change(encoder: nn.Module, sess, cfg: Config, train: data_lib.ImageData,
@@ -267,8 +281,10 @@ def torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int, o
 
 
 def check(model_path: str | Path, against: Optional[str] = None, data: Optional[str] = None,
-          batch_sizes: tuple[int, ...] = (1, 8, 32), threads: Optional[int] = None, iters: int = 30) -> dict:
-    """Parity against a run (when given) and latency per batch size, through onnxruntime."""
+          batch_sizes: tuple[int, ...] = (1, 8, 32), threads: Optional[int] = None, iters: int = 30,
+          profile: bool = False) -> dict:
+    """Parity against a run (when given) and latency per batch size, through onnxruntime; with
+    `profile`, onnxruntime's profiler summarised per operator type at the first batch size."""
     meta = read_metadata(model_path)
     sess = session(model_path, threads)
     size = meta["input_size"][-1]
@@ -292,6 +308,12 @@ def check(model_path: str | Path, against: Optional[str] = None, data: Optional[
         lat = latency(sess, x, iters)
         report["latency_ms"][str(b)] = lat
         report["images_per_s"][str(b)] = round(b / lat["p50"] * 1e3, 1)
+    if profile:
+        from edgessl.onnxrt import profile as ort_profile
+
+        b = sizes[0]
+        report["profile"] = ort_profile(model_path, rng.standard_normal((b, 3, size, size)).astype(np.float32),
+                                        iters, threads)
     if against:  # the run's report shows what its exports measured
         record_export(against, model_path, {"precision": meta["precision"], "check": report})
     return report

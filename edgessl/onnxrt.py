@@ -85,3 +85,47 @@ def latency(sess, batch: np.ndarray, iters: int, warmup: int = 3) -> dict:
         times.append((time.perf_counter() - t0) * 1e3)
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
     return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
+
+
+# what runs in integers in a QDQ int8 graph once onnxruntime has fused it; anything else there is float
+INT8_OPS = ("QLinear", "QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "QGemm",
+            "DynamicQuantizeLinear", "QAttention")
+
+
+def profile(path: str | Path, batch: np.ndarray, iters: int = 20, threads: Optional[int] = None) -> dict:
+    """onnxruntime's own profiler over `iters` runs of `batch`, summed per operator type:
+    [{op, nodes, calls, ms (per run), share}], slowest first, and the float islands of an int8
+    graph (operators that run in float between Dequantize and Quantize)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "ort")
+        if threads:
+            opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        sess.run(None, {name: batch})  # warm-up, profiled too: dropped below by run count
+        for _ in range(iters):
+            sess.run(None, {name: batch})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_op: dict = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        op = e["args"].get("op_name", "?")
+        row = per_op.setdefault(op, {"op": op, "nodes": set(), "us": 0.0, "calls": 0})
+        row["nodes"].add(e["name"])
+        row["us"] += e["dur"]
+        row["calls"] += 1
+    total = sum(r["us"] for r in per_op.values()) or 1.0
+    rows = sorted(per_op.values(), key=lambda r: -r["us"])
+    out = [{"op": r["op"], "nodes": len(r["nodes"]), "calls": r["calls"], "ms": round(r["us"] / 1e3 / (iters + 1), 4),
+            "share": round(r["us"] / total, 4)} for r in rows]
+    quantized = any(r["op"].startswith(INT8_OPS) for r in out)
+    islands = [r for r in out if quantized and not r["op"].startswith(INT8_OPS)]
+    return {"iters": iters, "batch": int(batch.shape[0]), "ops": out, "float_islands": islands,
+            "float_share": round(sum(r["share"] for r in islands), 4)}

@@ -401,7 +401,7 @@ def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1
     images = torch.cat([s.augment(raw) for _ in range(s.model.num_views)])  # (views * B, 3, S, S)
     labels = s.train.labels[idx] if s.train.labels is not None else None
     with autocast(s.device, s.precision):
-        out = (s.forward or s.model)(images, idx, labels)
+        out = (s.model if s.forward is None else s.forward)(images, idx, labels)
     # the step's one wait on the device: the loss and its parts together, as Python floats
     values = torch.stack([out["loss"].detach().float(), *(v.float() for v in out["parts"].values())]).tolist()
     out["values"] = dict(zip(["loss", *out["parts"]], values))

@@ -184,3 +184,21 @@ def test_int8_lookup_table_rewrite_matches_the_qdq_graph(tmp_path):
     q, lut = (ort_features(session(tmp_path / f"{n}.onnx"), images) for n in ("q", "lut"))
     scale = np.abs(q).max()
     assert np.abs(q - lut).max() <= 0.01 * scale and np.abs(q - lut).max() > 0  # one rounding fewer, not equal
+
+
+def test_check_profile_names_the_float_islands_of_an_int8_graph(run_dir, tmp_path):
+    fp32, int8 = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    export_onnx(run_dir, fp32, knn=False)
+    export_onnx(run_dir, int8, precision="int8", calib_count=16, knn=False)
+    p = check(int8, batch_sizes=(2,), iters=3, profile=True)["profile"]
+    ops = {r["op"] for r in p["ops"]}
+    assert "QLinearConv" in ops and p["batch"] == 2 and p["iters"] == 3
+    assert sum(r["share"] for r in p["ops"]) == pytest.approx(1.0, abs=0.01)
+    assert p["float_islands"] and all(not r["op"].startswith(("QLinear", "QuantizeLinear", "DequantizeLinear"))
+                                      for r in p["float_islands"])
+    assert p["float_share"] == pytest.approx(sum(r["share"] for r in p["float_islands"]), abs=1e-3)
+    plain = check(fp32, batch_sizes=(2,), iters=3, profile=True)["profile"]
+    assert plain["float_islands"] == [] and "Conv" in {r["op"] for r in plain["ops"]}
+    r = subprocess.run([sys.executable, "-m", "edgessl", "check", str(int8), "--batch-sizes", "1", "--profile"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "float island" in r.stdout and "QLinearConv" in r.stdout

@@ -63,6 +63,9 @@ def test_finetune_end_to_end_and_classifier_export(pretrained, tmp_path):
         assert np.abs(logits - model(torch.from_numpy(x)).numpy()).max() <= 1e-4
     assert logits.shape == (5, 3)
     assert check(out, against=str(tmp_path / "ft"), batch_sizes=(1,), iters=2)["max_abs_diff"] <= 1e-4
+    q = export_onnx(tmp_path / "ft", tmp_path / "clf8.onnx", precision="int8", calib_count=16)
+    # agreement of int8 and torch fp32 top-1 on the pretraining run's 15 held-out images (25% of 60)
+    assert q["agreement_images"] == 15 and q["top1_agreement"] * 15 == pytest.approx(round(q["top1_agreement"] * 15))
 
 
 @pytest.mark.slow
