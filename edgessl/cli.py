@@ -78,8 +78,11 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
 @click.option("--batch", default="dynamic", help="'dynamic' or a fixed batch size (NNAPI, CoreML).")
 @click.option("--opset", type=int, default=18)
 @click.option("--with-head", is_flag=True, help="Export the projection head too (unit-norm z).")
+@click.option("--adapt/--no-adapt", default=True, help="int8 of a hard-swish network (MobileNetV3): export a ReLU "
+              "student distilled from it, which onnxruntime runs in int8 throughout.")
+@click.option("--adapt-seconds", type=float, default=120.0, help="Distillation time for --adapt.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
-def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_head, as_json):
+def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_head, adapt, adapt_seconds, as_json):
     """Export a run's encoder to ONNX (checked through onnxruntime) or to timm weights."""
     from edgessl import export as export_lib
 
@@ -89,8 +92,17 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
     else:
         if batch != "dynamic" and not (batch.isdigit() and int(batch) >= 1):
             raise EdgesslError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}")
+        if adapt_seconds <= 0:
+            raise EdgesslError("--adapt-seconds must be positive")
         report = export_lib.export_onnx(run_dir, out, precision, calib, calib_count,
-                                        batch if batch == "dynamic" else int(batch), opset, with_head)
+                                        batch if batch == "dynamic" else int(batch), opset, with_head,
+                                        adapt=adapt, adapt_seconds=adapt_seconds)
+        if "adapted" in report:
+            a = report["adapted"]
+            click.echo(f"int8: hard-swish has no int8 kernel in onnxruntime, so {a['swapped']} hard-swish were "
+                       f"swapped for ReLU and the student distilled from the run for {a['seconds']:.0f} s "
+                       f"({a['steps']} steps, feature cosine to the original {a['feature_cosine_to_original']:.3f}); "
+                       "--no-adapt exports the network as it is")
         knn = (f", kNN {report['knn_onnx']:.2f} % ({report['knn_change']:+.2f} vs torch fp32)"
                if "knn_onnx" in report else "")
         if "top1_agreement" in report:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgessl import data as data_lib
+from edgessl.adapt import distill, needs_adapting
 from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.errors import EdgesslError
@@ -184,8 +185,14 @@ def topological_sort(graph) -> None:
 
 def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", calib: Optional[str] = None,
                 calib_count: int = 256, batch: str | int = "dynamic", opset: int = 18,
-                with_head: bool = False, knn: bool = True) -> dict:
-    """Write MODEL.onnx (+ MODEL.json sidecar), check it against torch, and return the report."""
+                with_head: bool = False, knn: bool = True, adapt: bool = True, adapt_seconds: float = 120.0,
+                progress: Optional[bool] = None) -> dict:
+    """Write MODEL.onnx (+ MODEL.json sidecar), check it against torch, and return the report.
+
+    int8 of a pretraining run whose backbone has hard-swish (MobileNetV3), with `adapt`: the
+    exported network is a ReLU student distilled from it for `adapt_seconds` (edgessl.adapt),
+    since onnxruntime has no int8 hard-swish; the kNN change is then measured against the
+    original network in torch fp32, so it states what the adaptation and int8 cost together."""
     if precision not in ("fp32", "fp16", "int8"):
         raise EdgesslError(f"unknown precision {precision!r} (fp32, fp16, int8)")
     model, cfg, state = load_run(run_dir)
@@ -201,11 +208,23 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
     source = data_lib.load(calib, size) if calib else own[0] if own else data_lib.load(cfg.data.spec, size)
     images = run_images(source, max(16, calib_count if precision == "int8" else 16), cfg)
     encoder = export_module(model, with_head)
+    original = encoder  # what the kNN change is measured against
+    adapted = None
+    if precision == "int8" and adapt and not is_classifier(state) and needs_adapting(model.backbone):
+        student, adapted = distill(model.backbone, own[0].images if own else source.images, cfg,
+                                   seconds=adapt_seconds, progress=progress)
+        encoder = Encoder(student, getattr(model, "head", None) if with_head else None).eval()
+        with torch.no_grad():
+            adapted["feature_cosine_to_original"] = float(torch.nn.functional.cosine_similarity(
+                encoder(torch.from_numpy(images)), original(torch.from_numpy(images)), dim=1).mean())
     with torch.no_grad():
         reference = encoder(torch.from_numpy(images[:16])).numpy()
     if precision == "int8":
         rewrite_hard_activations(encoder)
     meta = metadata(cfg, state, encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
+    if adapted:
+        meta["adapted"] = {"activations": "hard-swish -> ReLU", "distilled_seconds": adapted["seconds"],
+                           "distilled_steps": adapted["steps"]}
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         torch_export(encoder, fp32, size, batch, opset, output_name(state))
@@ -224,8 +243,10 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
             raise EdgesslError(f"fp32 export failed its parity check (max abs diff {report['max_abs_diff']:.2e}, "
                                f"{report['max_rel_diff']:.2e} of the feature scale, "
                                f"min cosine {report['min_cosine']:.6f}); nothing written")
+        if adapted:
+            report["adapted"] = adapted
         if knn:
-            report.update(knn_change(encoder, sess, cfg, *own))
+            report.update(knn_change(original, sess, cfg, *own))
         if is_classifier(state):
             report.update(top1_agreement(encoder, sess, cfg))
         atomic_write(out, final.read_bytes())  # only a file that passed its check replaces anything

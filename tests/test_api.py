@@ -46,13 +46,15 @@ def test_pretrain_returns_a_run_with_the_overrides_applied(api_run):
 
 
 def test_overrides_are_strict():
+    from edgessl.api import resolve_config
+
     with pytest.raises(ConfigError, match="optim.lrr"):
-        edgessl.api.resolve_config("x", **{"optim.lrr": 1.0})
+        resolve_config("x", **{"optim.lrr": 1.0})
     with pytest.raises(ConfigError, match="unknown config key 'colour'"):
-        edgessl.api.resolve_config("x", colour=1)
+        resolve_config("x", colour=1)
     with pytest.raises(EdgesslError, match="unknown method"):
-        edgessl.api.resolve_config("x", method="moco")
-    cfg = edgessl.api.resolve_config("x", method="npid", minutes=3)
+        resolve_config("x", method="moco")
+    cfg = resolve_config("x", method="npid", minutes=3)
     assert cfg.method.bank_init == "random" and cfg.optim.minutes == 3 and cfg.optim.epochs is None
     with pytest.raises(EdgesslError, match="no checkpoint"):
         edgessl.Run("/nonexistent/run")
@@ -102,8 +104,9 @@ def test_embed_cli_writes_each_format(api_run, tmp_path, suffix):
 def test_export_probe_and_report_show_the_exports(api_run, tmp_path):
     root, folder, run = api_run
     fp32 = run.export(tmp_path / "m.onnx")
-    int8 = run.export(tmp_path / "q.onnx", precision="int8", calib_count=16)
+    int8 = run.export(tmp_path / "q.onnx", precision="int8", calib_count=16, adapt_seconds=2)
     assert fp32["max_abs_diff"] <= 1e-4 and int8["precision"] == "int8"
+    assert int8["adapted"]["swapped"] > 0 and int8["adapted"]["steps"] > 0  # hard-swish network: a ReLU student
     r = run.probe(f"folder:{folder}", f"folder:{folder}", knn_k=5)
     assert r["n_train"] == r["n_test"] == 48 and r["feature_dim"] == 1024
     for model in ("m.onnx", "q.onnx"):

@@ -71,7 +71,7 @@ def test_metadata_round_trip(run_dir, tmp_path):
 @pytest.mark.parametrize("precision,min_cos", [("fp16", 0.999), ("int8", 0.8)])
 def test_reduced_precision(run_dir, tmp_path, precision, min_cos):
     out = tmp_path / f"{precision}.onnx"
-    report = export_onnx(run_dir, out, precision=precision, calib_count=32)
+    report = export_onnx(run_dir, out, precision=precision, calib_count=32, adapt_seconds=3)
     assert report["min_cosine"] >= min_cos
     assert read_metadata(out)["precision"] == precision
     # the torch fp32 kNN the change is measured from is the run's own last monitor point
@@ -82,6 +82,10 @@ def test_reduced_precision(run_dir, tmp_path, precision, min_cos):
     if precision == "int8":
         ops = {n.op_type for n in onnx.load(str(out)).graph.node}
         assert "QuantizeLinear" in ops and "HardSwish" not in ops and "HardSigmoid" not in ops
+        assert report["adapted"]["swapped"] == 19 and 0 < report["adapted"]["feature_cosine_to_original"] <= 1
+        assert read_metadata(out)["adapted"]["activations"] == "hard-swish -> ReLU"
+    else:
+        assert "adapted" not in report
 
 
 def test_check_reports_parity_and_latency(run_dir, tmp_path):
@@ -189,7 +193,7 @@ def test_int8_lookup_table_rewrite_matches_the_qdq_graph(tmp_path):
 def test_check_profile_names_the_float_islands_of_an_int8_graph(run_dir, tmp_path):
     fp32, int8 = tmp_path / "m.onnx", tmp_path / "q.onnx"
     export_onnx(run_dir, fp32, knn=False)
-    export_onnx(run_dir, int8, precision="int8", calib_count=16, knn=False)
+    export_onnx(run_dir, int8, precision="int8", calib_count=16, knn=False, adapt=False)
     p = check(int8, batch_sizes=(2,), iters=3, profile=True)["profile"]
     ops = {r["op"] for r in p["ops"]}
     assert "QLinearConv" in ops and p["batch"] == 2 and p["iters"] == 3
@@ -202,3 +206,20 @@ def test_check_profile_names_the_float_islands_of_an_int8_graph(run_dir, tmp_pat
     r = subprocess.run([sys.executable, "-m", "edgessl", "check", str(int8), "--batch-sizes", "1", "--profile"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "float island" in r.stdout and "QLinearConv" in r.stdout
+
+
+def test_hardswish_student_is_relu_and_distillation_moves_it_towards_the_teacher(run_dir):
+    from edgessl.adapt import distill, needs_adapting, swap_hardswish
+    from edgessl.data import load_split
+
+    model, cfg, _ = load_run(run_dir)
+    teacher = model.backbone.eval()
+    assert needs_adapting(teacher)
+    probe = __import__("copy").deepcopy(teacher)
+    n = sum(isinstance(m, torch.nn.Hardswish) for m in teacher.modules())
+    assert swap_hardswish(probe) == n > 0 and not needs_adapting(probe)
+    train, _ = load_split(cfg.data)
+    student, stats = distill(teacher, train.images, cfg, seconds=3.0, batch_size=8, progress=False)
+    assert stats["swapped"] == n and stats["steps"] > 3 and not needs_adapting(student)
+    assert stats["loss_last"] < stats["loss_first"]
+    assert needs_adapting(teacher)  # the teacher itself is untouched
