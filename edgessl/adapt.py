@@ -27,7 +27,11 @@ from edgessl.config import Config
 def swap_hardswish(module: nn.Module, gate: bool = False) -> int:
     """Replace every nn.Hardswish by nn.ReLU in place (and with `gate`, every nn.Hardsigmoid by
     nn.Sigmoid, which onnxruntime runs as one int8 lookup table); return how many."""
-    swaps = {nn.Hardswish: nn.ReLU, **({nn.Hardsigmoid: nn.Sigmoid} if gate else {})}
+    return swap_modules(module, {nn.Hardswish: nn.ReLU, **({nn.Hardsigmoid: nn.Sigmoid} if gate else {})})
+
+
+def swap_modules(module: nn.Module, swaps: dict) -> int:
+    """Replace every submodule of a type in `swaps` by `swaps[type]()`, in place; return how many."""
     count = 0
     for name, child in list(module.named_modules()):
         if type(child) in swaps:

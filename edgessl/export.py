@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgessl import data as data_lib
-from edgessl.adapt import distill, needs_adapting
+from edgessl.adapt import distill, needs_adapting, swap_modules
 from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.errors import EdgesslError
@@ -69,14 +69,7 @@ def rewrite_hard_activations(module: nn.Module) -> int:
 
     onnxruntime leaves HardSwish / HardSigmoid in float with Q/DQ around each, which made
     int8 MobileNetV3-small slower than fp32 (docs/export.md)."""
-    swaps = {nn.Hardswish: HardSwishRelu6, nn.Hardsigmoid: HardSigmoidRelu6}
-    count = 0
-    for name, child in list(module.named_modules()):
-        if type(child) in swaps:
-            parent, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, attr, swaps[type(child)]())
-            count += 1
-    return count
+    return swap_modules(module, {nn.Hardswish: HardSwishRelu6, nn.Hardsigmoid: HardSigmoidRelu6})
 
 
 def sha256(path: Path) -> str:
