@@ -134,7 +134,8 @@ def check(model, against, data, batch_sizes, threads, profile, as_json):
     report = export_lib.check(model, against, data, sizes, threads or None, profile=profile)
     click.echo(f"{report['path']} ({report['precision']}, {report['provider']})")
     if "max_abs_diff" in report:
-        click.echo(f"parity     max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f}")
+        vs = " (a ReLU student: compared with the run's original network)" if report.get("adapted") else ""
+        click.echo(f"parity     max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f}{vs}")
     for b, lat in report["latency_ms"].items():
         click.echo(f"batch {b:>4}  p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  p99 {lat['p99']:.2f} ms  "
                    f"{report['images_per_s'][b]:.0f} images/s")

@@ -305,6 +305,8 @@ def check(model_path: str | Path, against: Optional[str] = None, data: Optional[
     fixed = sess.get_inputs()[0].shape[0]
     report: dict = {"path": str(model_path), "precision": meta["precision"],
                     "provider": sess.get_providers()[0], "threads": threads or 0}
+    if meta.get("adapted"):
+        report["adapted"] = meta["adapted"]
     if against:
         model, cfg, _ = load_run(against)
         d = data_lib.load(data or cfg.data.spec, size)
