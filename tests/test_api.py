@@ -119,10 +119,14 @@ def test_export_probe_and_report_show_the_exports(api_run, tmp_path):
 
 
 def test_report_renders_in_a_real_browser(api_run, tmp_path):
+    root, _, _ = api_run
+    r = subprocess.run([sys.executable, "-m", "edgessl", "report", str(root / "run"), "--out", str(tmp_path / "r.html")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"wrote {tmp_path / 'r.html'}"
+    assert "Nearest neighbours" in (tmp_path / "r.html").read_text()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (Debian package chromium; .ci/run installs it when it can)")
-    root, _, _ = api_run
     shot = tmp_path / "shot.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
