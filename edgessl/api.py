@@ -26,7 +26,9 @@ from edgessl.methods import METHODS
 
 # shortcut keyword (and CLI flag) -> (section, key)
 SHORTCUTS = {"data": ("data", "spec"), "val_data": ("data", "val_spec"), "val_fraction": ("data", "val_fraction"),
-             "image_size": ("data", "image_size"), "bad_images": ("data", "bad_images"),
+             "image_size": ("data", "image_size"), "fit": ("data", "fit"), "bad_images": ("data", "bad_images"),
+             "crop_scale": ("augment", "crop_scale"), "negatives": ("method", "negatives"),
+             "downsample": ("backbone", "downsample"),
              "storage": ("data", "storage"), "backbone": ("backbone", "name"),
              "init_weights": ("backbone", "init_weights"), "method": ("method", "name"),
              "epochs": ("optim", "epochs"), "minutes": ("optim", "minutes"), "batch_size": ("optim", "batch_size"),

@@ -127,6 +127,8 @@ class BatchAugment:
     """The single training view: crop, flip, colour jitter, grayscale, normalise."""
 
     def __init__(self, cfg: AugmentConfig, size: int, mean, std, threads: int = 1):
+        if cfg.crop_scale == "auto":  # the recipe picks it from the data when a run starts
+            raise ValueError("BatchAugment needs a crop_scale range; 'auto' is resolved by edgessl.recipe")
         self.cfg, self.size, self.mean, self.std, self.threads = cfg, size, mean, std, threads
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) uint8 -> (B, 3, S, S) float

@@ -26,8 +26,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgessl"
 
 
-def cache_path(listing: list, size: int) -> Path:
-    key = hashlib.sha256(f"{size}\n".encode() + "\n".join(f"{f}\t{n}\t{t}" for f, n, t in listing)
+def cache_path(listing: list, size: int, fit: str = "squash") -> Path:
+    head = f"{size}\n" if fit == "squash" else f"{size} {fit}\n"  # squash: the key before fits existed
+    key = hashlib.sha256(head.encode() + "\n".join(f"{f}\t{n}\t{t}" for f, n, t in listing)
                          .encode(errors="surrogateescape"))
     return cache_dir() / f"folder-{key.hexdigest()[:16]}.npy"
 
@@ -60,10 +61,11 @@ def locked(npy: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def folder_cache(root: Path, listing: list, size: int, build: Callable[[Path], tuple[int, list]]) -> tuple[Path, dict]:
+def folder_cache(root: Path, listing: list, size: int, build: Callable[[Path], tuple[int, list]],
+                 fit: str = "squash") -> tuple[Path, dict]:
     """(cache .npy, manifest) for a folder listing, built by `build(tmp_npy) -> (count, skipped)`
     when missing or damaged."""
-    npy = cache_path(listing, size)
+    npy = cache_path(listing, size, fit)
     manifest = read_manifest(npy) if npy.exists() else None
     if manifest is not None:
         os.utime(npy.with_suffix(".json"))  # last used, for `edgessl cache clean --older-than`
@@ -83,7 +85,7 @@ def folder_cache(root: Path, listing: list, size: int, build: Callable[[Path], t
             raise EdgesslError(f"folder: cannot write the decoded cache {npy} ({e.strerror or e})") from None
         finally:
             tmp.unlink(missing_ok=True)
-        manifest = {"root": str(root), "image_size": size, "count": count, "skipped": skipped, "files": listing,
+        manifest = {"root": str(root), "image_size": size, "fit": fit, "count": count, "skipped": skipped, "files": listing,
                     "npy_bytes": nbytes, "npy_sha256": digest}
         atomic_write(npy.with_suffix(".json"), json.dumps(manifest, indent=0))
         return npy, manifest

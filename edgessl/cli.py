@@ -28,6 +28,22 @@ def cli(ctx, debug):
     ctx.ensure_object(dict)["debug"] = debug
 
 
+def _scale_range(text: str) -> list:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected MIN,MAX (e.g. 0.2,1), got {text!r}") from None
+    return [lo, hi]
+
+
+def _negatives(text: str):
+    if text == "all":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise click.BadParameter(f"expected all or a positive integer, got {text!r}")
+
+
 @cli.command()
 @click.option("--data", help="Training images: npz:PATH, cifar10:DIR, cifar100:DIR, "
               "fashion-mnist[:DIR], folder:DIR.")
@@ -39,8 +55,15 @@ def cli(ctx, debug):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe overriding the defaults.")
 @click.option("--epochs", type=int, default=_D.optim.epochs, help="Epochs (wins over --minutes).")
 @click.option("--minutes", type=float, help="Budget: stop at the first epoch end after this many minutes.")
-@click.option("--batch-size", type=int, default=_D.optim.batch_size)
-@click.option("--image-size", type=int, help="Resize images to this size (default: the dataset's own).")
+@click.option("--image-size", type=int, help="Input size [default: picked from the images, see the recipe line].")
+@click.option("--fit", type=click.Choice(["squash", "crop"]), help="How a non-square image is made square: "
+              "squash it whole, or crop its centre square [default: picked].")
+@click.option("--crop-scale", type=_scale_range, help="Random crop area range MIN,MAX (e.g. 0.2,1) [default: picked].")
+@click.option("--negatives", type=_negatives, help="Bank negatives per step: all, or a number sampled "
+              "[default: picked].")
+@click.option("--downsample", type=click.Choice(["8", "16", "32"]), help="Backbone output stride "
+              "[default: picked from the input size].")
+@click.option("--batch-size", type=int, help="[default: picked: 64, less for a small set]")
 @click.option("--val-fraction", type=float, default=_D.data.val_fraction,
               help="Hold out this fraction (fixed seed) for the kNN monitor.")
 @click.option("--val-data", help="A second dataset spec for the kNN monitor.")
@@ -61,6 +84,8 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
     from edgessl import api
 
     given = {flag: value for flag, value in flags.items() if _given(ctx, flag)}
+    if "downsample" in given:
+        given["downsample"] = int(given["downsample"])
     result = api.pretrain(out=out, config=config_path, resume=resume, **given).summary
     if as_json:
         click.echo(json.dumps(result))
@@ -160,14 +185,18 @@ def check(model, against, data, batch_sizes, threads, profile, as_json):
 @click.option("--knn-k", type=int, default=200)
 @click.option("--linear", is_flag=True, help="Also fit a linear classifier (L-BFGS) on frozen features.")
 @click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG: 8 test images and their 8 neighbours.")
+@click.option("--image-size", type=int, help="pixels and random:BACKBONE: the input size (a run or an ONNX file "
+              "uses its own).")
+@click.option("--fit", type=click.Choice(["squash", "crop"]), default="squash",
+              help="pixels and random:BACKBONE: how non-square images are made square (a run uses its own).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
-def probe(source, train_spec, test_spec, knn_k, linear, grid, as_json):
+def probe(source, train_spec, test_spec, knn_k, linear, grid, image_size, fit, as_json):
     """Probe frozen features: SOURCE is a run directory, a .onnx file, random:BACKBONE or pixels."""
     from edgessl import probe as probe_lib
 
     if knn_k < 1:
         raise EdgesslError("--knn-k must be at least 1")
-    r = probe_lib.probe(source, train_spec, test_spec, knn_k, linear, grid)
+    r = probe_lib.probe(source, train_spec, test_spec, knn_k, linear, grid, image_size, fit)
     line = f"{r['what']}: kNN top-1 {r['knn_top1']:.2f} %"
     line += f" (top-5 {r['knn_top5']:.2f} %)" if "knn_top5" in r else ""
     line += f", linear top-1 {r['linear_top1']:.2f} % (weight decay {r['linear_weight_decay']:g})" if linear else ""

@@ -32,7 +32,8 @@ class DataConfig:
     val_fraction: float = 0.0  # ... or a fraction of `spec` held out (fixed split_seed)
     split_seed: int = 0  # the held-out split does not move with the run's seed
     train_subset: Optional[int] = None  # train on a fixed (split_seed) subset of N images, for data-size sweeps
-    image_size: Optional[int] = None  # None: the dataset's own size (folder: 64)
+    image_size: Optional[int] = None  # None: picked from the images (edgessl.recipe)
+    fit: str = "auto"  # how a non-square image is made square: squash | crop (centre, timm's eval) | auto (recipe)
     bad_images: str = "fail"  # folder specs: fail (list them, train nothing) | skip (train on the rest)
     storage: str = "auto"  # folder specs: memory | mmap (stream batches from the on-disk cache) | auto (mmap when > RAM/4)
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -42,7 +43,7 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     # docs/method.md's single view: RandomResizedCrop(scale 0.2-1), flip, jitter p 0.8, grayscale p 0.2
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_scale: Union[str, tuple[float, float]] = "auto"  # auto: (0.2, 1), or (0.5, 1) on plain backgrounds (recipe)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
@@ -68,7 +69,7 @@ class MethodConfig:
     bank_init: str = "calibrated"  # random | calibrated
     bank_init_augment: bool = False  # calibrate on augmented (True) or clean (False) views
     bank_update: str = "grad"  # ema | grad (released script: ema)
-    negatives: Union[str, int] = "all"  # all | k sampled entries (plus the batch's own)
+    negatives: Union[str, int] = "auto"  # all | k sampled entries (plus the batch's own) | auto (recipe)
     sqrtkl_weight: float = 0.0  # lambda (released script 20); 0 turns SqrtKL off
     sqrtkl_temperature: float = 1.0  # released script: SqrtKL on raw cosines
     cutmix_alpha: float = 0.5  # Beta(alpha, alpha) for the mixing ratio
@@ -84,7 +85,8 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.05  # released: 1e-4 (sgd)
     warmup_epochs: float = 0.0  # released script: no warm-up
-    batch_size: int = 64  # released: 512; 64 learned faster per minute here than 128
+    batch_size: Union[str, int] = "auto"  # auto: 64 (released: 512; 64 learned faster per minute here than 128),
+    # less for a small set (recipe)
     epochs: Optional[int] = 30  # None: as many as fit in `minutes` (the cosine is fitted to them)
     minutes: Optional[float] = None  # budget: stop at the first epoch end after this
 
@@ -141,6 +143,7 @@ _CHOICES = {
     "method.name": tuple(METHODS),
     "data.bad_images": ("fail", "skip"),
     "data.storage": ("auto", "memory", "mmap"),
+    "data.fit": ("auto", "squash", "crop"),
     "method.bank_init": ("random", "calibrated"),
     "method.bank_update": ("ema", "grad"),
     "optim.name": ("sgd", "adamw"),
@@ -215,8 +218,14 @@ def validate(cfg: Config) -> Config:
         if flat[section][name] not in choices:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {flat[section][name]!r}")
     m, o, d = cfg.method, cfg.optim, cfg.data
-    if isinstance(m.negatives, str) and m.negatives != "all" or isinstance(m.negatives, int) and m.negatives < 1:
-        raise ConfigError(f"config key 'method.negatives' must be 'all' or a positive integer, got {m.negatives!r}")
+    if isinstance(m.negatives, str) and m.negatives not in ("all", "auto") or \
+            isinstance(m.negatives, int) and m.negatives < 1:
+        raise ConfigError(f"config key 'method.negatives' must be all, auto or a positive integer, "
+                          f"got {m.negatives!r}")
+    for key, value in (("augment.crop_scale", cfg.augment.crop_scale), ("optim.batch_size", o.batch_size)):
+        if isinstance(value, str) and value != "auto":
+            raise ConfigError(f"config key '{key}' must be auto or a value, got {value!r}")
+    scale = cfg.augment.crop_scale
     ds = cfg.backbone.downsample
     if ds != "auto" and ds not in (8, 16, 32):
         raise ConfigError(f"config key 'backbone.downsample' must be auto, 8, 16 or 32, got {ds!r}")
@@ -227,12 +236,12 @@ def validate(cfg: Config) -> Config:
         ("method.head_dims", len(m.head_dims) >= 1 and min(m.head_dims) >= 1),
         ("method.predictor_dims", len(m.predictor_dims) >= 1 and min(m.predictor_dims) >= 1),
         ("method.byol_momentum", 0 <= m.byol_momentum <= 1),
-        ("optim.lr", o.lr > 0), ("optim.batch_size", o.batch_size >= 2), ("optim.epochs", o.epochs is None and o.minutes is not None or o.epochs is not None and o.epochs >= 1),
+        ("optim.lr", o.lr > 0), ("optim.batch_size", o.batch_size == "auto" or o.batch_size >= 2), ("optim.epochs", o.epochs is None and o.minutes is not None or o.epochs is not None and o.epochs >= 1),
         ("optim.weight_decay", o.weight_decay >= 0), ("optim.warmup_epochs", o.warmup_epochs >= 0),
         ("optim.minutes", o.minutes is None or o.minutes > 0),
         ("data.val_fraction", 0 <= d.val_fraction < 1),
         ("data.image_size", d.image_size is None or 8 <= d.image_size <= 1024),
-        ("augment.crop_scale", 0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[1] <= 1),
+        ("augment.crop_scale", scale == "auto" or 0 < scale[0] <= scale[1] <= 1),
         ("run.threads", cfg.run.threads >= 0), ("run.augment_threads", cfg.run.augment_threads >= 0),
         ("run.knn_k", cfg.run.knn_k >= 1), ("run.checkpoint_every_minutes", cfg.run.checkpoint_every_minutes >= 0),
         ("run.checkpoint_every_steps", cfg.run.checkpoint_every_steps >= 0), ("run.monitor_every", cfg.run.monitor_every >= 0),

@@ -119,8 +119,10 @@ class ImageData:
                          self.source_identity)
 
 
-def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail", storage: str = "auto") -> ImageData:
-    """Decode a dataset spec once into an ImageData on the CPU.
+def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail", storage: str = "auto",
+         fit: str = "squash") -> ImageData:
+    """Decode a dataset spec once into an ImageData on the CPU, size x size by `fit` (squash |
+    crop: edgessl_edge.image; arrays of another size are resized by the same rule).
 
     bad_images (folder specs): "fail" raises one error listing every file that cannot be
     used and why; "skip" leaves them out and lists them in ImageData.skipped.
@@ -139,14 +141,14 @@ def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail", 
     skipped: list[tuple[str, str]] = []
     files = None
     if kind == "folder":
-        images, labels, classes, skipped, files = _load_folder(rest, image_size, bad_images, storage)
+        images, labels, classes, skipped, files = _load_folder(rest, image_size, bad_images, storage, fit)
     else:
         images, labels, classes = loaders[kind](kind, rest, image_size)
     if images.shape[1] == 1:  # grayscale replicated to 3 channels: the stock RGB stem stays
         images = images.expand(-1, 3, -1, -1)
     size = image_size or max(images.shape[-2:])
     if images.shape[-2:] != (size, size):
-        images = _resize(images, size)
+        images = _resize(images, size, fit)
     if not isinstance(images, MappedImages):
         images = images.contiguous()
     if labels is not None:
@@ -165,11 +167,12 @@ def load_split(cfg) -> tuple[ImageData, Optional[ImageData]]:
     `val_fraction` of it, then an optional fixed `train_subset` of the train split."""
     if not cfg.spec:
         raise EdgesslError("no training data: give a dataset spec (--data npz:PATH, folder:DIR, ...)")
-    train = load(cfg.spec, cfg.image_size, cfg.bad_images, cfg.storage)
+    fit = "squash" if cfg.fit == "auto" else cfg.fit  # auto is resolved by the recipe before a run loads
+    train = load(cfg.spec, cfg.image_size, cfg.bad_images, cfg.storage, fit)
     train.source_identity = identity(train)
     val = None
     if cfg.val_spec:
-        val = load(cfg.val_spec, train.images.shape[-1], cfg.bad_images, cfg.storage)
+        val = load(cfg.val_spec, train.images.shape[-1], cfg.bad_images, cfg.storage, fit)
         val.source_identity = identity(val)
     elif cfg.val_fraction > 0:
         train, val = split(train, cfg.val_fraction, cfg.split_seed)
@@ -358,7 +361,7 @@ def _load_fashion_mnist(kind, rest, image_size):
     return torch.from_numpy(images.copy())[:, None], labels, FASHION_MNIST_CLASSES
 
 
-def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage: str = "auto"):
+def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage: str = "auto", fit: str = "squash"):
     """Image files under DIR (labels from first-level subfolders when every file has one).
 
     Every file is decoded and checked before anything trains; a broken file is never
@@ -373,7 +376,7 @@ def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage:
         raise EdgesslError(f"folder: no image files under {root}")
     size = image_size or FOLDER_DEFAULT_SIZE
     listing = [(str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]]
-    cache, manifest = folder_cache(root, listing, size, lambda tmp: _decode_into(tmp, files, listing, size))
+    cache, manifest = folder_cache(root, listing, size, lambda tmp: _decode_into(tmp, files, listing, size, fit), fit)
     skipped = [(str(root / f), why) for f, why in manifest["skipped"]]
     if skipped and bad_images == "fail":
         listing_s = "\n".join(f"  {printable(f)}: {why}" for f, why in skipped)
@@ -393,7 +396,7 @@ def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage:
     return images, labels, classes, skipped, [f for f, _, _ in listing if f not in bad]
 
 
-def _decode_into(tmp: Path, files: list[Path], listing: list, size: int) -> tuple[int, list]:
+def _decode_into(tmp: Path, files: list[Path], listing: list, size: int, fit: str) -> tuple[int, list]:
     """Decode every file straight into an on-disk .npy (never the whole set in RAM), on every
     core for a large folder: (count, skipped). Rows keep the listing's order; the rows of files
     that cannot be used are squeezed out afterwards."""
@@ -408,7 +411,7 @@ def _decode_into(tmp: Path, files: list[Path], listing: list, size: int) -> tupl
     with tqdm(total=len(files), disable=not show, unit="img", desc="decoding", leave=False) as bar:
         if workers == 1:
             for rows in chunks:
-                bad.update(decode_rows(str(tmp), [str(files[r]) for r in rows], rows.start, size))
+                bad.update(decode_rows(str(tmp), [str(files[r]) for r in rows], rows.start, size, fit))
                 bar.update(len(rows))
         else:
             import multiprocessing
@@ -418,7 +421,7 @@ def _decode_into(tmp: Path, files: list[Path], listing: list, size: int) -> tupl
             # spawn would re-import the caller's main module (torch) in every worker
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-                jobs = [pool.submit(decode_rows, str(tmp), [str(files[r]) for r in rows], rows.start, size)
+                jobs = [pool.submit(decode_rows, str(tmp), [str(files[r]) for r in rows], rows.start, size, fit)
                         for rows in chunks]
                 for job, rows in zip(jobs, chunks):
                     bad.update(job.result())
@@ -448,10 +451,14 @@ def _physical_memory() -> int:
         return 8 << 30
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Antialiased bilinear resize, in chunks (uint8 in, uint8 out)."""
+def _resize(images: torch.Tensor, size: int, fit: str = "squash") -> torch.Tensor:
+    """Antialiased bilinear resize by `fit` (crop: the centre square first), in chunks (uint8 in, uint8 out)."""
     import torch.nn.functional as F
 
+    if fit == "crop":
+        h, w = images.shape[-2:]
+        s = min(h, w)
+        images = images[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
     out = []
     for chunk in images.split(1024):
         x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)

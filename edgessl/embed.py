@@ -39,8 +39,9 @@ def embed(source: str, spec: str, batch_size: int = 256, progress: Optional[bool
     """Features of every image of `spec` under `source`, in the data's order."""
     from tqdm import tqdm
 
-    fn, size, _ = featurizer(source)
-    data = data_lib.load(spec, size, bad_images)
+    f = featurizer(source)
+    fn = f.fn
+    data = data_lib.load(spec, f.size, bad_images, fit=f.fit or "squash")
     show = sys.stderr.isatty() if progress is None else progress
     chunks = []
     with tqdm(total=len(data), disable=not show, unit="img", desc="embed", leave=False) as bar:

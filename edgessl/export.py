@@ -80,6 +80,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+FIT_RULES = {"squash": "resize the whole image to input_size x input_size (aspect ratio not kept)",
+             "crop": "centre square of the short side, resized to input_size x input_size"}
+
+
 def metadata(cfg: Config, state: dict, encoder: Encoder, precision: str, ckpt: Path, batch) -> dict:
     import onnx
 
@@ -92,7 +96,7 @@ def metadata(cfg: Config, state: dict, encoder: Encoder, precision: str, ckpt: P
     return {"format": "edgessl-onnx", "input": "images", "output": output_name(state), **extra,
             "input_size": [3, size, size], "layout": "NCHW", "channel_order": "RGB", "scale": 1 / 255,
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-            "resize": {"rule": "stretch to input_size x input_size, no crop", "interpolation": "bicubic"},
+            "resize": {"fit": cfg.data.fit, "rule": FIT_RULES[cfg.data.fit], "interpolation": "bicubic"},
             "feature_dim": dim, "normalized": head is not None, "with_head": head is not None,
             "backbone": state["backbone"]["timm_name"], "model_args": state["backbone"].get("model_args", {}),
             "output_stride": state["backbone"]["output_stride"],
@@ -198,7 +202,9 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
     if not is_classifier(state) and (calib is None or knn):
         own = data_lib.load_split(cfg.data)
         check_run_data(state, *own, "export")
-    source = data_lib.load(calib, size) if calib else own[0] if own else data_lib.load(cfg.data.spec, size)
+    fit = cfg.data.fit
+    source = (data_lib.load(calib, size, fit=fit) if calib else own[0] if own else
+              data_lib.load(cfg.data.spec, size, fit=fit))
     images = run_images(source, max(16, calib_count if precision == "int8" else 16), cfg)
     encoder = export_module(model, with_head)
     original = encoder  # what the kNN change is measured against
@@ -309,7 +315,7 @@ def check(model_path: str | Path, against: Optional[str] = None, data: Optional[
         report["adapted"] = meta["adapted"]
     if against:
         model, cfg, _ = load_run(against)
-        d = data_lib.load(data or cfg.data.spec, size)
+        d = data_lib.load(data or cfg.data.spec, size, fit=cfg.data.fit)
         idx = torch.linspace(0, len(d) - 1, min(64, len(d))).long()
         images = normalize(d.images[idx], meta["mean"], meta["std"]).numpy()
         encoder = export_module(model, meta["with_head"])

@@ -187,7 +187,9 @@ def labelled_sets(ft: FinetuneConfig, src: dict, size: int) -> tuple[data_lib.Im
     if bool(ft.train) != bool(ft.test):
         raise EdgesslError("give both --train and --test, or neither (the pretraining run's own split)")
     if ft.train:
-        train, test = data_lib.load(ft.train, size), data_lib.load(ft.test, size)
+        fit = from_dict(src).data.fit
+        fit = "squash" if fit == "auto" else fit  # a run stored before the fit was recorded squashed
+        train, test = data_lib.load(ft.train, size, fit=fit), data_lib.load(ft.test, size, fit=fit)
     else:
         train, test = data_lib.load_split(from_dict(src).data)
         if test is None:

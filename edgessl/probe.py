@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +22,17 @@ from edgessl.knn import knn_predict
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # L2 grid for the linear probe, chosen on a train split
 
 
-def featurizer(source: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], Optional[int], str]:
-    """(uint8 (N, 3, H, W) -> features (N, D), the input size it needs or None, a description)."""
+class Featurizer(NamedTuple):
+    fn: Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, 3, H, W) -> features (N, D)
+    size: Optional[int]  # the input size it needs (None: any)
+    what: str  # a description
+    fit: Optional[str] = None  # how its images were made square (squash | crop; None: not fixed)
+
+
+def featurizer(source: str) -> Featurizer:
+    """The features of a probe source, and the input size and fit it was trained with."""
     if source == "pixels":
-        return (lambda x: x.flatten(1).float()), None, "raw pixels"
+        return Featurizer(lambda x: x.flatten(1).float(), None, "raw pixels")
     if source.startswith("random:"):
         return untrained_features(source[len("random:"):])
     path = Path(source)
@@ -53,7 +60,7 @@ def untrained_features(name: str):
             cache[size] = create_backbone(name, size).eval()
         return _batched(lambda c: cache[size](normalize(c, IMAGENET_MEAN, IMAGENET_STD)), x)
 
-    return run, None, f"untrained {name}"
+    return Featurizer(run, None, f"untrained {name}")
 
 
 def run_features(run_dir: Path):
@@ -66,7 +73,7 @@ def run_features(run_dir: Path):
     def run(x):
         return _batched(lambda c: backbone(normalize(c, cfg.data.mean, cfg.data.std)), x)
 
-    return run, state["backbone"]["image_size"], f"run {run_dir} (torch)"
+    return Featurizer(run, state["backbone"]["image_size"], f"run {run_dir} (torch)", cfg.data.fit)
 
 
 def onnx_features(path: Path):
@@ -78,7 +85,8 @@ def onnx_features(path: Path):
     def run(x):
         return torch.from_numpy(ort_features(sess, normalize(x, meta["mean"], meta["std"]).numpy()))
 
-    return run, meta["input_size"][-1], f"{path} (onnxruntime, {meta['precision']})"
+    return Featurizer(run, meta["input_size"][-1], f"{path} (onnxruntime, {meta['precision']})",
+                      meta["resize"].get("fit", "squash"))
 
 
 def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
@@ -119,15 +127,17 @@ def _accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def probe(source: str, train_spec: str, test_spec: str, knn_k: int = 200, linear: bool = False,
-          grid: Optional[str] = None) -> dict:
-    """kNN (and linear) top-1 of `source`'s features: train split as memory, test split as queries."""
+          grid: Optional[str] = None, image_size: Optional[int] = None, fit: str = "squash") -> dict:
+    """kNN (and linear) top-1 of `source`'s features: train split as memory, test split as queries.
+    A run or an ONNX file sees its images as it was trained (its input size and fit);
+    `image_size` and `fit` are for the sources that have none (pixels, random:BACKBONE)."""
     start = time.perf_counter()
-    fn, size, what = featurizer(source)
-    train, test = data_lib.load(train_spec, size), data_lib.load(test_spec, size)
+    fn, size, what, own_fit = featurizer(source)
+    size, fit = size or image_size, own_fit or fit
+    train = data_lib.load(train_spec, size, fit=fit)
+    test = data_lib.load(test_spec, size or train.images.shape[-1], fit=fit)
     if train.labels is None or test.labels is None:
         raise EdgesslError("probing needs labels in both --train and --test")
-    if train.images.shape[-1] != test.images.shape[-1]:
-        test = data_lib.load(test_spec, train.images.shape[-1])
     ftr, fte = fn(train.images).float(), fn(test.images).float()
     if source == "pixels":  # centred by the train mean, the floor a run must beat
         mu = ftr.mean(0)

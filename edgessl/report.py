@@ -131,7 +131,7 @@ def _neighbours(run_dir: Path, cfg, state: dict) -> Optional[bytes]:
         return None  # the data moved or changed since the run: the page shows what it can without it
     if train.mapped:
         return None
-    fn, _, _ = run_features(run_dir)
+    fn = run_features(run_dir).fn
     queries = val if val is not None else train
     pick = torch.linspace(0, len(queries) - 1, min(8, len(queries))).long()
     queries = queries.subset(pick)

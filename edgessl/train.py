@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from edgessl import checkpoint, data as data_lib, distributed
+from edgessl import checkpoint, data as data_lib, distributed, recipe
 from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
 from edgessl.config import Config, dump_yaml, from_dict, to_dict
@@ -87,10 +87,12 @@ class Setup:
     world: int = 1
     forward: Optional[torch.nn.Module] = None  # the model, or its DistributedDataParallel wrapper
     data_identity: dict = field(default_factory=dict)  # {"train", "val"}: what the checkpoint records of the images
+    choices: list = field(default_factory=list)  # what the recipe picked from the data (recipe.Choice)
 
 
-def build(cfg: Config) -> Setup:
-    """Everything a run needs, checked before anything is written."""
+def build(cfg: Config, decide: bool = True) -> Setup:
+    """Everything a run needs, checked before anything is written. With `decide` (a new run,
+    not a resumed one) the recipe's `auto` values are picked from the data, in place in cfg."""
     device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.run.precision, device)
     rank, world = distributed.init(device.type)
@@ -100,7 +102,19 @@ def build(cfg: Config) -> Setup:
     np.random.seed(cfg.run.seed)  # unused by edgessl, but in every checkpoint: same seed, same state
     random.seed(cfg.run.seed)
     resolve_name(cfg.backbone.name)  # a typo fails before the data is decoded
+    choices = recipe.input_choices(cfg, device) if decide else []
+    recipe.apply(cfg, choices)
     train, val = data_lib.load_split(cfg.data)
+    if decide and cfg.data.image_size is None:  # an array dataset: the same size rule on its own side
+        size_choice = recipe.array_size(train.images.shape[-2:], device)
+        choices.insert(0, size_choice)
+        recipe.apply(cfg, [size_choice])
+        if size_choice.value != train.images.shape[-1]:
+            train, val = data_lib.load_split(cfg.data)
+    if decide:
+        more = recipe.training_choices(cfg, train.images, train.images.shape[-1])
+        recipe.apply(cfg, more)
+        choices += more
     if cfg.optim.batch_size * world > len(train):
         raise EdgesslError(f"batch size {cfg.optim.batch_size}{f' x {world} processes' if world > 1 else ''} is "
                            f"larger than the {len(train)} training images")
@@ -130,7 +144,7 @@ def build(cfg: Config) -> Setup:
                  model, make_optimizer(cfg, model), grad_scaler(device, precision),
                  BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
                  len(train) // (cfg.optim.batch_size * world), rank, world, forward,
-                 data_record(train, val))
+                 data_record(train, val), choices)
 
 
 def method_args(cfg: Config, train: data_lib.ImageData) -> dict:
@@ -218,7 +232,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
     state = checkpoint.load(run_dir / "checkpoint.pt") if resume else None
     if state is not None:
         resume_config(cfg, state)
-    s = build(cfg)
+    s = build(cfg, decide=state is None)
     if state is not None:
         check_run_data(state, s.train, s.val, "--resume")
     if keep is not None:
@@ -249,6 +263,8 @@ def _pretrain(s: Setup, run_dir: Path, state: Optional[dict], progress, stop_at_
             torch.manual_seed(cfg.run.seed + 1000 * s.rank + pos.step)
         files.start(dump_yaml(cfg), (pos.epoch + 1, pos.step), s.train.skipped)
     bb = s.model.backbone
+    if s.choices:
+        log(recipe.summary(s.choices))
     log(f"edgessl pretrain: {data_lib.describe(s.train)} | {bb.timm_name} "
         f"(output stride {bb.output_stride}, {bb.feature_dim}-d) | {cfg.method.name} | {s.device} {s.precision}"
         + (f" | {s.world} processes x batch {cfg.optim.batch_size}" if s.world > 1 else ""))

@@ -33,9 +33,9 @@ from edgessl.data import load_split
 from edgessl.methods import PRESETS
 from edgessl.train import pretrain
 
-SPEC_KEYS = {"data", "val_fraction", "split_seed", "budget", "quick_budget", "monitor_every", "linear", "methods",
+SPEC_KEYS = {"data", "val_data", "val_fraction", "split_seed", "budget", "quick_budget", "monitor_every", "linear", "methods",
              "backbones", "seeds", "train_sizes", "overrides"}
-ENTRY_KEYS = {"method", "config", "overrides", "seeds"}
+ENTRY_KEYS = {"method", "config", "overrides", "seeds", "budget"}
 
 
 def load_spec(path: Path) -> dict:
@@ -63,13 +63,14 @@ def run_config(spec: dict, entry: dict, method_key: str, backbone: str, seed: in
         config_lib.from_dict(config_lib.load_yaml(REPO / entry["config"]), cfg)
     for extra in (spec.get("overrides") or {}, entry.get("overrides") or {}):
         config_lib.from_dict(extra, cfg)
-    budget = spec["budget"]
+    budget = entry.get("budget", spec["budget"])
     data = spec["data"]
     if data.startswith("npz:") and not Path(data[4:]).is_absolute():
         data = f"npz:{REPO / data[4:]}"
     config_lib.from_dict({
-        "data": {"spec": data, "val_fraction": spec.get("val_fraction", 0.2), "split_seed": spec.get("split_seed", 0),
-                 "train_subset": size},
+        "data": {"spec": data, "val_spec": spec.get("val_data"),
+                 "val_fraction": 0.0 if spec.get("val_data") else spec.get("val_fraction", 0.2),
+                 "split_seed": spec.get("split_seed", 0), "train_subset": size},
         "backbone": {"name": backbone},
         "optim": {"epochs": budget.get("epochs"), "minutes": budget.get("minutes")},
         "run": {"seed": seed, "monitor_every": spec.get("monitor_every", 1)},
@@ -88,7 +89,7 @@ def linear_top1(cfg: config_lib.Config, run_dir: Path) -> float:
     from edgessl.probe import run_features, linear_probe
 
     train, val = load_split(cfg.data)
-    feats, _, _ = run_features(run_dir)
+    feats = run_features(run_dir).fn
     return linear_probe(feats(train.images), train.labels, feats(val.images), val.labels, len(train.classes))[0]
 
 
@@ -233,7 +234,7 @@ def main() -> None:
         entry = entry or {}
         cfg = run_config(spec, entry, method_key, backbone, seed, size)
         point = {"method_key": method_key, "method": cfg.method.name, "backbone": backbone, "seed": seed,
-                 "train_size": size, "budget": spec["budget"]}
+                 "train_size": size, "budget": entry.get("budget", spec["budget"])}
         run_dir = out / "runs" / key.replace("|", "_")
         record = run_one(spec, key, cfg, run_dir, point)
         if record is None:  # SIGINT / SIGTERM: checkpointed; running the script again resumes it

@@ -67,10 +67,10 @@ def test_embed_rows_follow_the_data_and_equal_the_probe(api_run, tmp_path):
 
     feats = run.embed(f"folder:{folder}")
     assert feats.shape == (48, 1024)
-    fn, size, _ = featurizer(str(root / "run"))
+    fn, size, _, fit = featurizer(str(root / "run"))
     from edgessl.data import load
 
-    data = load(f"folder:{folder}", size)
+    data = load(f"folder:{folder}", size, fit=fit)
     assert np.allclose(feats, fn(data.images).numpy(), atol=1e-5)
     e = embed(str(root / "run"), f"folder:{folder}")
     assert e.files[0] == "class0/00.png" and e.files[-1] == "class2/15.png" and e.labels[-1] == 2

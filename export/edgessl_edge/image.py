@@ -1,7 +1,11 @@
 """Image files -> uint8 arrays: the one decoder edgessl trains with and the edge runtime serves with.
 
 Pillow and numpy only. Decoding: EXIF orientation applied, 16-bit images scaled (not
-saturated) to 8 bits, alpha dropped, RGB, bicubic resize to size x size.
+saturated) to 8 bits, alpha dropped, RGB, then made size x size by one of two fits:
+
+    squash  bicubic resize of the whole image to size x size (the aspect ratio is not kept)
+    crop    the centre square of the short side, bicubic resize to size x size (timm's
+            evaluation rule with crop_pct 1: nothing of the short side is cut)
 """
 from __future__ import annotations
 
@@ -19,8 +23,25 @@ class EdgeError(Exception):
     """An input the runtime cannot use (a file that is not an image, a model without metadata)."""
 
 
-def decode(path, size: int) -> np.ndarray:
-    """One image file -> (size, size, 3) uint8. EdgeError says why a file cannot be used.
+FITS = ("squash", "crop")
+
+
+def fit_square(im, size: int, fit: str):
+    """A Pillow image made size x size by `fit` (squash | crop), bicubic."""
+    from PIL import Image
+
+    if fit == "crop":
+        w, h = im.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        return im.resize((size, size), Image.BICUBIC, box=(left, top, left + s, top + s))
+    if fit != "squash":
+        raise EdgeError(f"unknown fit {fit!r} (known: {', '.join(FITS)})")
+    return im.resize((size, size), Image.BICUBIC)
+
+
+def decode(path, size: int, fit: str = "squash") -> np.ndarray:
+    """One image file -> (size, size, 3) uint8 by `fit`. EdgeError says why a file cannot be used.
 
     The size is read from the header before any pixel is decoded: a file that claims more
     than MAX_PIXELS (a decompression bomb) or less than MIN_SIDE a side is refused. An
@@ -43,7 +64,7 @@ def decode(path, size: int) -> np.ndarray:
                     a = np.asarray(im, dtype=np.float64)
                     im = Image.fromarray(np.clip(a / (65535.0 if a.max() > 255 else 255.0) * 255.0 + 0.5, 0, 255)
                                          .astype(np.uint8))
-                return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+                return np.asarray(fit_square(im.convert("RGB"), size, fit), dtype=np.uint8)
     except EdgeError:
         raise
     except Image.DecompressionBombError as e:  # Pillow refuses at open: more than twice its own limit
@@ -60,14 +81,14 @@ def list_images(folder) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def decode_rows(npy: str, paths: list[str], first: int, size: int) -> dict[int, str]:
+def decode_rows(npy: str, paths: list[str], first: int, size: int, fit: str = "squash") -> dict[int, str]:
     """Decode `paths` into rows first, first + 1, ... of the (N, size, size, 3) uint8 .npy at `npy`
     (a decoding worker: Pillow and numpy only); {row: why} for the files that cannot be used."""
     arr = np.load(npy, mmap_mode="r+")
     bad = {}
     for k, path in enumerate(paths):
         try:
-            arr[first + k] = decode(path, size)
+            arr[first + k] = decode(path, size, fit)
         except EdgeError as e:
             bad[first + k] = str(e)
     arr.flush()

@@ -29,6 +29,7 @@ class Encoder:
             raise EdgeError(f"{model_path} has no edgessl metadata")
         self.meta = json.loads(raw)
         self.size = self.meta["input_size"][-1]
+        self.fit = self.meta.get("resize", {}).get("fit", "squash")  # how training made its images square
         self.mean = np.asarray(self.meta["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(self.meta["std"], dtype=np.float32).reshape(1, 3, 1, 1)
         self.fixed_batch = self.session.get_inputs()[0].shape[0]
@@ -66,12 +67,12 @@ class Encoder:
         return np.concatenate(out) if out else np.zeros((0, self.meta["feature_dim"]), np.float32)
 
     def embed(self, paths) -> np.ndarray:
-        return self.embed_arrays(np.stack([_decode_named(p, self.size) for p in paths]))
+        return self.embed_arrays(np.stack([_decode_named(p, self.size, self.fit) for p in paths]))
 
 
-def _decode_named(path, size: int) -> np.ndarray:
+def _decode_named(path, size: int, fit: str = "squash") -> np.ndarray:
     try:
-        return decode(path, size)
+        return decode(path, size, fit)
     except EdgeError as e:
         raise EdgeError(f"{path}: {e}") from None
 

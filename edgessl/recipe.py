@@ -1,0 +1,191 @@
+"""The data decides the recipe: what the `auto` config values become for a run.
+
+One rule for every dataset, applied when a run starts (never on --resume: the stored run
+keeps its values), printed in one line and stored resolved in config.yaml. Every choice
+is a config key (and a `pretrain` flag); a value given there is kept as given.
+
+    data.image_size     the images' own size up to SMALL_SIDE px (median short side of
+                        the files, or the array's side); larger images go to
+                        PHOTO_SIZE on a CPU and GPU_PHOTO_SIZE on a GPU (docs/benchmarks.md,
+                        "Your own photos": kNN and images/s at 48-128 px)
+    data.fit            how a non-square image becomes square: FIT, by measurement
+    backbone.downsample output stride from the input size (backbones.auto_downsample)
+    augment.crop_scale  (0.2, 1), or (0.5, 1) on a plain background: when on average more than
+                        PLAIN_BACKGROUND of the pixels are the colour of the image's border
+                        (product shots, scans, Fashion-MNIST: 0.53; CIFAR-10 0.10, flower
+                        photos 0.08), a fifth of the image is often background only
+    method.negatives    every bank entry up to SAMPLE_FROM images; NEGATIVES sampled beyond
+                        (the bank's matmul grows with the data, the gain does not)
+    optim.batch_size    64; for a set of fewer than 16 batches, the largest power of two
+                        that gives 16 steps an epoch (at least 8)
+
+What the rule cannot see it leaves alone: the budget (--minutes) changes no choice (the
+sizes were compared at 15 minutes), and nothing keys on a dataset's name or path.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+SMALL_SIDE = 64  # images this small train at their own size
+PHOTO_SIZE = 64  # larger images on a CPU
+GPU_PHOTO_SIZE = 128  # larger images on a GPU (not measured on one: docs/usage.md)
+FIT = "squash"  # squash | crop (docs/benchmarks.md: squash against centre crop on photos)
+SURVEY_FILES = 512  # header reads to estimate a folder's native sizes
+CROP_SCALE = (0.2, 1.0)  # docs/method.md's crops ...
+BACKGROUND_TOL = 8  # ... unless pixels this close (0-255) to the border's colour ...
+PLAIN_BACKGROUND = 0.3  # ... are more than this fraction of the image: then
+PLAIN_CROP_SCALE = (0.5, 1.0)  # (configs/bench/fmnist_search.yaml picked it on Fashion-MNIST)
+SAMPLE_FROM = 16_384
+NEGATIVES = 4096
+BATCH = 64
+
+
+@dataclass
+class Choice:
+    key: str  # dotted config key
+    value: object
+    why: str
+    given: bool = False  # the user set it: kept, and shown as given
+
+
+def survey(spec: str, sample: int = SURVEY_FILES) -> Optional[dict]:
+    """Native size statistics of a folder spec from the file headers of an even sample of its
+    files (no pixel decoded): {"files", "short_side", "aspect"} as medians; None for other specs
+    or when no header reads."""
+    from PIL import Image
+
+    from edgessl_edge.image import IMAGE_SUFFIXES
+
+    kind, _, rest = spec.partition(":")
+    if kind != "folder" or not Path(rest).is_dir():
+        return None
+    files = sorted(p for p in Path(rest).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    step = max(1, len(files) // sample)
+    shorts, aspects = [], []
+    for p in files[::step][:sample]:
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+        except Exception:  # a bad file is reported by the decoder, with the rest of them
+            continue
+        if min(w, h) > 0:
+            shorts.append(min(w, h))
+            aspects.append(max(w, h) / min(w, h))
+    if not shorts:
+        return None
+    return {"files": len(files), "short_side": statistics.median(shorts), "aspect": statistics.median(aspects)}
+
+
+def image_size(native_short: float, device: torch.device) -> tuple[int, str]:
+    """(input size, why) for images whose median short side is `native_short` px."""
+    if native_short <= SMALL_SIDE:
+        return int(native_short), f"the images' own size ({native_short:g} px)"
+    target = GPU_PHOTO_SIZE if device.type == "cuda" else PHOTO_SIZE
+    size = min(target, int(native_short) // 8 * 8)
+    return size, f"{'GPU' if device.type == 'cuda' else 'CPU'} size for {native_short:g} px images"
+
+
+def background_fraction(images: torch.Tensor, count: int = 512) -> float:
+    """Mean fraction of an image's pixels that are background: within BACKGROUND_TOL (all three
+    channels, 0-255) of the median colour of its border. uint8 (N, C, H, W), an even sample of
+    `count` images (a memory-mapped set reads only those rows)."""
+    n = images.shape[0]
+    rows = torch.linspace(0, n - 1, min(n, count)).long()
+    total = 0.0
+    for i in rows.tolist():
+        x = images[i].int()  # (C, H, W)
+        border = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], 1)
+        colour = border.median(1).values[:, None, None]
+        total += ((x - colour).abs().amax(0) <= BACKGROUND_TOL).float().mean().item()
+    return total / len(rows)
+
+
+def input_choices(cfg, device: torch.device) -> list[Choice]:
+    """The choices made before any image is decoded: input size and fit."""
+    d = cfg.data
+    out = []
+    if d.image_size is not None:
+        out.append(Choice("data.image_size", d.image_size, "given", True))
+    else:
+        stats = survey(d.spec)
+        if stats is not None:
+            size, why = image_size(stats["short_side"], device)
+            out.append(Choice("data.image_size", size, why))
+        # arrays (npz, cifar, fashion-mnist): their own size, decided once they are read
+    out.append(Choice("data.fit", d.fit, "given", True) if d.fit != "auto" else
+               Choice("data.fit", FIT, "measured on photos"))
+    return out
+
+
+def array_size(native: tuple[int, int], device: torch.device) -> Choice:
+    """The input size of an array dataset (no files to survey): the same rule on its side."""
+    size, why = image_size(min(native), device)
+    return Choice("data.image_size", size, why)
+
+
+def training_choices(cfg, images: torch.Tensor, image_size_: int) -> list[Choice]:
+    """The choices that need the decoded training images: stride, crops, negatives, batch."""
+    from edgessl.backbones import auto_downsample, resolve_name
+
+    n = images.shape[0]
+    out = []
+    b = cfg.backbone
+    if b.downsample == "auto":
+        out.append(Choice("backbone.downsample", auto_downsample(resolve_name(b.name), image_size_),
+                          f"for {image_size_} px"))
+    else:
+        out.append(Choice("backbone.downsample", b.downsample, "given", True))
+    a = cfg.augment
+    if a.crop_scale == "auto":
+        bg = background_fraction(images)
+        plain = bg > PLAIN_BACKGROUND
+        out.append(Choice("augment.crop_scale", PLAIN_CROP_SCALE if plain else CROP_SCALE,
+                          f"{100 * bg:.0f}% background{': plain' if plain else ''}"))
+    else:
+        out.append(Choice("augment.crop_scale", tuple(a.crop_scale), "given", True))
+    m = cfg.method
+    if m.negatives == "auto":
+        value = "all" if n <= SAMPLE_FROM else NEGATIVES
+        out.append(Choice("method.negatives", value, f"{n} images"))
+    else:
+        out.append(Choice("method.negatives", m.negatives, "given", True))
+    o = cfg.optim
+    if o.batch_size == "auto":
+        bs = BATCH
+        while bs > 8 and n < 16 * bs:
+            bs //= 2
+        out.append(Choice("optim.batch_size", bs, f"{n} images"))
+    else:
+        out.append(Choice("optim.batch_size", o.batch_size, "given", True))
+    return out
+
+
+def apply(cfg, choices: list[Choice]) -> None:
+    """Write the choices into the config (in place): what config.yaml stores."""
+    for c in choices:
+        section, name = c.key.split(".")
+        setattr(getattr(cfg, section), name, c.value)
+
+
+FLAGS = {"data.image_size": "--image-size", "data.fit": "--fit", "backbone.downsample": "--downsample",
+         "augment.crop_scale": "--crop-scale", "method.negatives": "--negatives", "optim.batch_size": "--batch-size"}
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return "-".join(f"{v:g}" for v in value)
+    return str(value)
+
+
+def summary(choices: list[Choice]) -> str:
+    """The one line `pretrain` prints: each choice, why, and the flag that overrides it."""
+    parts = [f"{c.key.split('.')[1]} {_show(c.value)} ({c.why})" for c in choices]
+    picked = [FLAGS[c.key] for c in choices if not c.given]
+    tail = f"; override with {', '.join(picked)}" if picked else ""
+    return "recipe: " + ", ".join(parts) + tail
