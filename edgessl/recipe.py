@@ -14,8 +14,9 @@ is a config key (and a `pretrain` flag); a value given there is kept as given.
                         PLAIN_BACKGROUND of the pixels are the colour of the image's border
                         (product shots, scans, Fashion-MNIST: 0.53; CIFAR-10 0.10, flower
                         photos 0.08), a fifth of the image is often background only
-    method.negatives    every bank entry up to SAMPLE_FROM images; NEGATIVES sampled beyond
-                        (the bank's matmul grows with the data, the gain does not)
+    method.negatives    every bank row up to 16,384 images, 4,096 sampled beyond
+                        (methods.memdistill.auto_negatives: the bank's matmul grows with
+                        the data, the gain does not)
     optim.batch_size    64; for a set of fewer than 16 batches, the largest power of two
                         that gives 16 steps an epoch (at least 8)
 
@@ -41,8 +42,6 @@ CROP_SCALE = (0.2, 1.0)  # docs/method.md's crops ...
 BACKGROUND_TOL = 8  # ... unless pixels this close (0-255) to the border's colour ...
 PLAIN_BACKGROUND = 0.3  # ... are more than this fraction of the image: then
 PLAIN_CROP_SCALE = (0.5, 1.0)  # (configs/bench/fmnist_search.yaml picked it on Fashion-MNIST)
-SAMPLE_FROM = 16_384
-NEGATIVES = 4096
 BATCH = 64
 
 
@@ -151,7 +150,9 @@ def training_choices(cfg, images: torch.Tensor, image_size_: int) -> list[Choice
         out.append(Choice("augment.crop_scale", tuple(a.crop_scale), "given", True))
     m = cfg.method
     if m.negatives == "auto":
-        value = "all" if n <= SAMPLE_FROM else NEGATIVES
+        from edgessl.methods.memdistill import auto_negatives
+
+        value = auto_negatives(n)
         out.append(Choice("method.negatives", value, f"{n} images"))
     else:
         out.append(Choice("method.negatives", m.negatives, "given", True))
@@ -175,6 +176,11 @@ def apply(cfg, choices: list[Choice]) -> None:
 
 FLAGS = {"data.image_size": "--image-size", "data.fit": "--fit", "backbone.downsample": "--downsample",
          "augment.crop_scale": "--crop-scale", "method.negatives": "--negatives", "optim.batch_size": "--batch-size"}
+
+
+def is_auto(key: str, value) -> bool:
+    """Whether a config value is left to the recipe."""
+    return value is None if key == "data.image_size" else value == "auto"
 
 
 def _show(value) -> str:

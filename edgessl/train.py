@@ -213,8 +213,14 @@ def calibrate(s: Setup) -> None:
 
 
 def resume_config(cfg: Config, state: dict) -> None:
-    """--resume continues the stored recipe; only the minute budget (and data.storage) may change."""
-    stored, given = state["config"], to_dict(cfg)
+    """--resume continues the stored recipe; only the minute budget (and data.storage) may change.
+    A value left to the recipe (auto) continues as the stored run picked it."""
+    stored = state["config"]
+    for key in recipe.FLAGS:
+        section, name = key.split(".")
+        if recipe.is_auto(key, getattr(getattr(cfg, section), name)) and name in stored.get(section, {}):
+            from_dict({section: {name: stored[section][name]}}, cfg)
+    given = to_dict(cfg)
     diff = [f"{s}.{k}" for s in stored for k in stored[s]
             if (s, k) not in BUDGET_KEYS and stored[s][k] != given[s][k]]
     if diff:

@@ -71,11 +71,11 @@ def test_interrupted_cache_build_leaves_nothing(folder, tmp_path, monkeypatch):
 
     real, calls = image_lib.decode, []
 
-    def flaky(path, size):
+    def flaky(path, size, fit="squash"):
         calls.append(path)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real(path, size)
+        return real(path, size, fit)
 
     monkeypatch.setattr(image_lib, "decode", flaky)
     with pytest.raises(KeyboardInterrupt):
