@@ -77,6 +77,11 @@ def test_the_shared_data_gets_its_hand_made_recipes():
     assert fmnist["augment.crop_scale"] == tuple(hand["augment"]["crop_scale"])
     assert fmnist["method.negatives"] == hand["method"]["negatives"]
     assert fmnist["data.image_size"] == 28 and fmnist["optim.batch_size"] == 64
+    flowers = SHARED_NPZ.parent / "flowers" / "train"
+    if flowers.is_dir():  # photos with a 160 px short side
+        assert resolved(f"folder:{flowers}") == {
+            "data.image_size": recipe.PHOTO_SIZE, "data.fit": recipe.FIT, "backbone.downsample": 16,
+            "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64}
 
 
 def photo_folder(root: Path, n: int = 12, size=(60, 40)) -> Path:
