@@ -1,7 +1,9 @@
-"""Data efficiency: fine-tune a pretrained run with 1%, 10% and 100% of the labels, and the same
-network from scratch, over seeds; JSON plus a PNG (accuracy vs label fraction).
+"""Data efficiency: fine-tune a pretrained run with 1%, 10% and 100% of the labels (or N labels
+per class), the same network from scratch, and a linear probe on the run's frozen features of
+the same labelled images, over seeds; JSON plus a PNG (accuracy vs label fraction).
 
     .venv/bin/python scripts/data_efficiency.py RUN_DIR [--train SPEC --test SPEC] --out runs/data_eff.json
+    .venv/bin/python scripts/data_efficiency.py RUN_DIR --per-class 10 --out runs/few_labels.json
     .venv/bin/python scripts/data_efficiency.py --table runs/data_eff.json   # Markdown from the JSON
 
 Without --train/--test the run's own split is used: its training images as the labelled pool
@@ -20,8 +22,9 @@ import numpy as np
 
 from benchlib import load_results, markdown, mean_sd, save_results
 from edgessl.config import FinetuneConfig
-from edgessl.finetuning import finetune
-from edgessl.data import load_split
+from edgessl.data import load, load_split
+from edgessl.finetuning import finetune, stratified_subset
+from edgessl.probe import linear_probe, run_features
 from edgessl.train import config_from_checkpoint
 
 
@@ -45,14 +48,17 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for init, style in (("pretrained", "o-"), ("random", "s--")):
-        fracs = sorted({r["fraction"] for r in results.values() if r["init"] == init})
-        accs = [[r["test_top1"] for r in results.values() if r["init"] == init and r["fraction"] == f] for f in fracs]
+    for init, style in (("pretrained", "o-"), ("random", "s--"), ("linear", "^:")):
+        counts = sorted({r["n_labelled"] for r in results.values() if r["init"] == init})
+        if not counts:
+            continue
+        accs = [[r["test_top1"] for r in results.values() if r["init"] == init and r["n_labelled"] == n]
+                for n in counts]
         means = [statistics.mean(a) for a in accs]
         spreads = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
-        ax.errorbar([100 * f for f in fracs], means, yerr=spreads, fmt=style, capsize=3, label=init)
+        ax.errorbar(counts, means, yerr=spreads, fmt=style, capsize=3, label=init)
     ax.set_xscale("log")
-    ax.set_xlabel("labelled fraction of the train set (%)")
+    ax.set_xlabel("labelled training images")
     ax.set_ylabel("test top-1 (%)")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -62,24 +68,37 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    """Mean +- stdev over seeds per (fraction, init), and the gain of pretraining."""
-    def cell(fraction, init):
-        a = [r["test_top1"] for r in results.values() if r["fraction"] == fraction and r["init"] == init]
+    """Mean +- stdev over seeds per (labels, init), the gain of pretraining, and the linear probe."""
+    def cell(labels, init):
+        a = [r["test_top1"] for r in results.values() if r["labels"] == labels and r["init"] == init]
         if not a:
             return None, "-"
         return statistics.mean(a), mean_sd(a)
 
+    for r in results.values():
+        if "labels" not in r:  # results written before per-class counts existed
+            r["labels"] = f"{100 * r['fraction']:g}%"
     rows = []
-    for fraction in sorted({r["fraction"] for r in results.values()}):
-        any_r = next(r for r in results.values() if r["fraction"] == fraction)
+    for labels in dict.fromkeys(r["labels"] for r in results.values()):
+        any_r = next(r for r in results.values() if r["labels"] == labels and r["init"] != "linear")
         n, bs = any_r["n_labelled"], FinetuneConfig().batch_size
         steps = any_r["epochs"] * max(1, n // min(bs, n))
-        (mp, p), (mr, r) = cell(fraction, "pretrained"), cell(fraction, "random")
+        (mp, p), (mr, r), (_, lin) = cell(labels, "pretrained"), cell(labels, "random"), cell(labels, "linear")
         gain = f"{mp - mr:+.2f}" if mp is not None and mr is not None else "-"
-        seeds = sum(1 for x in results.values() if x["fraction"] == fraction and x["init"] == "pretrained")
-        rows.append([f"{100 * fraction:g}%", any_r["n_labelled"], steps, p, r, gain, seeds])
-    return markdown(["labels", "labelled images", "steps", "pretrained", "from scratch", "gain", "seeds"], rows,
-                    "rrrllrr")
+        seeds = sum(1 for x in results.values() if x["labels"] == labels and x["init"] == "pretrained")
+        rows.append([labels, any_r["n_labelled"], steps, p, r, gain, lin, seeds])
+    return markdown(["labels", "labelled images", "fine-tuning steps", "fine-tuned", "from scratch", "gain",
+                     "linear probe (frozen)", "seeds"], rows, "rrrllrlr")
+
+
+def linear_on_subset(run_dir: str, train_spec: str, test_spec: str, seed: int, fraction, per_class) -> dict:
+    """The linear probe on the run's frozen features of the labelled subset finetune would draw."""
+    f = run_features(run_dir)
+    train, test = load(train_spec, f.size, fit=f.fit), load(test_spec, f.size, fit=f.fit)
+    sub = train.subset(stratified_subset(train.labels, seed, fraction, per_class))
+    classes = int(max(train.labels.max(), test.labels.max())) + 1
+    top1, wd = linear_probe(f.fn(sub.images).float(), sub.labels, f.fn(test.images).float(), test.labels, classes)
+    return {"test_top1": top1, "weight_decay": wd, "n_labelled": len(sub), "epochs": 0}
 
 
 def main() -> None:
@@ -89,6 +108,7 @@ def main() -> None:
     ap.add_argument("--train", help="labelled pool (default: the run's training split)")
     ap.add_argument("--test", help="test set (default: the run's held-out split)")
     ap.add_argument("--fractions", default="0.01,0.1,1.0")
+    ap.add_argument("--per-class", help="labels per class instead of fractions, e.g. 10 or 5,10")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--out", default="runs/data_efficiency.json")
@@ -103,16 +123,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not (args.train and args.test):
             args.train, args.test = run_split_specs(args.run_dir, Path(tmp))
-        for fraction in map(float, args.fractions.split(",")):
-            for init in ("pretrained", "random"):
+        amounts = ([(None, int(k), f"{k}/class") for k in args.per_class.split(",")] if args.per_class else
+                   [(float(f), None, f"{100 * float(f):g}%") for f in args.fractions.split(",")])
+        for fraction, per_class, labels in amounts:
+            for init in ("pretrained", "random", "linear"):
                 for seed in map(int, args.seeds.split(",")):
-                    key = f"{fraction}/{init}/{seed}"
+                    key = f"{labels}/{init}/{seed}" if per_class else f"{fraction}/{init}/{seed}"
                     if key in results:
                         continue
-                    r = finetune(args.run_dir, args.train, args.test, Path(tmp) / key.replace("/", "_"),
-                                 label_fraction=fraction, epochs=args.epochs, seed=seed, init=init,
-                                 log=lambda *_: None)
-                    results[key] = {**r, "fraction": fraction}
+                    if init == "linear":
+                        r = linear_on_subset(args.run_dir, args.train, args.test, seed, fraction, per_class)
+                    else:
+                        r = finetune(args.run_dir, args.train, args.test, Path(tmp) / key.replace("/", "_"),
+                                     label_fraction=fraction, labels_per_class=per_class, epochs=args.epochs,
+                                     seed=seed, init=init, log=lambda *_: None)
+                    results[key] = {**r, "fraction": fraction, "labels": labels, "init": init}
                     save_results(out, results)
                     print(f"{key:22s} test top-1 {r['test_top1']:.2f} % ({r['n_labelled']} labels)", flush=True)
     plot(results, out.with_suffix(".png"))
