@@ -9,11 +9,16 @@ import pytest
 from conftest import REPO, tiny_pretrained_run
 
 
-def test_data_efficiency_runs_its_grid_and_resumes(tmp_path, monkeypatch):
-    tiny_pretrained_run(tmp_path)
+def script():
     spec = importlib.util.spec_from_file_location("data_efficiency", REPO / "scripts" / "data_efficiency.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_data_efficiency_runs_its_grid_and_resumes(tmp_path, monkeypatch):
+    tiny_pretrained_run(tmp_path)
+    mod = script()
     out = tmp_path / "eff.json"
     argv = ["data_efficiency.py", str(tmp_path / "run"), "--fractions", "0.5,1.0", "--seeds", "0,1",
             "--epochs", "1", "--out", str(out)]
@@ -40,9 +45,7 @@ def test_data_efficiency_runs_its_grid_and_resumes(tmp_path, monkeypatch):
 
 def test_data_efficiency_per_class_counts(tmp_path, monkeypatch):
     tiny_pretrained_run(tmp_path)
-    spec = importlib.util.spec_from_file_location("data_efficiency", REPO / "scripts" / "data_efficiency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = script()
     out = tmp_path / "few.json"
     monkeypatch.setattr(sys, "argv", ["data_efficiency.py", str(tmp_path / "run"), "--per-class", "4", "--seeds", "0",
                                       "--epochs", "1", "--out", str(out)])
