@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import REPO, SHARED_NPZ, make_npz, tiny_config
 from edgessl import recipe
+from edgessl.backbones import auto_downsample
 from edgessl.config import from_dict, load_yaml
 from edgessl.data import FASHION_MNIST_DIR, load
 
@@ -80,7 +81,8 @@ def test_the_shared_data_gets_its_hand_made_recipes():
     flowers = SHARED_NPZ.parent / "flowers" / "train"
     if flowers.is_dir():  # photos with a 160 px short side
         assert resolved(f"folder:{flowers}") == {
-            "data.image_size": recipe.PHOTO_SIZE, "data.fit": recipe.FIT, "backbone.downsample": 16,
+            "data.image_size": recipe.PHOTO_SIZE, "data.fit": recipe.FIT,
+            "backbone.downsample": auto_downsample("mobilenetv3_small_100", recipe.PHOTO_SIZE),
             "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64}
 
 
