@@ -40,7 +40,7 @@ from edgessl_edge.image import IMAGE_SUFFIXES, decode_rows  # the runtime's deco
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-FOLDER_DEFAULT_SIZE = 64
+FOLDER_DEFAULT_SIZE = 64  # a folder loaded without a size (runs stored before the recipe picked one)
 DECODE_CHUNK = 256  # files per decoding job
 PARALLEL_FROM = 2048  # folders this large are decoded on every core (smaller: the start-up costs more)
 
