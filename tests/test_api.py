@@ -154,7 +154,8 @@ def test_finetune_on_the_runs_own_split_and_predict_on_the_edge(api_run, tmp_pat
     from edgessl.augment import normalize
     from edgessl.data import load
 
-    x = load(f"folder:{folder}", 32).images[[19, 41]]  # class1/03.png and class2/09.png in the sorted listing
+    # class1/03.png and class2/09.png in the sorted listing, made square as the run was (its recipe's fit)
+    x = load(f"folder:{folder}", 32, fit=clf.config.data.fit).images[[19, 41]]
     logits = ort_features(session(model), normalize(x, clf.config.data.mean, clf.config.data.std).numpy())
     p = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
     for row, probs in zip(rows, p):
