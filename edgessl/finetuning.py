@@ -20,12 +20,13 @@ from torch import nn
 
 from edgessl import checkpoint, data as data_lib
 from edgessl.augment import BatchAugment, normalize
-from edgessl.config import AugmentConfig, FinetuneConfig, finetune_config, from_dict, to_dict
+from edgessl.config import AugmentConfig, FinetuneConfig, finetune_config, to_dict
 from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
 from edgessl.optim import check_finite, optimizer_step, set_lr
 from edgessl.runfiles import CsvLog, check_run_dir
-from edgessl.runs import Classifier, build_classifier, check_run_data, data_record, is_classifier, load_encoder
+from edgessl.runs import (Classifier, build_classifier, check_run_data, data_record, is_classifier, load_encoder,
+                          run_config)
 from edgessl.schedule import lr_at
 
 # Fine-tuning augmentation: crop and flip, no colour jitter (the usual supervised recipe).
@@ -187,11 +188,10 @@ def labelled_sets(ft: FinetuneConfig, src: dict, size: int) -> tuple[data_lib.Im
     if bool(ft.train) != bool(ft.test):
         raise EdgesslError("give both --train and --test, or neither (the pretraining run's own split)")
     if ft.train:
-        fit = from_dict(src).data.fit
-        fit = "squash" if fit == "auto" else fit  # a run stored before the fit was recorded squashed
+        fit = run_config({"config": src}).data.fit  # a run stored before fits existed: squash
         train, test = data_lib.load(ft.train, size, fit=fit), data_lib.load(ft.test, size, fit=fit)
     else:
-        train, test = data_lib.load_split(from_dict(src).data)
+        train, test = data_lib.load_split(run_config({"config": src}).data)
         if test is None:
             raise EdgesslError("the pretraining run holds out no images (data.val_fraction / val_spec): "
                                "give --train and --test")
