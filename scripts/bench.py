@@ -9,7 +9,7 @@ epochs, seconds, images/s, peak memory, kNN on the held-out split, raw-pixel and
 kNN on the same split, linear probe when asked, and the kNN-against-seconds curve), and
 OUT/*.png the plots: kNN against training seconds per method, throughput and peak memory
 per method. Resumable: a run already in results.json is not run again; a run that was
-interrupted continues from its checkpoint. `--quick` keeps the first seed, backbone and
+interrupted continues from its checkpoint. `--only` and `--seeds` pick part of the grid. `--quick` keeps the first seed, backbone and
 size only (and the spec's `quick_budget` when it has one). A method entry may name its own
 `seeds` (a one-seed sweep beside a three-seed ablation). `--table` prints the results as
 Markdown; `--table --chain a,b,c` as an ablation, each step's change paired by seed.
@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="output folder (default runs/bench/SPEC_NAME)")
     ap.add_argument("--quick", action="store_true", help="first seed, backbone and size only")
     ap.add_argument("--only", nargs="*", help="method keys to run")
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], help="seeds to run (0,1,2), of the spec's")
     ap.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
     ap.add_argument("--chain", help="with --table: an ablation, method keys in order (a,b,c), each row's "
                                     "change from the one before, paired by seed")
@@ -227,6 +228,8 @@ def main() -> None:
         if args.only and method_key not in args.only:
             continue
         if not args.quick and seed not in entry_seeds[method_key]:
+            continue
+        if args.seeds is not None and seed not in args.seeds:
             continue
         key = f"{method_key}|{backbone}|seed{seed}|n{size or 'all'}"
         if key in results:
