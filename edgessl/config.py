@@ -107,6 +107,13 @@ class RunConfig:
     checkpoint_every_minutes: float = 10.0  # ... and every M minutes of training (0: off)
     sync_bn: bool = False  # torchrun on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm is CUDA-only)
     report: bool = True  # write RUN_DIR/report.html when the run ends (edgessl report writes it any time)
+    # read the loss from the device every N steps (one wait for N steps); 0: auto, every step on the CPU (where the
+    # read costs nothing, so a NaN stops the run before the weights take it in), every 32 on a GPU (a NaN stops the
+    # run at the next read, before any checkpoint is written: the last one is always from before it)
+    sync_every: int = 0
+    # CPU training: depthwise convolutions' weight gradient by edgessl.depthwise (the same numbers to float rounding;
+    # PyTorch's own CPU kernel for it is the slowest part of a MobileNet step); false: PyTorch's everywhere
+    fast_depthwise: bool = True
     compile: bool = False  # torch.compile the training forward (measured in scripts/gpu_check.py; off: untested gain)
 
 
@@ -244,7 +251,8 @@ def validate(cfg: Config) -> Config:
         ("augment.crop_scale", scale == "auto" or 0 < scale[0] <= scale[1] <= 1),
         ("run.threads", cfg.run.threads >= 0), ("run.augment_threads", cfg.run.augment_threads >= 0),
         ("run.knn_k", cfg.run.knn_k >= 1), ("run.checkpoint_every_minutes", cfg.run.checkpoint_every_minutes >= 0),
-        ("run.checkpoint_every_steps", cfg.run.checkpoint_every_steps >= 0), ("run.monitor_every", cfg.run.monitor_every >= 0),
+        ("run.checkpoint_every_steps", cfg.run.checkpoint_every_steps >= 0),
+        ("run.sync_every", cfg.run.sync_every >= 0), ("run.monitor_every", cfg.run.monitor_every >= 0),
     ]
     for key, ok in checks:
         if not ok:

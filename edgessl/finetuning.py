@@ -23,6 +23,7 @@ from edgessl.augment import BatchAugment, normalize
 from edgessl.config import AugmentConfig, FinetuneConfig, finetune_config, to_dict
 from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
+from edgessl.depthwise import fast_depthwise
 from edgessl.optim import check_finite, optimizer_step, set_lr
 from edgessl.runfiles import CsvLog, check_run_dir
 from edgessl.runs import (Classifier, build_classifier, check_run_data, data_record, is_classifier, load_encoder,
@@ -115,6 +116,8 @@ def _train(ft: FinetuneConfig, source: Source, out: Path, state: Optional[dict],
     train, test = train.subset(subset).to(dev), test.to(dev)
     classes = train.classes or [str(c) for c in range(int(train.labels.max()) + 1)]
     model = (build_classifier(state) if state is not None else Classifier(encoder, len(classes))).to(dev).train()
+    if dev.type == "cpu":
+        fast_depthwise(model)  # the faster CPU backward of depthwise convolutions (edgessl.depthwise)
     mean, std = src["data"]["mean"], src["data"]["std"]
     augment = BatchAugment(FINETUNE_AUGMENT, size, mean, std)
     bs = min(ft.batch_size, len(train))

@@ -27,6 +27,7 @@ from edgessl import checkpoint, data as data_lib, distributed, recipe
 from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
 from edgessl.config import Config, dump_yaml, from_dict, to_dict
+from edgessl.depthwise import fast_depthwise
 from edgessl.device import autocast, grad_scaler, peak_mem_mb, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
 from edgessl.knn import knn_accuracy
@@ -36,8 +37,11 @@ from edgessl.runfiles import RunFiles, check_run_dir, run_lock
 from edgessl.runs import check_run_data, data_record
 from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs
 
-# what --resume may change: the budget, where images live, whether a report is written, compilation
-BUDGET_KEYS = {("optim", "minutes"), ("data", "storage"), ("run", "report"), ("run", "compile")}
+# what --resume may change: the budget, where images live, whether a report is written, how the step is computed
+# (compilation, the depthwise kernel: float rounding only) and how often the loss is read
+BUDGET_KEYS = {("optim", "minutes"), ("data", "storage"), ("run", "report"), ("run", "compile"), ("run", "sync_every"),
+               ("run", "fast_depthwise")}
+GPU_SYNC_EVERY = 32  # run.sync_every's auto value off the CPU
 
 
 def metric_fields(method: str) -> list[str]:
@@ -88,6 +92,7 @@ class Setup:
     forward: Optional[torch.nn.Module] = None  # the model, or its DistributedDataParallel wrapper
     data_identity: dict = field(default_factory=dict)  # {"train", "val"}: what the checkpoint records of the images
     choices: list = field(default_factory=list)  # what the recipe picked from the data (recipe.Choice)
+    sync_every: int = 1  # steps between reads of the loss from the device (run.sync_every)
 
 
 def build(cfg: Config, decide: bool = True) -> Setup:
@@ -121,6 +126,8 @@ def build(cfg: Config, decide: bool = True) -> Setup:
     size = train.images.shape[-1]
     b = cfg.backbone
     backbone = create_backbone(b.name, size, b.downsample, b.init_weights)
+    if cfg.run.fast_depthwise and device.type == "cpu":
+        fast_depthwise(backbone)
     model = create_method(cfg.method.name, backbone, len(train), cfg.method, **method_args(cfg, train)).to(device)
     if cfg.run.sync_bn and world > 1:
         if device.type != "cuda":
@@ -144,7 +151,8 @@ def build(cfg: Config, decide: bool = True) -> Setup:
                  model, make_optimizer(cfg, model), grad_scaler(device, precision),
                  BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
                  len(train) // (cfg.optim.batch_size * world), rank, world, forward,
-                 data_record(train, val), choices)
+                 data_record(train, val), choices,
+                 cfg.run.sync_every or (1 if device.type == "cpu" else GPU_SYNC_EVERY))
 
 
 def method_args(cfg: Config, train: data_lib.ImageData) -> dict:
@@ -360,28 +368,27 @@ def run_epoch(s: Setup, files: RunFiles, pos: Position, show: bool, stop, budget
         pos.perm = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(
             c.run.seed * 100_003 + pos.epoch))
     t0 = t_epoch = time.perf_counter()
-    done, step_log = 0, []
+    done, step_log, unread = 0, [], []
     bar = tqdm(total=s.steps_per_epoch, initial=pos.epoch_step, disable=not show, leave=False,
                desc=f"epoch {pos.epoch + 1}/{pos.planned_epochs or '?'}", file=sys.stderr)
     while pos.epoch_step < s.steps_per_epoch:
         if pos.planned_epochs is None and pos.step == PLAN_AFTER_STEPS:
+            read_steps(s, pos, unread, step_log, bar)  # the plan times finished steps, not queued ones
             first_plan(s, pos, budget, time.perf_counter() - t0)
         total = (pos.planned_epochs or 10**9) * s.steps_per_epoch
         start = pos.epoch_step * bs * s.world + s.rank * bs  # this rank's slice of the global batch
         idx = pos.perm[start:start + bs].to(s.device)
         out = train_step(s, idx, lr_at(pos.step, total, warmup, c.optim.lr), pos.step, total)
-        loss = out["values"]["loss"]
-        for k, v in out["values"].items():
-            pos.sums[k] = pos.sums.get(k, 0.0) + v
-        step_log.append((pos.step, loss))
-        pos.skipped_steps += int(out["skipped"])
+        unread.append((pos.step, ["loss", *out["parts"]], out["values"], out["skipped"]))
         pos.step, pos.epoch_step, done = pos.step + 1, pos.epoch_step + 1, done + 1
         bar.update()
-        bar.set_postfix(loss=f"{loss:.3f}")
+        if len(unread) >= s.sync_every:
+            read_steps(s, pos, unread, step_log, bar)
         stopping = distributed.any_rank(stop(pos.step), s.device)
         every, minutes = c.run.checkpoint_every_steps, c.run.checkpoint_every_minutes
         due = every and pos.step % every == 0 or minutes and time.perf_counter() - t0 >= minutes * 60
         if pos.epoch_step < s.steps_per_epoch and (stopping or due):
+            read_steps(s, pos, unread, step_log, bar)  # a NaN among them stops the run before the save
             pos.elapsed += time.perf_counter() - t0
             files.add_steps(step_log)
             save(s, files, pos)
@@ -389,6 +396,7 @@ def run_epoch(s: Setup, files: RunFiles, pos: Position, show: bool, stop, budget
             if stopping:
                 bar.close()
                 return True
+    read_steps(s, pos, unread, step_log, bar)
     bar.close()
     pos.elapsed += time.perf_counter() - t0
     replan(s, pos, budget)
@@ -397,6 +405,22 @@ def run_epoch(s: Setup, files: RunFiles, pos: Position, show: bool, stop, budget
     end_epoch(s, files, pos, s.optimizer.param_groups[0]["lr"], step_log,
               done * bs / max(time.perf_counter() - t_epoch, 1e-9), last)
     return False
+
+
+def read_steps(s: Setup, pos: Position, unread: list, step_log: list, bar) -> None:
+    """The unread steps' loss and parts, from the device in one wait (run.sync_every steps): a NaN or
+    inf among them stops the run here, naming its step, before anything of them is saved."""
+    if not unread:
+        return
+    rows = torch.stack([values for _, _, values, _ in unread]).tolist()
+    for (step, names, _, skipped), row in zip(unread, rows):
+        check_finite(row[0], step, s.device)
+        for name, v in zip(names, row):
+            pos.sums[name] = pos.sums.get(name, 0.0) + v
+        step_log.append((step, row[0]))
+        pos.skipped_steps += int(skipped)  # fp16's GradScaler reads its scale each step: a host value
+    unread.clear()
+    bar.set_postfix(loss=f"{rows[-1][0]:.3f}")
 
 
 def first_plan(s: Setup, pos: Position, budget: float, epoch_s: float) -> None:
@@ -424,10 +448,10 @@ def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1
     labels = s.train.labels[idx] if s.train.labels is not None else None
     with autocast(s.device, s.precision):
         out = (s.model if s.forward is None else s.forward)(images, idx, labels)
-    # the step's one wait on the device: the loss and its parts together, as Python floats
-    values = torch.stack([out["loss"].detach().float(), *(v.float() for v in out["parts"].values())]).tolist()
-    out["values"] = dict(zip(["loss", *out["parts"]], values))
-    check_finite(values[0], step, s.device)
+    # the loss and its parts stay on the device: the loop reads them every run.sync_every steps (read_steps)
+    out["values"] = torch.stack([out["loss"].detach().float(), *(v.detach().float() for v in out["parts"].values())])
+    if s.sync_every == 1:  # reading is free (the CPU): a NaN stops the run before the weights or the bank take it in
+        check_finite(float(out["values"][0]), step, s.device)
     out["skipped"] = optimizer_step(out["loss"], s.optimizer, s.scaler)
     s.model.update(out, min(1.0, (step + 1) / total))
     return out

@@ -1,11 +1,15 @@
-"""Cost of one pretraining step, side by side in one process: backbone, stem, precision, head,
-and the share of the step spent in the batched augmentation.
+"""Cost of one pretraining step, side by side in one process: the levers on the step (kernels,
+precision, threads of the augmentation), backbones, methods, heads, and the share of the
+step spent in the batched augmentation.
 
     .venv/bin/python scripts/bench_step.py --out runs/bench_step.json
+    .venv/bin/python scripts/bench_step.py --only default "PyTorch's depthwise" --image-size 64
 
 Each variant runs the real train_step (augment + forward + backward + bank update) on
-the shared CIFAR-10 file after a warm-up; the augmentation alone is timed on the same
-batches. Writes one JSON object: machine, torch, and a row per variant.
+the shared CIFAR-10 file (or --data) after two warm-up steps; the variants take turns step
+by step, so a busy machine slows them alike, and the first variant run is the baseline of
+the table's last column. The augmentation alone is timed on the same batches. Writes one
+JSON object (machine, torch, a row per variant) and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from edgessl.train import build, train_step
 
 VARIANTS = {
     "mobilenetv3 os16 fp32 (default)": {},
+    "mobilenetv3 os16 fp32, PyTorch's depthwise backward": {"run": {"fast_depthwise": False}},
+    "mobilenetv3 os16 fp32, batch 128": {"optim": {"batch_size": 128}},
     "mobilenetv3 os16 fp32, augment on 2 threads": {"run": {"augment_threads": 0}},
     "mobilenetv3 os16 bf16": {"run": {"precision": "bf16"}},
     "mobilenetv3 os8 fp32": {"backbone": {"downsample": 8}},
@@ -45,27 +51,32 @@ VARIANTS = {
 }
 
 
-def time_variant(overrides: dict, data: str, steps: int, batch: int) -> dict:
-    base = {"data": {"spec": data}, "optim": {"batch_size": batch}, "run": {"monitor_every": 0}}
+def build_variant(overrides: dict, data: str, batch: int, image_size):
+    base = {"data": {"spec": data, "image_size": image_size}, "optim": {"batch_size": batch},
+            "run": {"monitor_every": 0}}
     for section, values in overrides.items():
         base.setdefault(section, {}).update(values)
     s = build(from_dict(base))
     s.model.train()
-    n = len(s.train)
-    step_s, aug_s = [], []
-    for i in range(steps + 2):  # two warm-up steps
-        idx = torch.randint(0, n, (batch,), device=s.device)
-        t0 = time.perf_counter()
-        train_step(s, idx, 0.01, i)
-        t1 = time.perf_counter()
-        s.augment(s.train.images[idx])
-        t2 = time.perf_counter()
-        if i >= 2:
-            step_s.append(t1 - t0)
-            aug_s.append(t2 - t1)
-    step, aug = statistics.median(step_s), statistics.median(aug_s)
-    return {"overrides": overrides, "steps": steps, "batch_size": batch, "step_ms": round(step * 1e3, 1),
-            "images_per_s": round(batch / step, 1), "augment_ms": round(aug * 1e3, 2),
+    return s
+
+
+def time_step(s, i: int) -> tuple[float, float]:
+    """One real train_step and the augmentation of the same batch alone: (step s, augment s)."""
+    batch = s.cfg.optim.batch_size
+    idx = torch.randint(0, len(s.train), (batch,), device=s.device)
+    t0 = time.perf_counter()
+    train_step(s, idx, 0.01, i)
+    t1 = time.perf_counter()
+    s.augment(s.train.images[idx])
+    return t1 - t0, time.perf_counter() - t1
+
+
+def row(s, overrides: dict, times: list) -> dict:
+    step, aug = (statistics.median(t[k] for t in times) for k in (0, 1))
+    batch = s.cfg.optim.batch_size
+    return {"overrides": overrides, "steps": len(times), "batch_size": batch, "image_size": s.image_size,
+            "step_ms": round(step * 1e3, 1), "images_per_s": round(batch / step, 1), "augment_ms": round(aug * 1e3, 2),
             "augment_share": round(aug / step, 4), "precision": s.precision, "device": str(s.device),
             "threads": torch.get_num_threads()}
 
@@ -73,21 +84,32 @@ def time_variant(overrides: dict, data: str, steps: int, batch: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=f"npz:{SHARED_CIFAR}")
+    ap.add_argument("--image-size", type=int, help="input size (default: the data's own, as pretrain picks it)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--only", nargs="*", help="substrings of variant names to run")
     ap.add_argument("--out", default="runs/bench_step.json")
     args = ap.parse_args()
-    rows = {}
-    for name, overrides in VARIANTS.items():
-        if args.only and not any(o in name for o in args.only):
-            continue
-        steps = max(3, args.steps // 4) if "resnet18 os8" in name else args.steps
-        rows[name] = time_variant(overrides, args.data, steps, args.batch_size)
-        print(f"{name:45s} {rows[name]['images_per_s']:8.1f} images/s  step {rows[name]['step_ms']:7.1f} ms  "
-              f"augment {rows[name]['augment_ms']:6.2f} ms ({100 * rows[name]['augment_share']:.1f}%)", flush=True)
+    names = [n for n in VARIANTS if not args.only or any(o in n for o in args.only)]
+    setups = {n: build_variant(VARIANTS[n], args.data, args.batch_size, args.image_size) for n in names}
+    times = {n: [] for n in names}
+    for i in range(args.steps + 2):  # two warm-up steps; the CIFAR-stem ResNet takes every 4th turn only
+        for n in names:
+            if "resnet18 os8" in n and i % 4 and i >= 2:
+                continue
+            t = time_step(setups[n], i)
+            if i >= 2:
+                times[n].append(t)
+    rows = {n: row(setups[n], VARIANTS[n], times[n]) for n in names}
+    base = rows[names[0]]["images_per_s"]
+    print(f"| variant | images/s | step ms | augmentation ms (share) | x {names[0]} |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for n, r in rows.items():
+        print(f"| {n} | {r['images_per_s']:.0f} | {r['step_ms']:.0f} | {r['augment_ms']:.1f} "
+              f"({100 * r['augment_share']:.1f}%) | {r['images_per_s'] / base:.2f}x |")
     result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "processor": platform.processor()}, "torch": str(torch.__version__), "variants": rows}
+                          "processor": platform.processor()}, "torch": str(torch.__version__),
+              "data": args.data, "variants": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

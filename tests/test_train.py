@@ -200,3 +200,43 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resumes(tiny_npz, tmp_path):
     step = checkpoint.load(run / "checkpoint.pt")["position"]["step"]
     assert 0 < step < 400 * 6
     assert len(read_csv(run / "steps.csv")) == step
+
+
+def test_reading_the_loss_every_few_steps_changes_nothing_but_the_waits(tiny_npz, tmp_path, monkeypatch):
+    """run.sync_every 3 (what a GPU gets): one read per 3 steps and per epoch end instead of one per step,
+    and the same metrics, steps and weights as reading every step; a resume across it is exact."""
+    import edgessl.train as train
+
+    reads = []
+    real = train.read_steps
+    monkeypatch.setattr(train, "read_steps", lambda s, pos, unread, *a: (reads.append(len(unread)) if unread else None,
+                                                                         real(s, pos, unread, *a)))
+    every = pretrain(tiny_config(f"npz:{tiny_npz}"), tmp_path / "every", log=quiet)
+    assert reads == [1] * 8  # 2 epochs of 4 steps
+    reads.clear()
+    cfg = tiny_config(f"npz:{tiny_npz}", run={"sync_every": 3})
+    pretrain(cfg, tmp_path / "third", stop_at_step=6, log=quiet)  # stops (and reads) inside epoch 2
+    pretrain(cfg, tmp_path / "third", resume=True, log=quiet)
+    assert reads == [3, 1, 2, 2]  # steps 0-2, 3 (epoch end), 4-5 (the stop), 6-7 (resumed, epoch end)
+    third = checkpoint.load(tmp_path / "third" / "checkpoint.pt")
+    first = checkpoint.load(tmp_path / "every" / "checkpoint.pt")
+    for k, v in first["model"].items():
+        assert torch.equal(v, third["model"][k]), k
+    assert read_csv(tmp_path / "every" / "steps.csv") == read_csv(tmp_path / "third" / "steps.csv")
+    assert [r["loss"] for r in read_csv(tmp_path / "every" / "metrics.csv")] == \
+        [r["loss"] for r in read_csv(tmp_path / "third" / "metrics.csv")]
+    assert every["final_loss"] == pytest.approx(float(read_csv(tmp_path / "third" / "metrics.csv")[-1]["loss"]))
+
+
+def test_a_nan_read_late_still_leaves_the_checkpoint_from_before_it(tiny_npz, tmp_path, monkeypatch):
+    from edgessl.methods.memdistill import MemDistill
+
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 2}, run={"sync_every": 8})
+    pretrain(cfg, tmp_path / "run", stop_at_step=1, log=quiet)
+    good = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    real_embed = MemDistill.embed
+    monkeypatch.setattr(MemDistill, "embed", lambda self, x: real_embed(self, x) * float("nan"))
+    with pytest.raises(EdgesslError, match="loss is nan at step 1"):  # read at the epoch end, 3 steps later
+        pretrain(cfg, tmp_path / "run", resume=True, log=quiet)
+    after = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert after["position"]["step"] == 1 and torch.equal(after["model"]["bank"], good["model"]["bank"])

@@ -1,0 +1,92 @@
+"""A faster CPU backward for depthwise convolutions, the bulk of a MobileNet training step.
+
+PyTorch's CPU kernel for the weight gradient of a depthwise convolution (groups == channels)
+is slow on the small feature maps of small inputs: a 5x5 kernel over 576 channels of 2x2
+maps, batch 64, takes tens of milliseconds for a few million multiply-adds, 60x its own
+forward pass, and the depthwise weight gradients together are close to half of a
+MobileNetV3-small step at 32 px on this project's 2-core machine
+(docs/benchmarks.md, "Where a step's time goes"). The same gradient is two other calls that
+are fast there:
+
+- maps of at most SMALL_MAP pixels: a grouped convolution of the input with the output
+  gradient (per channel, the batch becomes the reduction axis);
+- larger maps: PyTorch's own weight-gradient kernel on channels-last copies.
+
+The forward pass and the input gradient stay PyTorch's own. The numbers are the same to
+float rounding (tests/test_depthwise.py checks both against autograd). `fast_depthwise(model)`
+switches a module's depthwise convolutions to it; parameters and state-dict keys are
+unchanged, and eval mode, no-grad, tracing, ONNX export and non-CPU tensors take the plain
+path, so an exported graph holds ordinary Conv nodes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SMALL_MAP = 16  # output pixels (h x w) up to which the grouped convolution computes the weight gradient
+
+
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, int], stride, padding,
+                dilation) -> torch.Tensor:
+    """d(loss)/d(weight) of a depthwise conv2d(x, weight (C, 1, kh, kw)) given d(loss)/d(output)."""
+    b, c, h, w = x.shape
+    kh, kw = kernel
+    if grad.shape[-2] * grad.shape[-1] <= SMALL_MAP:
+        # out[c, u, v] = sum_{b, i, j} x_pad[b, c, u + i * stride, v + j * stride] * grad[b, c, i, j];
+        # the weight gradient is out at u = p * dilation, v = q * dilation
+        out = F.conv2d(x.transpose(0, 1).reshape(1, c * b, h, w),
+                       grad.transpose(0, 1).reshape(c, b, grad.shape[-2], grad.shape[-1]),
+                       padding=padding, dilation=stride, groups=c)[0]
+        return out[:, :(kh - 1) * dilation[0] + 1:dilation[0], :(kw - 1) * dilation[1] + 1:dilation[1]].unsqueeze(1)
+    cl = torch.channels_last
+    return torch.ops.aten.convolution_backward(
+        grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), torch.empty(c, 1, kh, kw, dtype=x.dtype),
+        None, stride, padding, dilation, False, [0, 0], c, [False, True, False])[1].contiguous()
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation)
+        return F.conv2d(x, weight, None, stride, padding, dilation, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        own_w = ctx.needs_input_grad[1] and weight.shape[-1] * weight.shape[-2] > 9  # 3x3: PyTorch's is fast
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, stride, padding, dilation, False, [0, 0], weight.shape[0],
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not own_w, False])
+        if own_w:
+            grad_w = weight_grad(x, grad, weight.shape[-2:], stride, padding, dilation)
+        return grad_x, grad_w, None, None, None
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """nn.Conv2d with the faster CPU backward while training; the plain conv otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+                and not torch.onnx.is_in_onnx_export()):
+            return super().forward(x)
+        y = _DepthwiseConv2d.apply(x, self.weight, self.stride, self.padding, self.dilation)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return (type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+
+
+def fast_depthwise(model: nn.Module) -> int:
+    """Switch `model`'s depthwise nn.Conv2d modules to DepthwiseConv2d in place; the count switched."""
+    n = 0
+    for m in model.modules():
+        if is_depthwise(m):
+            m.__class__ = DepthwiseConv2d  # the same module, parameters and hooks: only forward differs
+            n += 1
+    return n

@@ -1,0 +1,64 @@
+"""The faster CPU backward of depthwise convolutions: the same gradients as PyTorch's, the plain
+conv wherever nothing is trained (eval, no-grad, ONNX export)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgessl import depthwise
+from edgessl.backbones import create_backbone
+from edgessl.depthwise import DepthwiseConv2d, fast_depthwise, weight_grad
+
+
+# (input shape, kernel, stride, padding, dilation): maps under and over SMALL_MAP, strides, dilations
+CASES = [((4, 8, 2, 2), 5, 1, 2, 1), ((4, 8, 4, 4), 5, 2, 2, 1), ((3, 5, 7, 6), 5, 2, 2, 1),
+         ((2, 6, 9, 9), 5, 1, 2, 1), ((2, 6, 8, 8), 5, 2, 4, 2), ((2, 6, 12, 12), 5, 1, 2, 1)]
+
+
+@pytest.mark.parametrize("shape,k,stride,pad,dil", CASES)
+def test_weight_grad_is_autograds(shape, k, stride, pad, dil):
+    g = torch.Generator().manual_seed(0)
+    c = shape[1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, w, None, stride, pad, dil, c)
+    grad = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(y, w, grad)
+    got = weight_grad(x, grad, (k, k), (stride, stride), (pad, pad), (dil, dil))
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    small = y.shape[-1] * y.shape[-2] <= depthwise.SMALL_MAP
+    assert small == (shape[-1] <= 4 or (stride == 2 and shape[-1] <= 8))  # both paths are covered
+
+
+@pytest.mark.parametrize("size,downsample", [(32, 16), (64, 32)])
+def test_a_switched_mobilenet_trains_like_pytorchs(size, downsample):
+    torch.manual_seed(0)
+    plain = create_backbone("mobilenetv3_small_050", size, downsample)
+    fast = copy.deepcopy(plain)
+    assert fast_depthwise(fast) == 11 and fast_depthwise(fast) == 0  # every depthwise conv, once
+    assert sum(type(m) is DepthwiseConv2d for m in fast.modules()) == 11
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(6, 3, size, size)
+    for m in (plain, fast):
+        m.train()
+        m(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_nothing_but_training_takes_the_new_path(monkeypatch, tmp_path):
+    model = create_backbone("mobilenetv3_small_050", 32, 16)
+    fast_depthwise(model)
+    monkeypatch.setattr(depthwise._DepthwiseConv2d, "apply", lambda *a: pytest.fail("not a training step"))
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    torch.onnx.export(model, (x,), tmp_path / "m.onnx", dynamo=False)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+    assert "Conv" in ops and not any("Python" in op for op in ops)
