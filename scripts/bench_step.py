@@ -72,6 +72,18 @@ def time_step(s, i: int) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
+def profile(s, steps: int) -> list[dict]:
+    """torch.profiler over `steps` more steps: self CPU time per (operator, input shapes), largest first."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+        for i in range(steps):
+            time_step(s, 100 + i)
+    ops = sorted(p.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    return [{"op": e.key, "shapes": str(e.input_shapes)[:120], "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 2)}
+            for e in ops]
+
+
 def row(s, overrides: dict, times: list) -> dict:
     step, aug = (statistics.median(t[k] for t in times) for k in (0, 1))
     batch = s.cfg.optim.batch_size
@@ -88,6 +100,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--only", nargs="*", help="substrings of variant names to run")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where each variant's step time goes (torch.profiler, by operator and shape)")
     ap.add_argument("--out", default="runs/bench_step.json")
     args = ap.parse_args()
     names = [n for n in VARIANTS if not args.only or any(o in n for o in args.only)]
@@ -101,6 +115,12 @@ def main() -> None:
             if i >= 2:
                 times[n].append(t)
     rows = {n: row(setups[n], VARIANTS[n], times[n]) for n in names}
+    if args.profile:
+        for n in names:
+            rows[n]["profile"] = profile(setups[n], 3)
+            print(f"{n}: self CPU ms per step, top operators")
+            for op in rows[n]["profile"][:12]:
+                print(f"  {op['ms_per_step']:8.1f}  {op['op']}  {op['shapes']}")
     base = rows[names[0]]["images_per_s"]
     print(f"| variant | images/s | step ms | augmentation ms (share) | x {names[0]} |")
     print("| --- | ---: | ---: | ---: | ---: |")

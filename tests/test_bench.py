@@ -113,3 +113,38 @@ def test_chain_table_pairs_changes_by_seed():
     assert md[0].startswith("| backbone | train images | step |") and len(md) == 6
     assert md[3] == "| m | 100 | b | 2 | 104.00 ± 0.00 | +2.50 ± 0.71 |"
     assert md[5] == "| m | 200 | b | 2 | 204.00 ± 0.00 | +2.50 ± 0.71 |"
+
+
+def script_module(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_seeds_picks_part_of_the_grid(tiny_npz, tmp_path, monkeypatch):
+    tiny = {"backbone": {"name": "mobilenetv3_small_050"}, "method": {"head_dims": [32, 16]},
+            "optim": {"batch_size": 8}, "run": {"knn_k": 5, "threads": 1, "augment_threads": 1, "report": False}}
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(json.dumps({"data": f"npz:{tiny_npz}", "val_fraction": 0.25, "budget": {"epochs": 1},
+                                "overrides": tiny, "methods": {"memdistill": {}, "npid": {}}, "seeds": [0, 1]}))
+    monkeypatch.setattr(sys, "argv", ["bench.py", str(spec), "--out", str(tmp_path / "out"), "--seeds", "1",
+                                      "--only", "npid"])
+    bench_module().main()
+    assert list(json.loads((tmp_path / "out" / "results.json").read_text())) == ["npid|mobilenetv3|seed1|nall"]
+
+
+def test_bench_step_takes_turns_and_profiles_each_variant(tiny_npz, tmp_path, monkeypatch):
+    out = tmp_path / "step.json"
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--data", f"npz:{tiny_npz}", "--only", "(default)",
+                                      "PyTorch's depthwise", "--steps", "2", "--batch-size", "8", "--profile",
+                                      "--out", str(out)])
+    script_module("bench_step").main()
+    rows = json.loads(out.read_text())["variants"]
+    fast, plain = rows["mobilenetv3 os16 fp32 (default)"], rows["mobilenetv3 os16 fp32, PyTorch's depthwise backward"]
+    assert plain["overrides"] == {"run": {"fast_depthwise": False}} and fast["overrides"] == {}
+    for r in (fast, plain):
+        assert r["steps"] == 2 and r["batch_size"] == 8 and r["images_per_s"] > 0 and r["profile"]
+    ops = [{op["op"] for op in r["profile"]} for r in (fast, plain)]
+    # the lever is really switched: only the default's backward runs edgessl.depthwise
+    assert any("DepthwiseConv2d" in op for op in ops[0]) and not any("DepthwiseConv2d" in op for op in ops[1])
