@@ -3,7 +3,7 @@ precision, threads of the augmentation), backbones, methods, heads, and the shar
 step spent in the batched augmentation.
 
     .venv/bin/python scripts/bench_step.py --out runs/bench_step.json
-    .venv/bin/python scripts/bench_step.py --only default "PyTorch's depthwise" --image-size 64
+    .venv/bin/python scripts/bench_step.py --only default "PyTorch's depthwise" --data folder:DIR --profile
 
 Each variant runs the real train_step (augment + forward + backward + bank update) on
 the shared CIFAR-10 file (or --data) after two warm-up steps; the variants take turns step
@@ -28,26 +28,26 @@ from edgessl.config import from_dict
 from edgessl.train import build, train_step
 
 
+# name -> config overrides; the backbone's output stride is the recipe's for the input size unless set
 VARIANTS = {
-    "mobilenetv3 os16 fp32 (default)": {},
-    "mobilenetv3 os16 fp32, PyTorch's depthwise backward": {"run": {"fast_depthwise": False}},
-    "mobilenetv3 os16 fp32, batch 128": {"optim": {"batch_size": 128}},
-    "mobilenetv3 os16 fp32, augment on 2 threads": {"run": {"augment_threads": 0}},
-    "mobilenetv3 os16 bf16": {"run": {"precision": "bf16"}},
-    "mobilenetv3 os8 fp32": {"backbone": {"downsample": 8}},
-    "mobilenetv3 os16 fp32, head 2048x3": {"method": {"head_dims": [2048, 2048, 2048]}},
-    "mobilenetv3 os16 fp32, no SqrtKL/CutMix": {"method": {"sqrtkl_weight": 0.0, "cutmix_prob": 0.0}},
-    "mobilenetv3 os16 fp32, grad update": {"method": {"bank_update": "grad"}},
-    "mobilenetv3 os16 fp32, supervised": {"method": {"name": "supervised"}},
-    "mobilenetv3 os16 fp32, simclr (2 views)": {"method": {"name": "simclr", "head_dims": [1024, 128]}},
-    "mobilenetv3 os16 fp32, byol (2 views)": {"method": {"name": "byol", "head_dims": [1024, 128]}},
-    "mobilenetv4 os16 fp32": {"backbone": {"name": "mobilenetv4"}},
-    "resnet18 os16 fp32": {"backbone": {"name": "resnet18", "downsample": 16}},
-    "resnet18 os16 fp32, supervised": {"backbone": {"name": "resnet18", "downsample": 16},
-                                       "method": {"name": "supervised"}},
-    "resnet18 os8 fp32 (CIFAR stem)": {"backbone": {"name": "resnet18", "downsample": 8}},
-    "resnet18 os8 fp32 (CIFAR stem), supervised": {"backbone": {"name": "resnet18", "downsample": 8},
-                                                   "method": {"name": "supervised"}},
+    "mobilenetv3 (default)": {},
+    "mobilenetv3, PyTorch's depthwise backward": {"run": {"fast_depthwise": False}},
+    "mobilenetv3, batch 128": {"optim": {"batch_size": 128}},
+    "mobilenetv3, augmentation on 1 thread": {"run": {"augment_threads": 1}},
+    "mobilenetv3, bf16 autocast": {"run": {"precision": "bf16"}},
+    "mobilenetv3, output stride 8": {"backbone": {"downsample": 8}},
+    "mobilenetv3, head 2048x3": {"method": {"head_dims": [2048, 2048, 2048]}},
+    "mobilenetv3, ema bank update (NPID's)": {"method": {"bank_update": "ema"}},
+    "mobilenetv3, SqrtKL and CutMix on": {"method": {"sqrtkl_weight": 20.0, "cutmix_prob": 1.0}},
+    "mobilenetv3, supervised": {"method": {"name": "supervised"}},
+    "mobilenetv3, simclr (2 views)": {"method": {"name": "simclr", "head_dims": [1024, 128]}},
+    "mobilenetv3, byol (2 views)": {"method": {"name": "byol", "head_dims": [1024, 128]}},
+    "mobilenetv4": {"backbone": {"name": "mobilenetv4"}},
+    "resnet18 os16": {"backbone": {"name": "resnet18", "downsample": 16}},
+    "resnet18 os16, supervised": {"backbone": {"name": "resnet18", "downsample": 16}, "method": {"name": "supervised"}},
+    "resnet18 os8 (CIFAR stem)": {"backbone": {"name": "resnet18", "downsample": 8}},
+    "resnet18 os8 (CIFAR stem), supervised": {"backbone": {"name": "resnet18", "downsample": 8},
+                                              "method": {"name": "supervised"}},
 }
 
 
@@ -88,6 +88,7 @@ def row(s, overrides: dict, times: list) -> dict:
     step, aug = (statistics.median(t[k] for t in times) for k in (0, 1))
     batch = s.cfg.optim.batch_size
     return {"overrides": overrides, "steps": len(times), "batch_size": batch, "image_size": s.image_size,
+            "output_stride": s.model.backbone.output_stride,
             "step_ms": round(step * 1e3, 1), "images_per_s": round(batch / step, 1), "augment_ms": round(aug * 1e3, 2),
             "augment_share": round(aug / step, 4), "precision": s.precision, "device": str(s.device),
             "threads": torch.get_num_threads()}
@@ -109,7 +110,7 @@ def main() -> None:
     times = {n: [] for n in names}
     for i in range(args.steps + 2):  # two warm-up steps; the CIFAR-stem ResNet takes every 4th turn only
         for n in names:
-            if "resnet18 os8" in n and i % 4 and i >= 2:
+            if "os8 (CIFAR stem)" in n and i % 4 and i >= 2:
                 continue
             t = time_step(setups[n], i)
             if i >= 2:
@@ -122,10 +123,10 @@ def main() -> None:
             for op in rows[n]["profile"][:12]:
                 print(f"  {op['ms_per_step']:8.1f}  {op['op']}  {op['shapes']}")
     base = rows[names[0]]["images_per_s"]
-    print(f"| variant | images/s | step ms | augmentation ms (share) | x {names[0]} |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| variant | input | stride | images/s | step ms | augmentation ms (share) | x {names[0]} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n, r in rows.items():
-        print(f"| {n} | {r['images_per_s']:.0f} | {r['step_ms']:.0f} | {r['augment_ms']:.1f} "
+        print(f"| {n} | {r['image_size']} | {r['output_stride']} | {r['images_per_s']:.0f} | {r['step_ms']:.0f} | {r['augment_ms']:.1f} "
               f"({100 * r['augment_share']:.1f}%) | {r['images_per_s'] / base:.2f}x |")
     result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "processor": platform.processor()}, "torch": str(torch.__version__),

@@ -141,7 +141,7 @@ def test_bench_step_takes_turns_and_profiles_each_variant(tiny_npz, tmp_path, mo
                                       "--out", str(out)])
     script_module("bench_step").main()
     rows = json.loads(out.read_text())["variants"]
-    fast, plain = rows["mobilenetv3 os16 fp32 (default)"], rows["mobilenetv3 os16 fp32, PyTorch's depthwise backward"]
+    fast, plain = rows["mobilenetv3 (default)"], rows["mobilenetv3, PyTorch's depthwise backward"]
     assert plain["overrides"] == {"run": {"fast_depthwise": False}} and fast["overrides"] == {}
     for r in (fast, plain):
         assert r["steps"] == 2 and r["batch_size"] == 8 and r["images_per_s"] > 0 and r["profile"]
