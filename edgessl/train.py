@@ -414,7 +414,8 @@ def read_steps(s: Setup, pos: Position, unread: list, step_log: list, bar) -> No
         return
     rows = torch.stack([values for _, _, values, _ in unread]).tolist()
     for (step, names, _, skipped), row in zip(unread, rows):
-        check_finite(row[0], step, s.device)
+        if s.sync_every > 1:  # (every step: train_step checked it before the optimizer step)
+            check_finite(row[0], step, s.device)
         for name, v in zip(names, row):
             pos.sums[name] = pos.sums.get(name, 0.0) + v
         step_log.append((step, row[0]))
