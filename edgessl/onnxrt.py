@@ -35,13 +35,16 @@ def read_metadata(model_path: str | Path) -> dict:
     return json.loads(props[META_KEY])
 
 
-def session(path: str | Path, threads: Optional[int] = None):
+def session(path: str | Path, threads: Optional[int] = None, disabled_optimizers: tuple[str, ...] = ()):
+    """A CPU session; `disabled_optimizers` names graph transformers onnxruntime must not run
+    (e.g. "NhwcTransformer")."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                **({"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}))
 
 
 def ort_features(sess, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

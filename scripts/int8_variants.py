@@ -7,7 +7,8 @@ Variants: QDQ vs QOperator, U8S8 vs U8U8 vs S8S8, reduce_range on/off, convs onl
 graph with hard-swish rewritten as x * relu6(x + 3) / 6 (what `edgessl export` does); then the
 default settings on the graph as torch exports it (HardSigmoid left in float between Q/DQ), and
 with each hard-sigmoid / hard-swish replaced by a 256-entry uint8 lookup table (Cast + Gather,
-`lut_activations`). The chosen default (edgessl.export.quantize_int8) is QDQ U8S8
+`lut_activations`), also with onnxruntime's NHWC layout transformer switched off (it wraps
+each Gather in Transposes). The chosen default (edgessl.export.quantize_int8) is QDQ U8S8
 per-channel with reduce_range, on the rewritten graph.
 """
 from __future__ import annotations
@@ -118,6 +119,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", nargs="*", help="substrings of the quantisation VARIANTS to run (the graph forms "
+                                              "after them always run)")
     ap.add_argument("--out", default="runs/int8_variants.json")
     args = ap.parse_args()
     model, cfg, state = load_run(args.run_dir)
@@ -140,15 +143,19 @@ def main() -> None:
         torch_export(encoder, d / "rewritten.onnx", size, "dynamic", 18)
         quant_pre_process(str(d / "rewritten.onnx"), str(d / "pre.onnx"), skip_symbolic_shape=True)
 
-        def quantised():
+        def quantised():  # (name, file, onnxruntime graph transformers switched off)
             for name, kw in VARIANTS.items():
-                quantize_static(str(d / "pre.onnx"), str(d / "q.onnx"), Reader(images), **kw)
-                yield name, d / "q.onnx"
-            yield "default, hard-swish as exported (no rewrite)", d / "stock.onnx"
-            yield "default, hard-swish as lookup tables", d / "lut.onnx"
+                if not args.only or any(o in name for o in args.only):
+                    quantize_static(str(d / "pre.onnx"), str(d / "q.onnx"), Reader(images), **kw)
+                    yield name, d / "q.onnx", ()
+            yield "default, hard-swish as exported (no rewrite)", d / "stock.onnx", ()
+            yield "default, hard-swish as lookup tables", d / "lut.onnx", ()
+            # the NHWC layout pass wraps each Gather in two Transposes: the tables without it
+            yield "default, hard-swish as lookup tables, NHWC transformer off", d / "lut.onnx", ("NhwcTransformer",)
+            yield "default, hard-swish as exported, NHWC transformer off", d / "stock.onnx", ("NhwcTransformer",)
 
-        for name, path in quantised():
-            sess = session(path, args.threads)
+        for name, path, off in quantised():
+            sess = session(path, args.threads, off)
             lat = {b: latency(sess, batch_of(images, b), 40)["p50"] for b in (1, 32)}
             rows[name] = {"p50_ms": lat, "speedup": {b: round(base[b] / lat[b], 2) for b in lat},
                           "min_cosine": parity(reference, ort_features(sess, images[:64]))["min_cosine"]}

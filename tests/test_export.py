@@ -188,6 +188,19 @@ def test_int8_lookup_table_rewrite_matches_the_qdq_graph(tmp_path):
     q, lut = (ort_features(session(tmp_path / f"{n}.onnx"), images) for n in ("q", "lut"))
     scale = np.abs(q).max()
     assert np.abs(q - lut).max() <= 0.01 * scale and np.abs(q - lut).max() > 0  # one rounding fewer, not equal
+    # the same tables with onnxruntime's NHWC layout pass off: the same numbers, no Transposes added around them
+    off = ort_features(session(tmp_path / "lut.onnx", disabled_optimizers=("NhwcTransformer",)), images)
+    np.testing.assert_allclose(off, lut, atol=1e-6 * scale)
+    import onnxruntime as ort
+
+    def optimised_ops(disabled):
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"opt{len(disabled)}.onnx")
+        ort.InferenceSession(str(tmp_path / "lut.onnx"), opts, providers=["CPUExecutionProvider"],
+                             **({"disabled_optimizers": disabled} if disabled else {}))
+        return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+    assert optimised_ops(["NhwcTransformer"]).count("Transpose") < optimised_ops([]).count("Transpose")
 
 
 def test_check_profile_names_the_float_islands_of_an_int8_graph(run_dir, tmp_path):
