@@ -9,9 +9,10 @@ epochs, seconds, images/s, peak memory, kNN on the held-out split, raw-pixel and
 kNN on the same split, linear probe when asked, and the kNN-against-seconds curve), and
 OUT/*.png the plots: kNN against training seconds per method, throughput and peak memory
 per method. Resumable: a run already in results.json is not run again; a run that was
-interrupted continues from its checkpoint. `--only` and `--seeds` pick part of the grid. `--quick` keeps the first seed, backbone and
-size only (and the spec's `quick_budget` when it has one). A method entry may name its own
-`seeds` (a one-seed sweep beside a three-seed ablation). `--table` prints the results as
+interrupted continues from its checkpoint. `--only` and `--seeds` run part of the grid;
+`--quick` keeps the first seed, backbone and size only (and the spec's `quick_budget` when
+it has one). A method entry may name its own `seeds` (a one-seed sweep beside a three-seed
+ablation). `--table` prints the results as
 Markdown; `--table --chain a,b,c` as an ablation, each step's change paired by seed.
 
 Budgets in minutes are wall-clock and so depend on how busy the machine is: run nothing
