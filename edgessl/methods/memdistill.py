@@ -119,19 +119,18 @@ class MemDistill(nn.Module):
         self.bank[idx] = F.normalize(m * self.bank[idx] + (1 - m) * z, dim=1)
 
     def bank_gradient(self, step: BankStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """d(sum over every rank's batch of L_total)/dW on the scored rows: (rows (R,), grad (R, d))."""
+        """d(sum over every rank's batch of L_total)/dW on the scored rows: (rows (R,), grad (R, d)).
+        With sampled negatives a row may be scored twice: its rows repeat, and their gradients add."""
         if step.cols is None:  # torchrun: the same summed gradient on each rank
             return torch.arange(step.grad.shape[0], device=step.grad.device), all_reduce_sum(step.grad)
-        cols, grad_cols = all_gather_cat(step.cols), all_gather_cat(step.grad)
-        rows, inverse = cols.unique(return_inverse=True)  # repeated rows: gradients add
-        return rows, torch.zeros(rows.shape[0], grad_cols.shape[1], device=grad_cols.device).index_add_(
-            0, inverse, grad_cols)
+        return all_gather_cat(step.cols), all_gather_cat(step.grad)
 
     def _update_grad(self, step: BankStep) -> None:
-        """docs/method.md's corrected rule: W <- normalise_rows(W - (1 - m) tau grad_W L) on the scored rows."""
+        """docs/method.md's corrected rule: W <- normalise_rows(W - (1 - m) tau grad_W L) on the scored rows.
+        index_add_ sums repeated rows' gradients without `unique` (which waits on a GPU to size its output)."""
         rows, grad = self.bank_gradient(step)
-        lr = (1 - self.cfg.bank_momentum) * self.cfg.temperature
-        self.bank[rows] = F.normalize(self.bank[rows] - lr * grad, dim=1)
+        self.bank.index_add_(0, rows, grad, alpha=-(1 - self.cfg.bank_momentum) * self.cfg.temperature)
+        self.bank[rows] = F.normalize(self.bank[rows], dim=1)
 
     @torch.no_grad()
     def calibrate_bank(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
