@@ -44,9 +44,12 @@ def weights_and_bank(state):
 
 
 def test_two_ranks_keep_one_bank_and_one_set_of_weights(tiny_npz, tmp_path):
-    for update in ("grad", "ema"):
+    # the grad update with all negatives (an all-reduce) and with 6 sampled ones (a gather of rows that repeat)
+    for update, negatives in (("grad", "all"), ("grad", 6), ("ema", "all")):
         cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 2, "batch_size": 4},
-                          method={"bank_update": update, "cutmix_prob": 1.0}, run={"monitor_every": 0})
+                          method={"bank_update": update, "cutmix_prob": 1.0, "negatives": negatives},
+                          run={"monitor_every": 0})
+        update = f"{update}-{negatives}"
         a, b = (weights_and_bank(s) for s in torchrun(tmp_path, 2, cfg, tmp_path / update))
         assert a.keys() == b.keys() and "bank" in a
         assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
