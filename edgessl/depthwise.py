@@ -1,12 +1,11 @@
 """A faster CPU backward for depthwise convolutions, the bulk of a MobileNet training step.
 
 PyTorch's CPU kernel for the weight gradient of a depthwise convolution (groups == channels)
-is slow on the small feature maps of small inputs: a 5x5 kernel over 576 channels of 2x2
-maps, batch 64, takes tens of milliseconds for a few million multiply-adds, 60x its own
-forward pass, and the depthwise weight gradients together are close to half of a
-MobileNetV3-small step at 32 px on this project's 2-core machine
-(docs/benchmarks.md, "Where a step's time goes"). The same gradient is two other calls that
-are fast there:
+is slow for 5x5 kernels on the small feature maps of small inputs: over 576 channels of 2x2
+maps, batch 64, it took 39 ms for a few million multiply-adds, against about 1 ms for the
+forward pass, and the 5x5 depthwise backward was about a third of a MobileNetV3-small step
+at 32 px on this project's 2-core machine (docs/benchmarks.md, "Where a step's time goes").
+The same gradient is two other calls that are fast there:
 
 - maps of at most SMALL_MAP pixels: a grouped convolution of the input with the output
   gradient (per channel, the batch becomes the reduction axis);
@@ -27,11 +26,11 @@ from torch import nn
 SMALL_MAP = 16  # output pixels (h x w) up to which the grouped convolution computes the weight gradient
 
 
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, int], stride, padding,
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, stride, padding,
                 dilation) -> torch.Tensor:
     """d(loss)/d(weight) of a depthwise conv2d(x, weight (C, 1, kh, kw)) given d(loss)/d(output)."""
     b, c, h, w = x.shape
-    kh, kw = kernel
+    kh, kw = weight.shape[-2:]
     if grad.shape[-2] * grad.shape[-1] <= SMALL_MAP:
         # out[c, u, v] = sum_{b, i, j} x_pad[b, c, u + i * stride, v + j * stride] * grad[b, c, i, j];
         # the weight gradient is out at u = p * dilation, v = q * dilation
@@ -41,8 +40,8 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, int], st
         return out[:, :(kh - 1) * dilation[0] + 1:dilation[0], :(kw - 1) * dilation[1] + 1:dilation[1]].unsqueeze(1)
     cl = torch.channels_last
     return torch.ops.aten.convolution_backward(
-        grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), torch.empty(c, 1, kh, kw, dtype=x.dtype),
-        None, stride, padding, dilation, False, [0, 0], c, [False, True, False])[1].contiguous()
+        grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight, None, stride, padding, dilation,
+        False, [0, 0], c, [False, True, False])[1].contiguous()
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
@@ -61,7 +60,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
             grad, x, weight, None, stride, padding, dilation, False, [0, 0], weight.shape[0],
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not own_w, False])
         if own_w:
-            grad_w = weight_grad(x, grad, weight.shape[-2:], stride, padding, dilation)
+            grad_w = weight_grad(x, grad, weight, stride, padding, dilation)
         return grad_x, grad_w, None, None, None
 
 

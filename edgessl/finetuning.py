@@ -21,9 +21,9 @@ from torch import nn
 from edgessl import checkpoint, data as data_lib
 from edgessl.augment import BatchAugment, normalize
 from edgessl.config import AugmentConfig, FinetuneConfig, finetune_config, to_dict
+from edgessl.depthwise import fast_depthwise
 from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
-from edgessl.depthwise import fast_depthwise
 from edgessl.optim import check_finite, optimizer_step, set_lr
 from edgessl.runfiles import CsvLog, check_run_dir
 from edgessl.runs import (Classifier, build_classifier, check_run_data, data_record, is_classifier, load_encoder,
