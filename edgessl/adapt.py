@@ -22,6 +22,7 @@ from torch import nn
 
 from edgessl.augment import BatchAugment
 from edgessl.config import Config
+from edgessl.depthwise import fast_depthwise, plain_depthwise
 
 
 def swap_hardswish(module: nn.Module, gate: bool = False) -> int:
@@ -56,6 +57,7 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
     teacher = teacher.eval()
     student = copy.deepcopy(teacher)
     swapped = swap_hardswish(student, gate)
+    fast_depthwise(student)  # the faster CPU backward (edgessl.depthwise): more steps in the budget
     student.train()
     augment = BatchAugment(cfg.augment, images.shape[-1], cfg.data.mean, cfg.data.std)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
@@ -77,6 +79,7 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
             losses.append(loss.item())
             step += 1
             bar.update(round(time.perf_counter() - start) - bar.n)
+    plain_depthwise(student)
     return student.eval(), {"swapped": swapped, "steps": step, "seconds": round(time.perf_counter() - start, 1),
                             "loss_first": losses[0] if losses else None,
                             "loss_last": sum(losses[-20:]) / max(1, len(losses[-20:]))}

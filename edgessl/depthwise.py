@@ -89,3 +89,13 @@ def fast_depthwise(model: nn.Module) -> int:
             m.__class__ = DepthwiseConv2d  # the same module, parameters and hooks: only forward differs
             n += 1
     return n
+
+
+def plain_depthwise(model: nn.Module) -> int:
+    """Undo fast_depthwise: back to plain nn.Conv2d in place; the count switched back."""
+    n = 0
+    for m in model.modules():
+        if type(m) is DepthwiseConv2d:
+            m.__class__ = nn.Conv2d
+            n += 1
+    return n

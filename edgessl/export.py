@@ -64,12 +64,31 @@ class HardSigmoidRelu6(nn.Module):
         return F.relu6(x + 3.0) * (1.0 / 6.0)
 
 
+def fold_se_gates(module: nn.Module) -> int:
+    """In place, for every squeeze-excite block gated by hard-sigmoid: fold its relu6(s + 3) / 6
+    into the expanding 1x1 conv (weight / 6, bias / 6 + 1/2) and gate with clip(s, 0, 1), the
+    same function; return how many. Clip folds into onnxruntime's int8 conv, so the gate costs
+    no Add and Mul of its own."""
+    count = 0
+    for m in module.modules():
+        expand, gate = getattr(m, "conv_expand", None), getattr(m, "gate", None)
+        if isinstance(expand, nn.Conv2d) and expand.bias is not None and isinstance(gate, nn.Hardsigmoid):
+            with torch.no_grad():
+                expand.weight.div_(6.0)
+                expand.bias.div_(6.0).add_(0.5)
+            m.gate = nn.Hardtanh(0.0, 1.0)
+            count += 1
+    return count
+
+
 def rewrite_hard_activations(module: nn.Module) -> int:
-    """Swap nn.Hardswish / nn.Hardsigmoid for their relu6 forms in place; return how many.
+    """For int8, in place: fold the hard-sigmoid gates into their convs (fold_se_gates), then swap
+    the remaining nn.Hardswish / nn.Hardsigmoid for their relu6 forms; return how many changed.
 
     onnxruntime leaves HardSwish / HardSigmoid in float with Q/DQ around each, which made
     int8 MobileNetV3-small slower than fp32 (docs/export.md)."""
-    return swap_modules(module, {nn.Hardswish: HardSwishRelu6, nn.Hardsigmoid: HardSigmoidRelu6})
+    return fold_se_gates(module) + swap_modules(module, {nn.Hardswish: HardSwishRelu6,
+                                                         nn.Hardsigmoid: HardSigmoidRelu6})
 
 
 def sha256(path: Path) -> str:

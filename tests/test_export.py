@@ -236,3 +236,31 @@ def test_hardswish_student_is_relu_and_distillation_moves_it_towards_the_teacher
     assert stats["swapped"] == n and stats["steps"] > 3 and not needs_adapting(student)
     assert stats["loss_last"] < stats["loss_first"]
     assert needs_adapting(teacher)  # the teacher itself is untouched
+    assert not any(type(m).__name__ == "DepthwiseConv2d" for m in student.modules())  # plain convs again
+
+
+def test_folded_se_gates_compute_the_same_features_and_export_as_clip(tmp_path):
+    import copy
+
+    from edgessl.backbones import create_backbone
+    from edgessl.export import HardSigmoidRelu6, fold_se_gates, rewrite_hard_activations, torch_export
+
+    torch.manual_seed(0)
+    net = create_backbone("mobilenetv3", 32).eval()
+    for m in net.modules():  # gates off their init: every part of the fold is exercised
+        if hasattr(m, "conv_expand"):
+            torch.nn.init.normal_(m.conv_expand.bias, 0.0, 2.0)
+    x = torch.randn(4, 3, 32, 32)
+    gates = sum(isinstance(getattr(m, "gate", None), torch.nn.Hardsigmoid) for m in net.modules())
+    folded = copy.deepcopy(net)
+    assert fold_se_gates(folded) == gates > 0 and fold_se_gates(folded) == 0  # every gate, once
+    with torch.no_grad():
+        want, got = net(x), folded(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    rewritten = copy.deepcopy(net)
+    assert rewrite_hard_activations(rewritten) > gates
+    assert not any(isinstance(m, (torch.nn.Hardsigmoid, HardSigmoidRelu6)) for m in rewritten.modules())
+    torch_export(Encoder(rewritten).eval(), tmp_path / "m.onnx", 32, "dynamic", 18)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert "HardSigmoid" not in ops and "HardSwish" not in ops and ops.count("Clip") >= gates
+    assert session(tmp_path / "m.onnx").run(None, {"images": x.numpy()})[0] == pytest.approx(want.numpy(), abs=1e-4)
