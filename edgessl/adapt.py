@@ -4,7 +4,7 @@ integer kernel for, then recover the features by a short distillation from the o
 onnxruntime's CPU provider fuses Conv with Relu or Clip into one int8 QLinearConv, but runs
 HardSwish in float between Dequantize and Quantize nodes: that is what keeps int8 MobileNetV3
 no faster than fp32 (docs/export.md). Hard-swish becomes ReLU here (the SE gates' hard-sigmoid
-stays: the export writes it as relu6(x + 3) / 6, which quantises), and the student, initialised
+stays: the export folds it into the gate's conv as clip(0, 1), which quantises), and the student, initialised
 from the teacher, learns to give the teacher's pooled features (cosine) on the run's own
 images, augmented as in pretraining, for a few minutes.
 """
