@@ -152,19 +152,23 @@ def _train(ft: FinetuneConfig, source: Source, out: Path, state: Optional[dict],
     for epoch in range(done + 1, ft.epochs + 1):
         model.train()
         perm = torch.randperm(len(train), device=dev)
-        loss_sum = 0.0
+        losses = []
         for i in range(steps_per_epoch):
             idx = perm[i * bs:(i + 1) * bs]
             base_lr = lr_at(step, total, min(steps_per_epoch, total // 10), ft.lr)
             set_lr(opt, base_lr)
             with autocast(dev, prec):
                 loss = F.cross_entropy(model(augment(train.images[idx])).float(), train.labels[idx])
-            value = loss.item()
-            check_finite(value, step, dev)
+            losses.append(loss.detach())
+            if dev.type == "cpu":  # reading is free there: a NaN stops before the weights take it in
+                check_finite(float(loss), step, dev)
             optimizer_step(loss, opt, scaler)
-            loss_sum += value
             step += 1
             bar.update(1)
+        values = torch.stack(losses).tolist()  # one wait for the device per epoch, before the checkpoint
+        for i, value in enumerate(values):
+            check_finite(value, step - len(values) + i, dev)
+        loss_sum = sum(values)
         top1 = evaluate(model, test, mean, std, dev, prec)
         seconds = time.perf_counter() - start
         metrics.append({"epoch": epoch, "step": step, "loss": f"{loss_sum / steps_per_epoch:.6f}",

@@ -31,12 +31,17 @@ def check_finite(loss: float, step: int, device: torch.device) -> None:
                            "or the bank took it in; the last checkpoint is kept")
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
-    """Backward and step through the GradScaler; True when fp16 overflowed and the step was skipped
-    (the scale was lowered: not fatal, counted by the caller)."""
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler) -> bool | torch.Tensor:
+    """Backward and step through the GradScaler; true when fp16 overflowed and the step was skipped
+    (the scale was lowered: not fatal, counted by the caller). With fp16 it is a 0-d tensor on the
+    device, so the step does not wait for the device; the caller reads it with the loss."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    if not scaler.is_enabled():
+        optimizer.step()
+        return False
+    before = scaler._get_scale_async().clone()  # get_scale() would wait for the device
     scaler.step(optimizer)
     scaler.update()
-    return scaler.is_enabled() and scaler.get_scale() < scale
+    return scaler._get_scale_async() < before

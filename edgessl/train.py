@@ -419,7 +419,7 @@ def read_steps(s: Setup, pos: Position, unread: list, step_log: list, bar) -> No
         for name, v in zip(names, row):
             pos.sums[name] = pos.sums.get(name, 0.0) + v
         step_log.append((step, row[0]))
-        pos.skipped_steps += int(skipped)  # fp16's GradScaler reads its scale each step: a host value
+        pos.skipped_steps += int(skipped)  # fp16: a device flag, read here with the loss (not in the step)
     unread.clear()
     bar.set_postfix(loss=f"{rows[-1][0]:.3f}")
 

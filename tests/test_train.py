@@ -240,3 +240,17 @@ def test_a_nan_read_late_still_leaves_the_checkpoint_from_before_it(tiny_npz, tm
         pretrain(cfg, tmp_path / "run", resume=True, log=quiet)
     after = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
     assert after["position"]["step"] == 1 and torch.equal(after["model"]["bank"], good["model"]["bank"])
+
+
+def test_optimizer_step_reports_a_skipped_fp16_step_without_reading_the_scale():
+    from edgessl.optim import optimizer_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    ok = optimizer_step((w * 2).sum(), opt, scaler)
+    assert isinstance(ok, torch.Tensor) and not bool(ok) and torch.allclose(w.detach(), torch.full((3,), 0.8))
+    bad = optimizer_step((w * float("inf")).sum(), opt, scaler)
+    assert bool(bad) and scaler.get_scale() == 512.0 and torch.allclose(w.detach(), torch.full((3,), 0.8))
+    plain = torch.amp.GradScaler("cpu", enabled=False)
+    assert optimizer_step((w * 2).sum(), opt, plain) is False and torch.allclose(w.detach(), torch.full((3,), 0.6))
