@@ -136,6 +136,8 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
         click.echo(f"wrote {report['path']} ({report['size_bytes'] / 2**20:.2f} MB, {precision}): "
                    f"max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} vs torch, "
                    f"latency {report['latency_ms_p50']:.2f} ms at batch {report['latency_batch']}{knn}")
+        if advice := export_lib.adapt_advice(report):
+            click.echo(advice)
     if as_json:
         click.echo(json.dumps(report))
 

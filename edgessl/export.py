@@ -273,6 +273,20 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
     return report
 
 
+ADAPT_MAX_KNN_LOSS = 1.0  # kNN points an adapted int8 export may lose before the export says so
+
+
+def adapt_advice(report: dict) -> Optional[str]:
+    """A warning line when an adapted (ReLU student) int8 export lost more than ADAPT_MAX_KNN_LOSS
+    kNN points against the original network; None otherwise."""
+    change = report.get("knn_change")
+    if not report.get("adapted") or change is None or change >= -ADAPT_MAX_KNN_LOSS:
+        return None
+    seconds = report["adapted"]["seconds"]
+    return (f"warning: the ReLU student loses {-change:.2f} kNN points against the original network; "
+            f"distil longer (--adapt-seconds {4 * round(seconds)}) or export the network as it is (--no-adapt)")
+
+
 def top1_agreement(classifier: nn.Module, sess, cfg: Config, most: int = 1024) -> dict:
     """How often the exported classifier's top-1 class is torch fp32's, on up to `most` held-out
     images of the pretraining run's data (its training images when it held none out)."""

@@ -264,3 +264,13 @@ def test_folded_se_gates_compute_the_same_features_and_export_as_clip(tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
     assert "HardSigmoid" not in ops and "HardSwish" not in ops and ops.count("Clip") >= gates
     assert session(tmp_path / "m.onnx").run(None, {"images": x.numpy()})[0] == pytest.approx(want.numpy(), abs=1e-4)
+
+
+def test_adapted_int8_export_warns_when_the_student_loses_more_than_a_point():
+    from edgessl.export import adapt_advice
+
+    adapted = {"adapted": {"seconds": 120.0, "steps": 600}}
+    assert adapt_advice({**adapted, "knn_change": -0.4}) is None
+    assert adapt_advice({"knn_change": -5.0}) is None  # not adapted: plain int8 says its change already
+    line = adapt_advice({**adapted, "knn_change": -5.61})
+    assert "5.61 kNN points" in line and "--adapt-seconds 480" in line and "--no-adapt" in line
