@@ -81,14 +81,18 @@ def fold_se_gates(module: nn.Module) -> int:
     return count
 
 
-def rewrite_hard_activations(module: nn.Module) -> int:
-    """For int8, in place: fold the hard-sigmoid gates into their convs (fold_se_gates), then swap
-    the remaining nn.Hardswish / nn.Hardsigmoid for their relu6 forms; return how many changed.
+def relu6_forms(module: nn.Module) -> int:
+    """Swap nn.Hardswish / nn.Hardsigmoid for their relu6 forms in place; return how many.
 
     onnxruntime leaves HardSwish / HardSigmoid in float with Q/DQ around each, which made
     int8 MobileNetV3-small slower than fp32 (docs/export.md)."""
-    return fold_se_gates(module) + swap_modules(module, {nn.Hardswish: HardSwishRelu6,
-                                                         nn.Hardsigmoid: HardSigmoidRelu6})
+    return swap_modules(module, {nn.Hardswish: HardSwishRelu6, nn.Hardsigmoid: HardSigmoidRelu6})
+
+
+def rewrite_hard_activations(module: nn.Module) -> int:
+    """For int8, in place: fold the hard-sigmoid gates into their convs (fold_se_gates), then
+    write the rest in relu6 forms (relu6_forms); return how many changed."""
+    return fold_se_gates(module) + relu6_forms(module)
 
 
 def sha256(path: Path) -> str:

@@ -24,10 +24,9 @@ import torch
 
 from benchlib import markdown
 from edgessl import data as data_lib
+from edgessl.adapt import distill
 from edgessl.augment import normalize
-from edgessl.adapt import distill, swap_modules
-from edgessl.export import (Encoder, HardSigmoidRelu6, HardSwishRelu6, quantize_int8, rewrite_hard_activations,
-                            run_images, torch_export)
+from edgessl.export import Encoder, quantize_int8, relu6_forms, rewrite_hard_activations, run_images, torch_export
 from edgessl.knn import knn_accuracy
 from edgessl.onnxrt import batch_of, latency, ort_features, session
 from edgessl.runs import load_run
@@ -58,9 +57,6 @@ def main() -> None:
     print(f"distilled: {stats}", flush=True)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        def unfolded(enc):  # the relu6 forms only: the gates keep their own Add and Mul
-            return swap_modules(enc, {torch.nn.Hardswish: HardSwishRelu6, torch.nn.Hardsigmoid: HardSigmoidRelu6})
-
         def build(name, net, rewrite=None):
             fp32 = Path(tmp) / f"{name}.fp32.onnx"
             enc = Encoder(copy.deepcopy(net)).eval()
@@ -76,7 +72,7 @@ def main() -> None:
         files = {"fp32 export": build("teacher", teacher),
                  "int8, no adaptation": build("teacher_q", teacher, rewrite_hard_activations),
                  "ReLU student, fp32": build("student", student),
-                 "ReLU student, int8, gates as relu6(x + 3) / 6": build("student_u", student, unfolded),
+                 "ReLU student, int8, gates as relu6(x + 3) / 6": build("student_u", student, relu6_forms),
                  "ReLU student, int8, gates folded (the export)": build("student_q", student,
                                                                         rewrite_hard_activations)}
         x, sessions = calib, {(name, t): session(path, t or None) for name, path in files.items() for t in threads}
