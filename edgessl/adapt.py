@@ -3,10 +3,13 @@ integer kernel for, then recover the features by a short distillation from the o
 
 onnxruntime's CPU provider fuses Conv with Relu or Clip into one int8 QLinearConv, but runs
 HardSwish in float between Dequantize and Quantize nodes: that is what keeps int8 MobileNetV3
-no faster than fp32 (docs/export.md). Hard-swish becomes ReLU here (the SE gates' hard-sigmoid
-stays: the export folds it into the gate's conv as clip(0, 1), which quantises), and the student, initialised
-from the teacher, learns to give the teacher's pooled features (cosine) on the run's own
-images, augmented as in pretraining, for a few minutes.
+no faster than fp32 (docs/export.md). Hard-swish becomes ReLU here, and each squeeze-excite
+block becomes a fixed per-channel scale, its gate's mean over the run's images, folded into
+the conv that follows it (`fold_se_means`): at 32 px a batch-1 call is a fraction of a
+millisecond, and the SE blocks' pool, two convs and gating Mul were a third of the int8
+graph's nodes. The student, initialised from the teacher, then learns to give the teacher's
+pooled features (cosine) on the run's own images, augmented as in pretraining, for a few
+minutes.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgessl.augment import BatchAugment
+from edgessl.augment import BatchAugment, normalize
 from edgessl.config import Config
 from edgessl.depthwise import fast_depthwise, plain_depthwise
 
@@ -42,21 +45,77 @@ def swap_modules(module: nn.Module, swaps: dict) -> int:
     return count
 
 
+def squeeze_excite_blocks(module: nn.Module) -> list:
+    """(block, se, next_conv) for every timm block whose `se` is a squeeze-excite module (pool,
+    conv_reduce, act1, conv_expand, gate) followed by an ungrouped conv (conv_pwl in an inverted
+    residual, conv_pw in a depthwise-separable block)."""
+    found = []
+    for block in module.modules():
+        se = getattr(block, "se", None)
+        if not all(hasattr(se, a) for a in ("conv_reduce", "act1", "conv_expand", "gate")):
+            continue
+        conv = getattr(block, "conv_pwl", None) or getattr(block, "conv_pw", None)
+        if isinstance(conv, nn.Conv2d) and conv.groups == 1:
+            found.append((block, se, conv))
+    return found
+
+
+def se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The per-sample, per-channel gate (B, C) a timm SqueezeExcite multiplies x (B, C, H, W) by."""
+    return se.gate(se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True))))).flatten(1)
+
+
+@torch.no_grad()
+def fold_se_means(module: nn.Module, images: torch.Tensor, batch_size: int = 128) -> int:
+    """In place: replace every squeeze-excite block by its gate's mean over `images` (normalised
+    float, N x 3 x S x S, run through `module` itself), folded into the conv that follows it
+    (weight[:, c] *= mean gate c, exact for that constant); return how many. A network without
+    them is left as it is."""
+    blocks = squeeze_excite_blocks(module)
+    sums = [torch.zeros(se.conv_expand.out_channels, dtype=torch.float64) for _, se, _ in blocks]
+
+    def record(i):
+        def hook(se, inputs, output):  # returns None: the block's output is left as it is
+            sums[i].add_(se_gate(se, inputs[0]).sum(0).double())
+        return hook
+
+    hooks = [se.register_forward_hook(record(i)) for i, (_, se, _) in enumerate(blocks)]
+    was_training = module.training
+    module.eval()
+    try:
+        for chunk in images.split(batch_size):
+            module(chunk)
+    finally:
+        for h in hooks:
+            h.remove()
+        module.train(was_training)
+    for (block, _, conv), total in zip(blocks, sums):
+        conv.weight.mul_((total / len(images)).to(conv.weight.dtype).view(1, -1, 1, 1))
+        block.se = nn.Identity()
+    return len(blocks)
+
+
 def needs_adapting(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Hardswish) for m in module.modules())
 
 
 def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = 120.0,
             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: Optional[bool] = None,
-            gate: bool = False) -> tuple:
-    """(student, stats): the teacher with hard-swish swapped for ReLU, trained for `seconds` so
-    its pooled features match the teacher's (1 - cosine) on augmented `images` (uint8 N x 3 x S x S)."""
+            gate: bool = False, fold_se: bool = True) -> tuple:
+    """(student, stats): the teacher with hard-swish swapped for ReLU (and with `fold_se`, its
+    squeeze-excite blocks folded to their mean gates), trained for `seconds` so its pooled
+    features match the teacher's (1 - cosine) on augmented `images` (uint8 N x 3 x S x S)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     teacher = teacher.eval()
     student = copy.deepcopy(teacher)
     swapped = swap_hardswish(student, gate)
+    if fold_se:
+        idx = torch.linspace(0, len(images) - 1, min(512, len(images))).long()
+        folded = fold_se_means(student, normalize(images[idx], cfg.data.mean, cfg.data.std))
+    else:
+        folded = 0
     fast_depthwise(student)  # the faster CPU backward (edgessl.depthwise): more steps in the budget
     student.train()
     augment = BatchAugment(cfg.augment, images.shape[-1], cfg.data.mean, cfg.data.std)
@@ -80,6 +139,6 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
             step += 1
             bar.update(round(time.perf_counter() - start) - bar.n)
     plain_depthwise(student)
-    return student.eval(), {"swapped": swapped, "steps": step, "seconds": round(time.perf_counter() - start, 1),
+    return student.eval(), {"swapped": swapped, "se_folded": folded, "steps": step, "seconds": round(time.perf_counter() - start, 1),
                             "loss_first": losses[0] if losses else None,
                             "loss_last": sum(losses[-20:]) / max(1, len(losses[-20:]))}
