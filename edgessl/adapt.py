@@ -28,10 +28,9 @@ from edgessl.config import Config
 from edgessl.depthwise import fast_depthwise, plain_depthwise
 
 
-def swap_hardswish(module: nn.Module, gate: bool = False) -> int:
-    """Replace every nn.Hardswish by nn.ReLU in place (and with `gate`, every nn.Hardsigmoid by
-    nn.Sigmoid, which onnxruntime runs as one int8 lookup table); return how many."""
-    return swap_modules(module, {nn.Hardswish: nn.ReLU, **({nn.Hardsigmoid: nn.Sigmoid} if gate else {})})
+def swap_hardswish(module: nn.Module) -> int:
+    """Replace every nn.Hardswish by nn.ReLU in place; return how many."""
+    return swap_modules(module, {nn.Hardswish: nn.ReLU})
 
 
 def swap_modules(module: nn.Module, swaps: dict) -> int:
@@ -96,12 +95,14 @@ def fold_se_means(module: nn.Module, images: torch.Tensor, batch_size: int = 128
 
 
 def needs_adapting(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Hardswish) for m in module.modules())
+    """Whether int8 onnxruntime would run part of `module` in float: hard-swish, or squeeze-excite
+    blocks (their pooling mean stays float, and each costs four nodes on tiny tensors)."""
+    return any(isinstance(m, nn.Hardswish) for m in module.modules()) or bool(squeeze_excite_blocks(module))
 
 
 def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = 120.0,
             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: Optional[bool] = None,
-            gate: bool = False, fold_se: bool = True) -> tuple:
+            fold_se: bool = True) -> tuple:
     """(student, stats): the teacher with hard-swish swapped for ReLU (and with `fold_se`, its
     squeeze-excite blocks folded to their mean gates), trained for `seconds` so its pooled
     features match the teacher's (1 - cosine) on augmented `images` (uint8 N x 3 x S x S)."""
@@ -110,7 +111,7 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
     torch.manual_seed(seed)
     teacher = teacher.eval()
     student = copy.deepcopy(teacher)
-    swapped = swap_hardswish(student, gate)
+    swapped = swap_hardswish(student)
     if fold_se:
         idx = torch.linspace(0, len(images) - 1, min(512, len(images))).long()
         folded = fold_se_means(student, normalize(images[idx], cfg.data.mean, cfg.data.std))

@@ -124,9 +124,10 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
                                         adapt=adapt, adapt_seconds=adapt_seconds)
         if "adapted" in report:
             a = report["adapted"]
-            click.echo(f"int8: hard-swish has no int8 kernel in onnxruntime, so {a['swapped']} hard-swish were "
-                       f"swapped for ReLU and the student distilled from the run for {a['seconds']:.0f} s "
-                       f"({a['steps']} steps, feature cosine to the original {a['feature_cosine_to_original']:.3f}); "
+            click.echo(f"int8: onnxruntime runs hard-swish and squeeze-excite in float, so {a['swapped']} hard-swish "
+                       f"became ReLU and {a['se_folded']} squeeze-excite blocks their mean gates, folded into the "
+                       f"next conv; the student was distilled from the run for {a['seconds']:.0f} s ({a['steps']} "
+                       f"steps, feature cosine to the original {a['feature_cosine_to_original']:.3f}); "
                        "--no-adapt exports the network as it is")
         knn = (f", kNN {report['knn_onnx']:.2f} % ({report['knn_change']:+.2f} vs torch fp32)"
                if "knn_onnx" in report else "")
@@ -136,10 +137,21 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
         click.echo(f"wrote {report['path']} ({report['size_bytes'] / 2**20:.2f} MB, {precision}): "
                    f"max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} vs torch, "
                    f"latency {report['latency_ms_p50']:.2f} ms at batch {report['latency_batch']}{knn}")
+        if "speedup_vs_fp32" in report:
+            click.echo(f"speed-up  {speedup_line(report['speedup_vs_fp32'])} against the run's fp32 export, "
+                       "timed side by side on this CPU")
         if advice := export_lib.adapt_advice(report):
             click.echo(advice)
     if as_json:
         click.echo(json.dumps(report))
+
+
+def speedup_line(up: dict) -> str:
+    """'1.62x / 1.55x at batch 1 / 32 on 1 thread, ... on onnxruntime's default threads'."""
+    sizes = " / ".join(str(b) for b in next(iter(up.values())))
+    return ", ".join(" / ".join(f"{x:.2f}x" for x in per_b.values()) + f" at batch {sizes} on "
+                     + ("onnxruntime's default threads" if str(t) == "0" else f"{t} thread{'s' * (str(t) != '1')}")
+                     for t, per_b in up.items())
 
 
 @cli.command()

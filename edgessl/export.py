@@ -21,7 +21,8 @@ from edgessl.adapt import distill, needs_adapting, swap_modules
 from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.errors import EdgesslError
-from edgessl.onnxrt import META_KEY, batch_of, latency, ort_features, parity, read_metadata, session
+from edgessl.onnxrt import (META_KEY, batch_of, latency, latency_side_by_side, ort_features, parity, read_metadata,
+                            session, speedups)
 from edgessl.runfiles import atomic_write, record_export
 from edgessl.runs import Classifier, check_run_data, is_classifier, load_run
 from edgessl.version import __version__
@@ -209,10 +210,12 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
                 progress: Optional[bool] = None) -> dict:
     """Write MODEL.onnx (+ MODEL.json sidecar), check it against torch, and return the report.
 
-    int8 of a pretraining run whose backbone has hard-swish (MobileNetV3), with `adapt`: the
-    exported network is a ReLU student distilled from it for `adapt_seconds` (edgessl.adapt),
-    since onnxruntime has no int8 hard-swish; the kNN change is then measured against the
-    original network in torch fp32, so it states what the adaptation and int8 cost together."""
+    int8 of a pretraining run whose backbone has hard-swish or squeeze-excite blocks
+    (MobileNetV3), with `adapt`: the exported network is a student without them (ReLU, mean
+    gates folded) distilled from it for `adapt_seconds` (edgessl.adapt), since onnxruntime runs
+    them in float; the kNN change is then measured against the original network in torch fp32,
+    so it states what the adaptation and int8 cost together. fp16 and int8 files are timed
+    against the run's fp32 export side by side (`speedup_vs_fp32`)."""
     if precision not in ("fp32", "fp16", "int8"):
         raise EdgesslError(f"unknown precision {precision!r} (fp32, fp16, int8)")
     model, cfg, state = load_run(run_dir)
@@ -241,13 +244,17 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
                 encoder(torch.from_numpy(images)), original(torch.from_numpy(images)), dim=1).mean())
     with torch.no_grad():
         reference = encoder(torch.from_numpy(images[:16])).numpy()
-    if precision == "int8":
-        rewrite_hard_activations(encoder)
     meta = metadata(cfg, state, encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
     if adapted:
-        meta["adapted"] = {"activations": "hard-swish -> ReLU", "distilled_seconds": adapted["seconds"],
-                           "distilled_steps": adapted["steps"]}
+        meta["adapted"] = {"hard_swish_to_relu": adapted["swapped"], "squeeze_excite_folded": adapted["se_folded"],
+                           "distilled_seconds": adapted["seconds"], "distilled_steps": adapted["steps"]}
     with tempfile.TemporaryDirectory() as tmp:
+        baseline = None  # the run's network as the fp32 export writes it: what fp16 / int8 are timed against
+        if precision != "fp32":
+            baseline = Path(tmp) / "baseline.onnx"
+            torch_export(original, baseline, size, batch, opset, output_name(state))
+        if precision == "int8":
+            rewrite_hard_activations(encoder)
         fp32 = Path(tmp) / "fp32.onnx"
         torch_export(encoder, fp32, size, batch, opset, output_name(state))
         if precision == "fp32":
@@ -267,6 +274,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
                                f"min cosine {report['min_cosine']:.6f}); nothing written")
         if adapted:
             report["adapted"] = adapted
+        if baseline is not None:
+            report["speedup_vs_fp32"] = speedup_vs_fp32(baseline, final, images, batch)
         if knn:
             report.update(knn_change(original, sess, cfg, *own))
         if is_classifier(state):
@@ -275,6 +284,14 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
     atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1))
     record_export(run_dir, out, report)
     return report
+
+
+def speedup_vs_fp32(fp32: Path, other: Path, images: np.ndarray, batch) -> dict:
+    """{threads: {batch size: fp32's p50 / other's p50}} for 1 thread and onnxruntime's default
+    (key 0), at batch 1 and 32 (or the file's fixed batch), the two files taking turns."""
+    sizes = (1, 32) if batch == "dynamic" else (int(batch),)
+    p50 = latency_side_by_side({"fp32": fp32, "other": other}, images, sizes, threads=(1, 0))
+    return speedups(p50, "fp32")["other"]
 
 
 ADAPT_MAX_KNN_LOSS = 1.0  # kNN points an adapted int8 export may lose before the export says so

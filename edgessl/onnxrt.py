@@ -90,6 +90,27 @@ def latency(sess, batch: np.ndarray, iters: int, warmup: int = 3) -> dict:
     return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
 
 
+def latency_side_by_side(paths: dict, images: np.ndarray, batch_sizes=(1, 32), threads=(1, 0),
+                         rounds: int = 5, calls: int = 10) -> dict:
+    """p50 milliseconds {name: {threads: {batch: ms}}} of every file in `paths` ({name: path}), the
+    files taking turns in `rounds` rounds of `calls` calls each (median of the rounds' p50s), so
+    a slow spell of a shared machine hits them all alike. threads 0: onnxruntime's default."""
+    sessions = {(name, t): session(path, t or None) for name, path in paths.items() for t in threads}
+    p50 = {key: {b: [] for b in batch_sizes} for key in sessions}
+    for _ in range(rounds):
+        for key, sess in sessions.items():
+            for b in batch_sizes:
+                p50[key][b].append(latency(sess, batch_of(images, b), calls, warmup=1)["p50"])
+    return {name: {t: {b: round(float(np.median(p50[name, t][b])), 4) for b in batch_sizes} for t in threads}
+            for name in paths}
+
+
+def speedups(p50: dict, base: str) -> dict:
+    """{name: {threads: {batch: base's p50 / name's p50}}} from latency_side_by_side's result."""
+    return {name: {t: {b: round(p50[base][t][b] / ms, 2) for b, ms in per_t.items()} for t, per_t in rows.items()}
+            for name, rows in p50.items()}
+
+
 # what runs in integers in a QDQ int8 graph once onnxruntime has fused it; anything else there is float
 INT8_OPS = ("QLinear", "QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "QGemm",
             "DynamicQuantizeLinear", "QAttention")

@@ -3,12 +3,13 @@
     .venv/bin/python scripts/int8_adapt.py RUN_DIR [--seconds 120] [--threads 1,0] [--out runs/int8_adapt.json]
 
 Rows, all through onnxruntime in this one process: the run's fp32 export; its int8 export
-without adaptation (hard activations rewritten as relu6 forms, SE gates folded into their
-convs); the ReLU student (hard-swish swapped, distilled for --seconds on the run's training
-images) in fp32, in int8 with the gates left as relu6(x + 3) / 6, and in int8 as
-`edgessl export --precision int8` writes it. Each with p50 latency at batch 1 and 32 for every
-thread count in --threads (0: onnxruntime's default), the speed-up over the fp32 export at the
-same thread count, and kNN top-1 on the run's held-out split.
+without adaptation (hard activations rewritten as relu6 forms, SE gates' hard-sigmoid folded
+into their convs); a ReLU student that keeps the squeeze-excite blocks, in int8; the ReLU
+student with the blocks folded to their mean gates (`edgessl export --precision int8`), in
+fp32 and in int8. Each student is distilled for --seconds on the run's training images. Each
+row with p50 latency at batch 1 and 32 for every thread count in --threads (0: onnxruntime's
+default), the files taking turns, the speed-up over the fp32 export at the same thread count,
+and kNN top-1 on the run's held-out split.
 """
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ from benchlib import markdown
 from edgessl import data as data_lib
 from edgessl.adapt import distill
 from edgessl.augment import normalize
-from edgessl.export import Encoder, quantize_int8, relu6_forms, rewrite_hard_activations, run_images, torch_export
+from edgessl.export import Encoder, quantize_int8, rewrite_hard_activations, run_images, torch_export
 from edgessl.knn import knn_accuracy
-from edgessl.onnxrt import batch_of, latency, ort_features, session
+from edgessl.onnxrt import latency_side_by_side, ort_features, session, speedups
 from edgessl.runs import load_run
 
-ROUNDS = 4  # latency rounds of 10 calls per file and batch size, the median reported
+ROUNDS = 4  # latency rounds of 10 calls per file, batch size and thread count, the median reported
 
 
 def features(sess, data, cfg) -> torch.Tensor:
@@ -44,7 +45,6 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--threads", default="1", help="comma-separated onnxruntime thread counts, 0: its default")
-    ap.add_argument("--gate", action="store_true", help="also swap the SE gates' hard-sigmoid for sigmoid")
     ap.add_argument("--out", type=Path, default=Path("runs/int8_adapt.json"))
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
@@ -53,8 +53,9 @@ def main() -> None:
     train, val = data_lib.load_split(cfg.data)
     calib = run_images(train, 256, cfg)
     teacher = model.backbone.eval()
-    student, stats = distill(teacher, train.images, cfg, seconds=args.seconds, gate=args.gate)
-    print(f"distilled: {stats}", flush=True)
+    kept, kept_stats = distill(teacher, train.images, cfg, seconds=args.seconds, fold_se=False)
+    student, stats = distill(teacher, train.images, cfg, seconds=args.seconds)
+    print(f"distilled: SE kept {kept_stats}, SE folded {stats}", flush=True)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         def build(name, net, rewrite=None):
@@ -71,30 +72,23 @@ def main() -> None:
 
         files = {"fp32 export": build("teacher", teacher),
                  "int8, no adaptation": build("teacher_q", teacher, rewrite_hard_activations),
-                 "ReLU student, fp32": build("student", student),
-                 "ReLU student, int8, gates as relu6(x + 3) / 6": build("student_u", student, relu6_forms),
-                 "ReLU student, int8, gates folded (the export)": build("student_q", student,
-                                                                        rewrite_hard_activations)}
-        x, sessions = calib, {(name, t): session(path, t or None) for name, path in files.items() for t in threads}
-        p50 = {key: {1: [], 32: []} for key in sessions}
-        for _ in range(ROUNDS):  # the files take turns, so a slow spell of the machine hits them all
-            for key, sess in sessions.items():
-                for b in (1, 32):
-                    p50[key][b].append(latency(sess, batch_of(x, b), 10)["p50"])
+                 "ReLU student, SE kept, int8": build("kept_q", kept, rewrite_hard_activations),
+                 "ReLU student, SE folded, fp32": build("student", student),
+                 "ReLU student, SE folded, int8 (the export)": build("student_q", student, rewrite_hard_activations)}
+        p50 = latency_side_by_side(files, calib, (1, 32), threads, rounds=ROUNDS)
         for name, path in files.items():
-            sess = sessions[name, threads[0]]
-            rows[name] = {"size_mb": round(path.stat().st_size / 2**20, 2),
-                          "p50_ms": {t: {b: float(np.median(p50[name, t][b])) for b in (1, 32)} for t in threads},
+            sess = session(path, threads[0] or None)
+            rows[name] = {"size_mb": round(path.stat().st_size / 2**20, 2), "p50_ms": p50[name],
                           "knn_top1": knn_accuracy(features(sess, train, cfg), train.labels, features(sess, val, cfg),
                                                    val.labels, len(train.classes), cfg.run.knn_k)}
             print(name, rows[name], flush=True)
     base = rows["fp32 export"]
-    for r in rows.values():
-        r["speedup"] = {t: {b: round(base["p50_ms"][t][b] / r["p50_ms"][t][b], 2) for b in (1, 32)} for t in threads}
-        r["knn_change"] = round(r["knn_top1"] - base["knn_top1"], 2)
+    for name, up in speedups({k: r["p50_ms"] for k, r in rows.items()}, "fp32 export").items():
+        rows[name]["speedup"] = up
+        rows[name]["knn_change"] = round(rows[name]["knn_top1"] - base["knn_top1"], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"run": str(args.run_dir), "threads": args.threads, "gate": args.gate,
-                                    "distill": stats,
+    args.out.write_text(json.dumps({"run": str(args.run_dir), "threads": args.threads, "seconds": args.seconds,
+                                    "distill": {"se_kept": kept_stats, "se_folded": stats},
                                     "onnxruntime": onnxruntime.__version__, "rows": rows}, indent=1))
     head = [h for t in threads for h in (f"p50 b1 / b32 ms, {t or 'default'} thr", "speed-up")]
     print(markdown(["file", *head, "kNN top-1", "change", "MB"],

@@ -82,10 +82,14 @@ def test_reduced_precision(run_dir, tmp_path, precision, min_cos):
     if precision == "int8":
         ops = {n.op_type for n in onnx.load(str(out)).graph.node}
         assert "QuantizeLinear" in ops and "HardSwish" not in ops and "HardSigmoid" not in ops
-        assert report["adapted"]["swapped"] == 19 and 0 < report["adapted"]["feature_cosine_to_original"] <= 1
-        assert read_metadata(out)["adapted"]["activations"] == "hard-swish -> ReLU"
+        assert "ReduceMean" not in ops  # the squeeze-excite pools are folded away with their blocks
+        assert report["adapted"]["swapped"] == 19 and report["adapted"]["se_folded"] == 9
+        assert 0 < report["adapted"]["feature_cosine_to_original"] <= 1
+        assert read_metadata(out)["adapted"]["squeeze_excite_folded"] == 9
     else:
         assert "adapted" not in report
+    up = report["speedup_vs_fp32"]  # timed against the run's fp32 export, 1 thread and the default
+    assert set(up) == {1, 0} and all(set(per_b) == {1, 32} and min(per_b.values()) > 0 for per_b in up.values())
 
 
 def test_check_reports_parity_and_latency(run_dir, tmp_path):
@@ -230,13 +234,49 @@ def test_hardswish_student_is_relu_and_distillation_moves_it_towards_the_teacher
     assert needs_adapting(teacher)
     probe = __import__("copy").deepcopy(teacher)
     n = sum(isinstance(m, torch.nn.Hardswish) for m in teacher.modules())
-    assert swap_hardswish(probe) == n > 0 and not needs_adapting(probe)
+    assert swap_hardswish(probe) == n > 0 and needs_adapting(probe)  # its squeeze-excite blocks are left
     train, _ = load_split(cfg.data)
     student, stats = distill(teacher, train.images, cfg, seconds=3.0, batch_size=8, progress=False)
-    assert stats["swapped"] == n and stats["steps"] > 3 and not needs_adapting(student)
+    assert stats["swapped"] == n and stats["se_folded"] == 9 and stats["steps"] > 3 and not needs_adapting(student)
     assert stats["loss_last"] < stats["loss_first"]
     assert needs_adapting(teacher)  # the teacher itself is untouched
     assert not any(type(m).__name__ == "DepthwiseConv2d" for m in student.modules())  # plain convs again
+
+
+def test_se_blocks_fold_to_their_mean_gate_exactly():
+    import copy
+
+    from edgessl.adapt import fold_se_means, squeeze_excite_blocks
+    from edgessl.backbones import create_backbone
+
+    torch.manual_seed(0)
+    net = create_backbone("mobilenetv3", 32).eval()
+    x = torch.randn(6, 3, 32, 32)
+    blocks = squeeze_excite_blocks(net)
+    assert len(blocks) == 9
+    # the naive mean gate of the first block: its input captured, the gate computed sample by sample
+    seen = []
+    hook = blocks[0][1].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        net(x)
+    hook.remove()
+    se = blocks[0][1]
+    with torch.no_grad():
+        naive = torch.stack([se.gate(se.conv_expand(se.act1(se.conv_reduce(s.mean((1, 2), keepdim=True)[None]))))
+                             .flatten() for s in seen[0]]).mean(0)
+    folded = copy.deepcopy(net)
+    assert fold_se_means(folded, x, batch_size=4) == 9 and not squeeze_excite_blocks(folded)
+    first = squeeze_excite_blocks(net)[0][2]  # the conv after the first block, in the unfolded network
+    conv = folded.get_submodule([n for n, m in net.named_modules() if m is first][0])
+    torch.testing.assert_close(conv.weight, first.weight * naive.view(1, -1, 1, 1), rtol=1e-6, atol=1e-7)
+    # when every gate is the same for every image (no input to the reduce conv), the fold is exact
+    const = copy.deepcopy(net)
+    for _, se, _ in squeeze_excite_blocks(const):
+        torch.nn.init.zeros_(se.conv_reduce.weight)
+        torch.nn.init.normal_(se.conv_reduce.bias)
+    want = const(x).detach()
+    fold_se_means(const, torch.randn(3, 3, 32, 32))
+    torch.testing.assert_close(const(x).detach(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_folded_se_gates_compute_the_same_features_and_export_as_clip(tmp_path):
