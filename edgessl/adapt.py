@@ -102,7 +102,7 @@ def needs_adapting(module: nn.Module) -> bool:
 
 def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = 120.0,
             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: Optional[bool] = None,
-            fold_se: bool = True) -> tuple:
+            fold_se: bool = True, clean_fraction: float = 0.0) -> tuple:
     """(student, stats): the teacher with hard-swish swapped for ReLU (and with `fold_se`, its
     squeeze-excite blocks folded to their mean gates), trained for `seconds` so its pooled
     features match the teacher's (1 - cosine) on augmented `images` (uint8 N x 3 x S x S)."""
@@ -129,7 +129,10 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
             for g in opt.param_groups:  # cosine over the time budget
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
             idx = torch.randint(0, len(images), (batch_size,))
-            x = augment(images[idx])
+            clean = round(clean_fraction * batch_size)  # images as deployed (flipped at random), the rest augmented
+            flip = torch.rand(clean) < 0.5
+            plain = torch.where(flip.view(-1, 1, 1, 1), images[idx[:clean]].flip(-1), images[idx[:clean]])
+            x = torch.cat([normalize(plain, cfg.data.mean, cfg.data.std), augment(images[idx[clean:]])])
             with torch.no_grad():
                 target = teacher(x)
             loss = (1 - F.cosine_similarity(student(x), target, dim=1)).mean()

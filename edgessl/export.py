@@ -90,10 +90,36 @@ def relu6_forms(module: nn.Module) -> int:
     return swap_modules(module, {nn.Hardswish: HardSwishRelu6, nn.Hardsigmoid: HardSigmoidRelu6})
 
 
+class PooledSqueezeExcite(nn.Module):
+    """A timm squeeze-excite block whose mean over H, W is a global average pool: the same
+    function, exported as GlobalAveragePool (which onnxruntime runs in int8) instead of
+    ReduceMean (which it runs in float)."""
+
+    def __init__(self, se: nn.Module):
+        super().__init__()
+        self.se = se
+
+    def forward(self, x):
+        se = self.se
+        return x * se.gate(se.conv_expand(se.act1(se.conv_reduce(F.adaptive_avg_pool2d(x, 1)))))
+
+
+def pool_squeeze_excite(module: nn.Module) -> int:
+    """Wrap every timm squeeze-excite block in PooledSqueezeExcite, in place; return how many."""
+    count = 0
+    for block in list(module.modules()):
+        se = getattr(block, "se", None)
+        if all(hasattr(se, a) for a in ("conv_reduce", "act1", "conv_expand", "gate")):
+            block.se = PooledSqueezeExcite(se)
+            count += 1
+    return count
+
+
 def rewrite_hard_activations(module: nn.Module) -> int:
-    """For int8, in place: fold the hard-sigmoid gates into their convs (fold_se_gates), then
-    write the rest in relu6 forms (relu6_forms); return how many changed."""
-    return fold_se_gates(module) + relu6_forms(module)
+    """For int8, in place: fold the hard-sigmoid gates into their convs (fold_se_gates), pool
+    the squeeze-excite blocks as GlobalAveragePool (pool_squeeze_excite), then write the rest in
+    relu6 forms (relu6_forms); return how many changed."""
+    return fold_se_gates(module) + pool_squeeze_excite(module) + relu6_forms(module)
 
 
 def sha256(path: Path) -> str:
