@@ -8,8 +8,8 @@ block becomes a fixed per-channel scale, its gate's mean over the run's images, 
 the conv that follows it (`fold_se_means`): at 32 px a batch-1 call is a fraction of a
 millisecond, and the SE blocks' pool, two convs and gating Mul were a third of the int8
 graph's nodes. The student, initialised from the teacher, then learns to give the teacher's
-pooled features (cosine) on the run's own images, augmented as in pretraining, for a few
-minutes.
+pooled features (cosine) on the run's own images, half as deployed and half augmented as in
+pretraining, for a few minutes.
 """
 from __future__ import annotations
 
@@ -102,10 +102,11 @@ def needs_adapting(module: nn.Module) -> bool:
 
 def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = 120.0,
             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: Optional[bool] = None,
-            fold_se: bool = True, clean_fraction: float = 0.0) -> tuple:
+            fold_se: bool = True, clean_fraction: float = 0.5) -> tuple:
     """(student, stats): the teacher with hard-swish swapped for ReLU (and with `fold_se`, its
     squeeze-excite blocks folded to their mean gates), trained for `seconds` so its pooled
-    features match the teacher's (1 - cosine) on augmented `images` (uint8 N x 3 x S x S)."""
+    features match the teacher's (1 - cosine) on `images` (uint8 N x 3 x S x S): `clean_fraction` of
+    each batch as deployed (flipped at random), the rest augmented as in pretraining."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
