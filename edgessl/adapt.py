@@ -44,6 +44,11 @@ def swap_modules(module: nn.Module, swaps: dict) -> int:
     return count
 
 
+def is_squeeze_excite(module) -> bool:
+    """A timm SqueezeExcite: pool, conv_reduce, act1, conv_expand, gate."""
+    return all(hasattr(module, a) for a in ("conv_reduce", "act1", "conv_expand", "gate"))
+
+
 def squeeze_excite_blocks(module: nn.Module) -> list:
     """(block, se, next_conv) for every timm block whose `se` is a squeeze-excite module (pool,
     conv_reduce, act1, conv_expand, gate) followed by an ungrouped conv (conv_pwl in an inverted
@@ -51,7 +56,7 @@ def squeeze_excite_blocks(module: nn.Module) -> list:
     found = []
     for block in module.modules():
         se = getattr(block, "se", None)
-        if not all(hasattr(se, a) for a in ("conv_reduce", "act1", "conv_expand", "gate")):
+        if not is_squeeze_excite(se):
             continue
         conv = getattr(block, "conv_pwl", None) or getattr(block, "conv_pw", None)
         if isinstance(conv, nn.Conv2d) and conv.groups == 1:
@@ -59,9 +64,10 @@ def squeeze_excite_blocks(module: nn.Module) -> list:
     return found
 
 
-def se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The per-sample, per-channel gate (B, C) a timm SqueezeExcite multiplies x (B, C, H, W) by."""
-    return se.gate(se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True))))).flatten(1)
+def se_gate(se: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """The gate (B, C, 1, 1) a timm SqueezeExcite multiplies its input by, from that input's
+    mean over H, W (B, C, 1, 1)."""
+    return se.gate(se.conv_expand(se.act1(se.conv_reduce(pooled))))
 
 
 @torch.no_grad()
@@ -75,7 +81,7 @@ def fold_se_means(module: nn.Module, images: torch.Tensor, batch_size: int = 128
 
     def record(i):
         def hook(se, inputs, output):  # returns None: the block's output is left as it is
-            sums[i].add_(se_gate(se, inputs[0]).sum(0).double())
+            sums[i].add_(se_gate(se, inputs[0].mean((2, 3), keepdim=True)).flatten(1).sum(0).double())
         return hook
 
     hooks = [se.register_forward_hook(record(i)) for i, (_, se, _) in enumerate(blocks)]
@@ -123,6 +129,7 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
     augment = BatchAugment(cfg.augment, images.shape[-1], cfg.data.mean, cfg.data.std)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     show = sys.stderr.isatty() if progress is None else progress
+    clean = round(clean_fraction * batch_size)  # images as deployed (flipped at random), the rest augmented
     start, step, losses = time.perf_counter(), 0, []
     with tqdm(total=round(seconds), disable=not show, unit="s", desc="int8: distilling ReLU student",
               leave=False) as bar:
@@ -130,7 +137,6 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
             for g in opt.param_groups:  # cosine over the time budget
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
             idx = torch.randint(0, len(images), (batch_size,))
-            clean = round(clean_fraction * batch_size)  # images as deployed (flipped at random), the rest augmented
             flip = torch.rand(clean) < 0.5
             plain = torch.where(flip.view(-1, 1, 1, 1), images[idx[:clean]].flip(-1), images[idx[:clean]])
             x = torch.cat([normalize(plain, cfg.data.mean, cfg.data.std), augment(images[idx[clean:]])])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgessl import data as data_lib
-from edgessl.adapt import distill, needs_adapting, swap_modules
+from edgessl.adapt import distill, is_squeeze_excite, needs_adapting, se_gate, swap_modules
 from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.errors import EdgesslError
@@ -100,17 +100,15 @@ class PooledSqueezeExcite(nn.Module):
         self.se = se
 
     def forward(self, x):
-        se = self.se
-        return x * se.gate(se.conv_expand(se.act1(se.conv_reduce(F.adaptive_avg_pool2d(x, 1)))))
+        return x * se_gate(self.se, F.adaptive_avg_pool2d(x, 1))
 
 
 def pool_squeeze_excite(module: nn.Module) -> int:
     """Wrap every timm squeeze-excite block in PooledSqueezeExcite, in place; return how many."""
     count = 0
     for block in list(module.modules()):
-        se = getattr(block, "se", None)
-        if all(hasattr(se, a) for a in ("conv_reduce", "act1", "conv_expand", "gate")):
-            block.se = PooledSqueezeExcite(se)
+        if is_squeeze_excite(getattr(block, "se", None)):
+            block.se = PooledSqueezeExcite(block.se)
             count += 1
     return count
 
