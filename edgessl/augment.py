@@ -131,18 +131,19 @@ class BatchAugment:
             raise ValueError("BatchAugment needs a crop_scale range; 'auto' is resolved by edgessl.recipe")
         self.cfg, self.size, self.mean, self.std, self.threads = cfg, size, mean, std, threads
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) uint8 -> (B, 3, S, S) float
+    def __call__(self, images: torch.Tensor, size: int = 0) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float (B, 3, S, S), S = `size` or the training size."""
         with num_threads(self.threads) if images.device.type == "cpu" else nullcontext():
-            return self._augment(images)
+            return self._augment(images, size or self.size)
 
-    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+    def _augment(self, images: torch.Tensor, size: int) -> torch.Tensor:
         c, dev = self.cfg, images.device
         b, _, h, w = images.shape
         boxes = crop_boxes(b, h, w, c.crop_scale, c.crop_ratio, dev)  # (B, 4)
         rois = torch.cat([torch.arange(b, device=dev, dtype=boxes.dtype)[:, None], boxes], 1)  # (B, 5)
         # adaptive sampling: one bilinear sample per output pixel when upsampling a crop (as
         # RandomResizedCrop), an average over ceil(crop/out) samples when shrinking
-        x = roi_align(images.float(), rois, (self.size, self.size), 1.0, sampling_ratio=0, aligned=True)
+        x = roi_align(images.float(), rois, (size, size), 1.0, sampling_ratio=0, aligned=True)
         x = x.div_(255.0).clamp_(0.0, 1.0)  # (B, 3, S, S) in [0, 1]
         flip = torch.rand(b, device=dev) < c.flip_prob
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)

@@ -49,6 +49,10 @@ class AugmentConfig:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
+    # progressive resolution: the crop's side starts at start_size (None: off) and grows linearly, in steps of
+    # 4 px, to the image size over the first `ramp` of the planned steps (schedule.size_at)
+    start_size: Optional[int] = None
+    ramp: float = 0.5
 
 
 @dataclass
@@ -114,7 +118,7 @@ class RunConfig:
     # CPU training: depthwise convolutions' weight gradient by edgessl.depthwise (the same numbers to float rounding;
     # PyTorch's own CPU kernel for it is the slowest part of a MobileNet step); false: PyTorch's everywhere
     fast_depthwise: bool = True
-    compile: bool = False  # torch.compile the training forward (measured in scripts/gpu_check.py; off: untested gain)
+    compile: bool = False  # torch.compile the backbone (inductor); docs/benchmarks.md measures what it gains
 
 
 @dataclass

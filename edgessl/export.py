@@ -327,9 +327,8 @@ def adapt_advice(report: dict) -> Optional[str]:
     change = report.get("knn_change")
     if not report.get("adapted") or change is None or change >= -ADAPT_MAX_KNN_LOSS:
         return None
-    seconds = report["adapted"]["seconds"]
     return (f"warning: the ReLU student loses {-change:.2f} kNN points against the original network; "
-            f"distil longer (--adapt-seconds {4 * round(seconds)}) or export the network as it is (--no-adapt)")
+            f"--no-adapt exports the network as it is (closer to it, and slower in int8)")
 
 
 def top1_agreement(classifier: nn.Module, sess, cfg: Config, most: int = 1024) -> dict:

@@ -24,3 +24,12 @@ def replan_epochs(budget_s: float, elapsed_s: float, step_s: float, epochs_done:
     step_s seconds a step (the last one ends past the budget, as the first plan's does)."""
     left = budget_s - elapsed_s
     return epochs_done if left <= 0 else epochs_done + math.ceil(left / (step_s * steps_per_epoch))
+
+
+def size_at(step: int, total_steps: int, full: int, start=None, ramp: float = 0.5, multiple: int = 4) -> int:
+    """Progressive resolution: the training crop's side at `step`, growing linearly from `start`
+    to `full` over the first `ramp` of `total_steps`, rounded down to `multiple` (None: `full`)."""
+    if not start or start >= full or step >= ramp * total_steps:
+        return full
+    side = start + (full - start) * step / (ramp * total_steps)
+    return max(start, min(full, int(side) // multiple * multiple))

@@ -35,7 +35,7 @@ from edgessl.methods import create_method, loss_parts, method_class
 from edgessl.optim import check_finite, optimizer_step, param_groups, set_lr
 from edgessl.runfiles import RunFiles, check_run_dir, run_lock
 from edgessl.runs import check_run_data, data_record
-from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs
+from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs, size_at
 
 # what --resume may change: the budget, where images live, whether a report is written, how the step is computed
 # (compilation, the depthwise kernel: float rounding only) and how often the loss is read
@@ -145,8 +145,8 @@ def build(cfg: Config, decide: bool = True) -> Setup:
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           **no_forward_sync)
         torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
-    if cfg.run.compile:
-        forward = torch.compile(forward)
+    if cfg.run.compile:  # the backbone alone, in place (same state-dict keys): the method's bank step breaks graphs
+        model.backbone.compile(dynamic=cfg.augment.start_size is not None)
     return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
                  model, make_optimizer(cfg, model), grad_scaler(device, precision),
                  BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
@@ -445,7 +445,9 @@ def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1
     """One augmented batch forward, backward, optimizer step, then the method's no-grad update."""
     set_lr(s.optimizer, lr)
     raw = s.train.images[idx]
-    images = torch.cat([s.augment(raw) for _ in range(s.model.num_views)])  # (views * B, 3, S, S)
+    a = s.cfg.augment
+    side = size_at(step, total, s.image_size, a.start_size, a.ramp)  # progressive resolution (off: the full size)
+    images = torch.cat([s.augment(raw, side) for _ in range(s.model.num_views)])  # (views * B, 3, S, S)
     labels = s.train.labels[idx] if s.train.labels is not None else None
     with autocast(s.device, s.precision):
         out = (s.model if s.forward is None else s.forward)(images, idx, labels)

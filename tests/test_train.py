@@ -7,7 +7,7 @@ import yaml
 
 from conftest import tiny_config
 from edgessl import EdgesslError, checkpoint
-from edgessl.schedule import lr_at, plan_epochs, replan_epochs
+from edgessl.schedule import lr_at, plan_epochs, replan_epochs, size_at
 from edgessl.train import pretrain
 
 
@@ -95,6 +95,27 @@ def test_resume_is_bit_exact(tiny_npz, tmp_path, stop, update):
     drop = ("seconds", "images_per_s", "peak_mem_mb")
     strip = [{k: v for k, v in r.items() if k not in drop} for r in read_csv(tmp_path / "full" / "metrics.csv")]
     assert strip == [{k: v for k, v in r.items() if k not in drop} for r in read_csv(tmp_path / "cut" / "metrics.csv")]
+
+
+def test_progressive_resolution_schedule():
+    assert [size_at(s, 12, 16, 8, 0.5) for s in range(12)] == [8, 8, 8, 12, 12, 12, 16, 16, 16, 16, 16, 16]
+    assert [size_at(s, 10, 32, 24, 1.0) for s in (0, 4, 5, 9, 10)] == [24, 24, 28, 28, 32]
+    assert size_at(0, 10, 32, None) == size_at(0, 10, 32, 32) == size_at(0, 10, 32, 40) == 32  # off
+
+
+def test_progressive_resolution_trains_small_first_and_resumes_bit_exact(tiny_npz, tmp_path, monkeypatch):
+    from edgessl.augment import BatchAugment
+
+    sides, augment = [], BatchAugment._augment
+    monkeypatch.setattr(BatchAugment, "_augment", lambda self, x, size: sides.append(size) or augment(self, x, size))
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 3}, augment={"start_size": 8, "ramp": 0.5})
+    pretrain(cfg, tmp_path / "full", log=quiet)
+    assert sides == [8, 8, 8, 12, 12, 12, 16, 16, 16, 16, 16, 16]
+    pretrain(cfg, tmp_path / "cut", stop_at_step=5, log=quiet)
+    pretrain(cfg, tmp_path / "cut", resume=True, log=quiet)
+    assert read_csv(tmp_path / "full" / "steps.csv") == read_csv(tmp_path / "cut" / "steps.csv")
+    a, b = (checkpoint.load(tmp_path / r / "checkpoint.pt")["model"] for r in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_a_changed_recipe(tiny_npz, tmp_path):
