@@ -161,7 +161,7 @@ def _train(ft: FinetuneConfig, source: Source, out: Path, state: Optional[dict],
                 loss = F.cross_entropy(model(augment(train.images[idx])).float(), train.labels[idx])
             losses.append(loss.detach())
             if dev.type == "cpu":  # reading is free there: a NaN stops before the weights take it in
-                check_finite(float(loss), step, dev)
+                check_finite(float(loss.detach()), step, dev)
             optimizer_step(loss, opt, scaler)
             step += 1
             bar.update(1)
