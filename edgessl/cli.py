@@ -140,7 +140,7 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
         if "speedup_vs_fp32" in report:
             click.echo(f"speed-up  {speedup_line(report['speedup_vs_fp32'])} against the run's fp32 export, "
                        "timed side by side on this CPU")
-        if advice := export_lib.adapt_advice(report):
+        if advice := export_lib.export_advice(report):
             click.echo(advice)
     if as_json:
         click.echo(json.dumps(report))

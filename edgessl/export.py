@@ -319,11 +319,18 @@ def speedup_vs_fp32(fp32: Path, other: Path, images: np.ndarray, batch) -> dict:
 
 
 ADAPT_MAX_KNN_LOSS = 1.0  # kNN points an adapted int8 export may lose before the export says so
+MIN_TOP1_AGREEMENT = 0.99  # a classifier's int8 file agreeing less with torch fp32 is reported
 
 
-def adapt_advice(report: dict) -> Optional[str]:
-    """A warning line when an adapted (ReLU student) int8 export lost more than ADAPT_MAX_KNN_LOSS
-    kNN points against the original network; None otherwise."""
+def export_advice(report: dict) -> Optional[str]:
+    """A warning line when an int8 export lost what a user would notice: an adapted (ReLU
+    student) file more than ADAPT_MAX_KNN_LOSS kNN points against the original network, or a
+    classifier whose top-1 class agrees with torch fp32 on under MIN_TOP1_AGREEMENT of the
+    held-out images; None otherwise."""
+    agree = report.get("top1_agreement")
+    if agree is not None and agree < MIN_TOP1_AGREEMENT:
+        return (f"warning: int8 changes the top-1 class of {100 * (1 - agree):.1f} % of the held-out images; "
+                f"the fp32 export keeps every one")
     change = report.get("knn_change")
     if not report.get("adapted") or change is None or change >= -ADAPT_MAX_KNN_LOSS:
         return None

@@ -307,10 +307,18 @@ def test_folded_se_gates_compute_the_same_features_and_export_as_clip(tmp_path):
 
 
 def test_adapted_int8_export_warns_when_the_student_loses_more_than_a_point():
-    from edgessl.export import adapt_advice
+    from edgessl.export import export_advice
 
     adapted = {"adapted": {"seconds": 120.0, "steps": 600}}
-    assert adapt_advice({**adapted, "knn_change": -0.4}) is None
-    assert adapt_advice({"knn_change": -5.0}) is None  # not adapted: plain int8 says its change already
-    line = adapt_advice({**adapted, "knn_change": -5.61})
+    assert export_advice({**adapted, "knn_change": -0.4}) is None
+    assert export_advice({"knn_change": -5.0}) is None  # not adapted: plain int8 says its change already
+    line = export_advice({**adapted, "knn_change": -5.61})
     assert "5.61 kNN points" in line and "--no-adapt" in line
+
+
+def test_int8_classifier_warns_when_under_99_percent_of_top1_classes_agree():
+    from edgessl.export import export_advice
+
+    assert export_advice({"top1_agreement": 0.995, "agreement_images": 1024}) is None
+    line = export_advice({"top1_agreement": 0.954, "agreement_images": 1024})
+    assert "4.6 % of the held-out images" in line and "fp32" in line
