@@ -32,4 +32,4 @@ def size_at(step: int, total_steps: int, full: int, start=None, ramp: float = 0.
     if not start or start >= full or step >= ramp * total_steps:
         return full
     side = start + (full - start) * step / (ramp * total_steps)
-    return max(start, min(full, int(side) // multiple * multiple))
+    return max(start, int(side) // multiple * multiple)

@@ -58,7 +58,7 @@ def main() -> None:
         s.optimizer.zero_grad(set_to_none=True)
 
     grads = torch.zeros(sum(p.numel() for p in s.model.parameters() if p.requires_grad))
-    bank = torch.zeros_like(s.model.bank) if hasattr(s.model, "bank") else torch.zeros(1)
+    bank = torch.zeros_like(s.model.bank)
     one = torch.zeros(1)
     rows = {"train_step (the pair's step)": median_ms(lambda i: train_step(s, idx(i), 1e-4, i, 10**6), args.steps),
             "forward + backward, no reduction": median_ms(local, args.steps),

@@ -33,7 +33,7 @@ VARIANTS = {
     "mobilenetv3 (default)": {},
     "mobilenetv3, PyTorch's depthwise backward": {"run": {"fast_depthwise": False}},
     "mobilenetv3, batch 128": {"optim": {"batch_size": 128}},
-    "mobilenetv3, progressive resolution's first steps (3/4 side)": {"augment": {"start_size": 0.75}},
+    "mobilenetv3, progressive resolution's first steps (3/4 side)": {"start_fraction": 0.75},
     "mobilenetv3, backbone compiled (torch.compile)": {"run": {"compile": True}},
     "mobilenetv3, augmentation on 1 thread": {"run": {"augment_threads": 1}},
     "mobilenetv3, bf16 autocast": {"run": {"precision": "bf16"}},
@@ -54,17 +54,16 @@ VARIANTS = {
 
 
 def build_variant(overrides: dict, data: str, batch: int, image_size):
-    """A train Setup for the variant; a start_size under 1 is that fraction of the input side (in 4 px)."""
+    """A train Setup for the variant; `start_fraction`: progressive resolution starting at that
+    fraction of the input side (known once the recipe has picked it), in 4 px."""
     base = {"data": {"spec": data, "image_size": image_size}, "optim": {"batch_size": batch},
             "run": {"monitor_every": 0}}
     for section, values in overrides.items():
-        base.setdefault(section, {}).update(values)
-    start = base.get("augment", {}).get("start_size")
-    if start is not None and start < 1:
-        base["augment"]["start_size"] = 4  # a placeholder until the input size is known
+        if section != "start_fraction":
+            base.setdefault(section, {}).update(values)
     s = build(from_dict(base))
-    if start is not None and start < 1:
-        s.cfg.augment.start_size = max(4, round(s.image_size * start / 4) * 4)
+    if "start_fraction" in overrides:
+        s.cfg.augment.start_size = max(4, round(s.image_size * overrides["start_fraction"] / 4) * 4)
     s.model.train()
     return s
 
@@ -95,7 +94,8 @@ def profile(s, steps: int) -> list[dict]:
 def row(s, overrides: dict, times: list) -> dict:
     step, aug = (statistics.median(t[k] for t in times) for k in (0, 1))
     batch = s.cfg.optim.batch_size
-    return {"overrides": overrides, "steps": len(times), "batch_size": batch, "image_size": s.cfg.augment.start_size or s.image_size,  # the crop's side
+    side = s.cfg.augment.start_size or s.image_size  # the crop's side (a progressive run's first steps)
+    return {"overrides": overrides, "steps": len(times), "batch_size": batch, "image_size": side,
             "output_stride": s.model.backbone.output_stride,
             "step_ms": round(step * 1e3, 1), "images_per_s": round(batch / step, 1), "augment_ms": round(aug * 1e3, 2),
             "augment_share": round(aug / step, 4), "precision": s.precision, "device": str(s.device),

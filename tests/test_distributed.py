@@ -3,11 +3,12 @@ weights, and follow a one-process run with twice the batch."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import make_npz, tiny_config
 from edgessl.config import to_dict
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun processes
@@ -181,10 +182,6 @@ def test_a_dead_rank_without_torchrun_fails_the_other_within_the_timeout(tiny_np
 
 
 def test_pair_benchmark_times_the_step_and_each_collective(tmp_path):
-    from pathlib import Path
-
-    from conftest import make_npz
-
     data = make_npz(tmp_path / "d.npz", n=96)
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_pair.py"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
