@@ -32,7 +32,8 @@ SHORTCUTS = {"data": ("data", "spec"), "val_data": ("data", "val_spec"), "val_fr
              "storage": ("data", "storage"), "backbone": ("backbone", "name"),
              "init_weights": ("backbone", "init_weights"), "method": ("method", "name"),
              "epochs": ("optim", "epochs"), "minutes": ("optim", "minutes"), "batch_size": ("optim", "batch_size"),
-             "precision": ("run", "precision"), "device": ("run", "device"), "seed": ("run", "seed")}
+             "precision": ("run", "precision"), "device": ("run", "device"), "seed": ("run", "seed"),
+             "compile": ("run", "compile")}
 
 
 def nest(overrides: dict) -> dict:

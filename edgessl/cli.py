@@ -73,7 +73,10 @@ def _negatives(text: str):
 @click.option("--storage", type=click.Choice(["auto", "memory", "mmap"]), default=_D.data.storage,
               help="folder: hold the decoded images in RAM, or stream batches from the memory-mapped "
               "cache on disk (auto: mmap when the cache is over a quarter of RAM).")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=_D.run.precision)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=_D.run.precision,
+              help="auto: bf16 on CUDA and on a CPU with AMX, fp32 on other CPUs.")
+@click.option("--compile", "compile_", type=click.Choice(["on", "off"]),
+              help="torch.compile the backbone [default: picked: on for a CPU run of a few minutes or more].")
 @click.option("--device", default=_D.run.device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=_D.run.seed)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
@@ -86,6 +89,8 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
     given = {flag: value for flag, value in flags.items() if _given(ctx, flag)}
     if "downsample" in given:
         given["downsample"] = int(given["downsample"])
+    if "compile_" in given:
+        given["compile"] = given.pop("compile_") == "on"
     result = api.pretrain(out=out, config=config_path, resume=resume, **given).summary
     if as_json:
         click.echo(json.dumps(result))

@@ -118,7 +118,9 @@ class RunConfig:
     # CPU training: depthwise convolutions' weight gradient by edgessl.depthwise (the same numbers to float rounding;
     # PyTorch's own CPU kernel for it is the slowest part of a MobileNet step); false: PyTorch's everywhere
     fast_depthwise: bool = True
-    compile: bool = False  # torch.compile the backbone (inductor); docs/benchmarks.md measures what it gains
+    # torch.compile the backbone (inductor): true | false | auto (recipe: on a CPU for a run long enough to earn
+    # back the compilation; docs/benchmarks.md, "More steps per CPU-minute")
+    compile: Union[bool, str] = "auto"
 
 
 @dataclass
@@ -233,7 +235,8 @@ def validate(cfg: Config) -> Config:
             isinstance(m.negatives, int) and m.negatives < 1:
         raise ConfigError(f"config key 'method.negatives' must be all, auto or a positive integer, "
                           f"got {m.negatives!r}")
-    for key, value in (("augment.crop_scale", cfg.augment.crop_scale), ("optim.batch_size", o.batch_size)):
+    for key, value in (("augment.crop_scale", cfg.augment.crop_scale), ("optim.batch_size", o.batch_size),
+                       ("run.compile", cfg.run.compile)):
         if isinstance(value, str) and value != "auto":
             raise ConfigError(f"config key '{key}' must be auto or a value, got {value!r}")
     scale = cfg.augment.crop_scale

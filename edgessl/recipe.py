@@ -19,12 +19,21 @@ is a config key (and a `pretrain` flag); a value given there is kept as given.
                         the data, the gain does not)
     optim.batch_size    64; for a set of fewer than 16 batches, the largest power of two
                         that gives 16 steps an epoch (at least 8)
+    run.compile         torch.compile the backbone on a CPU when the run is planned for at
+                        least COMPILE_MIN_MINUTES or COMPILE_MIN_IMAGES (in 32 px images);
+                        compiling took about a minute and made the step 1.3-1.6x faster
+                        (docs/benchmarks.md); off on a GPU and under torchrun (not measured),
+                        with progressive resolution (each size recompiles), and without a
+                        C++ compiler (inductor needs one)
 
-What the rule cannot see it leaves alone: the budget (--minutes) changes no choice (the
-sizes were compared at 15 minutes), and nothing keys on a dataset's name or path.
+What the rule cannot see it leaves alone: the budget (--minutes) changes no learning choice
+(the sizes were compared at 15 minutes), only whether to compile, and nothing keys on a
+dataset's name or path.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +52,8 @@ BACKGROUND_TOL = 8  # ... unless pixels this close (0-255) to the border's colou
 PLAIN_BACKGROUND = 0.3  # ... are more than this fraction of the image: then
 PLAIN_CROP_SCALE = (0.5, 1.0)  # (configs/bench/fmnist_search.yaml picked it on Fashion-MNIST)
 BATCH = 64
+COMPILE_MIN_MINUTES = 3.0  # a budget from which compiling (about a minute on 2 cores) pays ...
+COMPILE_MIN_IMAGES = 100_000  # ... or epochs x images x (side / 32)^2: about 3 minutes at 32 px
 
 
 @dataclass
@@ -128,8 +139,26 @@ def array_size(native: tuple[int, int], device: torch.device) -> Choice:
     return Choice("data.image_size", size, why)
 
 
-def training_choices(cfg, images: torch.Tensor, image_size_: int) -> list[Choice]:
-    """The choices that need the decoded training images: stride, crops, negatives, batch."""
+def compile_choice(cfg, n: int, image_size_: int, device: torch.device, world: int) -> Choice:
+    """run.compile: on for a CPU run long enough to earn back the compilation (module docstring)."""
+    if cfg.run.compile != "auto":
+        return Choice("run.compile", cfg.run.compile, "given", True)
+    o = cfg.optim
+    images = None if o.epochs is None else o.epochs * n * (image_size_ / 32) ** 2
+    off = ("a GPU: not measured" if device.type != "cpu" else
+           "torchrun: not measured" if world > 1 else
+           "progressive resolution" if cfg.augment.start_size is not None else
+           "no C++ compiler" if not shutil.which(os.environ.get("CXX", "c++")) else
+           f"{o.minutes:g} minutes" if o.minutes is not None and o.minutes < COMPILE_MIN_MINUTES else
+           "a short run" if images is not None and images < COMPILE_MIN_IMAGES else None)
+    if off:
+        return Choice("run.compile", False, off)
+    return Choice("run.compile", True, f"{o.minutes:g} minutes" if images is None else "a long run")
+
+
+def training_choices(cfg, images: torch.Tensor, image_size_: int, device: torch.device,
+                     world: int = 1) -> list[Choice]:
+    """The choices that need the decoded training images: stride, crops, negatives, batch, compile."""
     from edgessl.backbones import auto_downsample, resolve_name
 
     n = images.shape[0]
@@ -164,6 +193,7 @@ def training_choices(cfg, images: torch.Tensor, image_size_: int) -> list[Choice
         out.append(Choice("optim.batch_size", bs, f"{n} images"))
     else:
         out.append(Choice("optim.batch_size", o.batch_size, "given", True))
+    out.append(compile_choice(cfg, n, image_size_, device, world))
     return out
 
 
@@ -175,7 +205,8 @@ def apply(cfg, choices: list[Choice]) -> None:
 
 
 FLAGS = {"data.image_size": "--image-size", "data.fit": "--fit", "backbone.downsample": "--downsample",
-         "augment.crop_scale": "--crop-scale", "method.negatives": "--negatives", "optim.batch_size": "--batch-size"}
+         "augment.crop_scale": "--crop-scale", "method.negatives": "--negatives", "optim.batch_size": "--batch-size",
+         "run.compile": "--compile"}
 
 
 def is_auto(key: str, value) -> bool:
@@ -184,6 +215,8 @@ def is_auto(key: str, value) -> bool:
 
 
 def _show(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, tuple):
         return "-".join(f"{v:g}" for v in value)
     return str(value)

@@ -117,7 +117,7 @@ def build(cfg: Config, decide: bool = True) -> Setup:
         if size_choice.value != train.images.shape[-1]:
             train, val = data_lib.load_split(cfg.data)
     if decide:
-        more = recipe.training_choices(cfg, train.images, train.images.shape[-1])
+        more = recipe.training_choices(cfg, train.images, train.images.shape[-1], device, world)
         recipe.apply(cfg, more)
         choices += more
     if cfg.optim.batch_size * world > len(train):
@@ -145,7 +145,7 @@ def build(cfg: Config, decide: bool = True) -> Setup:
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           **no_forward_sync)
         torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
-    if cfg.run.compile:  # the backbone alone, in place (same state-dict keys): the method's bank step breaks graphs
+    if cfg.run.compile is True:  # the backbone alone, in place (same state-dict keys): the bank step breaks graphs
         model.backbone.compile(dynamic=cfg.augment.start_size is not None)
     return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
                  model, make_optimizer(cfg, model), grad_scaler(device, precision),

@@ -28,15 +28,21 @@ from edgessl.config import from_dict
 from edgessl.train import build, train_step
 
 
-# name -> config overrides; the backbone's output stride is the recipe's for the input size unless set
+# name -> config overrides, on an fp32 eager step (each lever alone) unless a variant sets run.precision or
+# run.compile; the backbone's output stride is the recipe's for the input size unless set
+EAGER_FP32 = {"precision": "fp32", "compile": False}
 VARIANTS = {
-    "mobilenetv3 (default)": {},
+    "mobilenetv3, fp32 eager (the step before bf16 and compile)": {},
+    "mobilenetv3 (default: the recipe's precision and compile here)": {"run": {"precision": "auto", "compile": "auto"}},
     "mobilenetv3, PyTorch's depthwise backward": {"run": {"fast_depthwise": False}},
     "mobilenetv3, batch 128": {"optim": {"batch_size": 128}},
     "mobilenetv3, progressive resolution's first steps (3/4 side)": {"start_fraction": 0.75},
-    "mobilenetv3, backbone compiled (torch.compile)": {"run": {"compile": True}},
-    "mobilenetv3, augmentation on 1 thread": {"run": {"augment_threads": 1}},
     "mobilenetv3, bf16 autocast": {"run": {"precision": "bf16"}},
+    "mobilenetv3, backbone compiled (torch.compile)": {"run": {"compile": True}},
+    "mobilenetv3, bf16, compiled": {"run": {"precision": "bf16", "compile": True}},
+    "mobilenetv3, channels-last": {"channels_last": True},
+    "mobilenetv3, channels-last, bf16, compiled": {"channels_last": True, "run": {"precision": "bf16", "compile": True}},
+    "mobilenetv3, augmentation on 1 thread": {"run": {"augment_threads": 1}},
     "mobilenetv3, output stride 8": {"backbone": {"downsample": 8}},
     "mobilenetv3, head 2048x3": {"method": {"head_dims": [2048, 2048, 2048]}},
     "mobilenetv3, ema bank update (NPID's)": {"method": {"bank_update": "ema"}},
@@ -46,6 +52,7 @@ VARIANTS = {
     "mobilenetv3, byol (2 views)": {"method": {"name": "byol", "head_dims": [1024, 128]}},
     "mobilenetv4": {"backbone": {"name": "mobilenetv4"}},
     "resnet18 os16": {"backbone": {"name": "resnet18", "downsample": 16}},
+    "resnet18 os16, bf16 autocast": {"backbone": {"name": "resnet18", "downsample": 16}, "run": {"precision": "bf16"}},
     "resnet18 os16, supervised": {"backbone": {"name": "resnet18", "downsample": 16}, "method": {"name": "supervised"}},
     "resnet18 os8 (CIFAR stem)": {"backbone": {"name": "resnet18", "downsample": 8}},
     "resnet18 os8 (CIFAR stem), supervised": {"backbone": {"name": "resnet18", "downsample": 8},
@@ -55,15 +62,18 @@ VARIANTS = {
 
 def build_variant(overrides: dict, data: str, batch: int, image_size):
     """A train Setup for the variant; `start_fraction`: progressive resolution starting at that
-    fraction of the input side (known once the recipe has picked it), in 4 px."""
+    fraction of the input side (known once the recipe has picked it), in 4 px; `channels_last`:
+    the network's weights and activations in channels-last memory format."""
     base = {"data": {"spec": data, "image_size": image_size}, "optim": {"batch_size": batch},
-            "run": {"monitor_every": 0}}
+            "run": {"monitor_every": 0, **EAGER_FP32}}
     for section, values in overrides.items():
-        if section != "start_fraction":
+        if section not in ("start_fraction", "channels_last"):
             base.setdefault(section, {}).update(values)
     s = build(from_dict(base))
     if "start_fraction" in overrides:
         s.cfg.augment.start_size = max(4, round(s.image_size * overrides["start_fraction"] / 4) * 4)
+    if overrides.get("channels_last"):
+        s.model.to(memory_format=torch.channels_last)
     s.model.train()
     return s
 
@@ -98,7 +108,8 @@ def row(s, overrides: dict, times: list) -> dict:
     return {"overrides": overrides, "steps": len(times), "batch_size": batch, "image_size": side,
             "output_stride": s.model.backbone.output_stride,
             "step_ms": round(step * 1e3, 1), "images_per_s": round(batch / step, 1), "augment_ms": round(aug * 1e3, 2),
-            "augment_share": round(aug / step, 4), "precision": s.precision, "device": str(s.device),
+            "augment_share": round(aug / step, 4), "precision": s.precision, "compiled": s.cfg.run.compile is True,
+            "device": str(s.device),
             "threads": torch.get_num_threads()}
 
 
@@ -131,11 +142,13 @@ def main() -> None:
             for op in rows[n]["profile"][:12]:
                 print(f"  {op['ms_per_step']:8.1f}  {op['op']}  {op['shapes']}")
     base = rows[names[0]]["images_per_s"]
-    print(f"| variant | input | stride | images/s | step ms | augmentation ms (share) | x {names[0]} |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| variant | input | stride | precision | compiled | images/s | step ms | augmentation ms (share) "
+          f"| x {names[0]} |")
+    print("| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
     for n, r in rows.items():
-        print(f"| {n} | {r['image_size']} | {r['output_stride']} | {r['images_per_s']:.0f} | {r['step_ms']:.0f} | {r['augment_ms']:.1f} "
-              f"({100 * r['augment_share']:.1f}%) | {r['images_per_s'] / base:.2f}x |")
+        print(f"| {n} | {r['image_size']} | {r['output_stride']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} "
+              f"| {r['images_per_s']:.0f} | {r['step_ms']:.0f} | {r['augment_ms']:.1f} ({100 * r['augment_share']:.1f}%) "
+              f"| {r['images_per_s'] / base:.2f}x |")
     result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "processor": platform.processor()}, "torch": str(torch.__version__),
               "data": args.data, "variants": rows}

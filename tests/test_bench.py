@@ -136,13 +136,15 @@ def test_bench_seeds_picks_part_of_the_grid(tiny_npz, tmp_path, monkeypatch):
 
 def test_bench_step_takes_turns_and_profiles_each_variant(tiny_npz, tmp_path, monkeypatch):
     out = tmp_path / "step.json"
-    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--data", f"npz:{tiny_npz}", "--only", "(default)",
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--data", f"npz:{tiny_npz}", "--only", "fp32 eager",
                                       "PyTorch's depthwise", "--steps", "2", "--batch-size", "8", "--profile",
                                       "--out", str(out)])
     script_module("bench_step").main()
     rows = json.loads(out.read_text())["variants"]
-    fast, plain = rows["mobilenetv3 (default)"], rows["mobilenetv3, PyTorch's depthwise backward"]
+    fast, plain = rows["mobilenetv3, fp32 eager (the step before bf16 and compile)"], \
+        rows["mobilenetv3, PyTorch's depthwise backward"]
     assert plain["overrides"] == {"run": {"fast_depthwise": False}} and fast["overrides"] == {}
+    assert fast["precision"] == plain["precision"] == "fp32" and not fast["compiled"]  # each lever alone
     for r in (fast, plain):
         assert r["steps"] == 2 and r["batch_size"] == 8 and r["images_per_s"] > 0 and r["profile"]
     ops = [{op["op"] for op in r["profile"]} for r in (fast, plain)]

@@ -48,6 +48,30 @@ def test_a_switched_mobilenet_trains_like_pytorchs(size, downsample):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=name)
 
 
+def test_under_bf16_autocast_the_depthwise_conv_computes_in_fp32():
+    """bf16 autocast keeps depthwise convolutions in fp32 (their bf16 CPU backward is slow): the
+    output and gradients are those of the fp32 step, bit for bit, from a bf16 input too."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 5, 2, 2, groups=8)
+    fast = copy.deepcopy(conv)
+    fast_depthwise(fast)
+    ref = copy.deepcopy(fast)
+    x = torch.randn(4, 8, 8, 8)
+    expected = ref(x.bfloat16().float())
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    xb = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(xb)
+        assert conv(x).dtype == torch.bfloat16  # the plain conv computes in bf16
+    assert y.dtype == torch.float32
+    y.backward(grad)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(fast.bias.grad, ref.bias.grad, rtol=0, atol=0)
+    assert xb.grad.dtype == torch.bfloat16
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_nothing_but_training_takes_the_new_path(monkeypatch, tmp_path):
     model = create_backbone("mobilenetv3_small_050", 32, 16)

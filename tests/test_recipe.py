@@ -1,6 +1,8 @@
 """The data decides the recipe (edgessl.recipe): what each kind of data gets, that a given value
 wins, what config.yaml stores, and that one fit (squash or crop) reaches the same pixels in
 training, probe, the ONNX metadata and the torch-free runtime."""
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,7 +32,7 @@ def resolved(spec: str, device=CPU, **sections) -> dict:
     data = load(spec, cfg.data.image_size, fit=cfg.data.fit)
     if cfg.data.image_size is None:
         choices.insert(0, recipe.array_size(data.images.shape[-2:], device))
-    choices += recipe.training_choices(cfg, data.images, data.images.shape[-1])
+    choices += recipe.training_choices(cfg, data.images, data.images.shape[-1], device)
     return {c.key: c.value for c in choices}
 
 
@@ -57,7 +59,8 @@ def test_background_fraction_against_a_naive_count():
 def test_arrays_get_today_s_default_and_plain_backgrounds_bigger_crops(tmp_path):
     natural = resolved(f"npz:{make_npz(tmp_path / 'n.npz', n=2048, size=32)}")
     assert natural == {"data.image_size": 32, "data.fit": recipe.FIT, "backbone.downsample": 16,
-                       "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64}
+                       "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64,
+                       "run.compile": False}  # 30 epochs of 2,048 images: too short to compile
     x = np.zeros((300, 28, 28), np.uint8)
     x[:, 8:20, 8:20] = 200  # an object in the middle of a black field
     np.savez(tmp_path / "plain.npz", x_train=x)
@@ -71,8 +74,10 @@ def test_the_shared_data_gets_its_hand_made_recipes():
     if not SHARED_NPZ.exists() or not Path(FASHION_MNIST_DIR).is_dir():
         pytest.skip("needs ../shared and Debian's dataset-fashion-mnist")
     cifar = resolved(f"npz:{SHARED_NPZ}")
+    compiler = shutil.which(os.environ.get("CXX", "c++")) is not None
     assert cifar == {"data.image_size": 32, "data.fit": recipe.FIT, "backbone.downsample": 16,
-                     "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64}
+                     "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64,
+                     "run.compile": compiler}
     fmnist = resolved("fashion-mnist")
     hand = load_yaml(REPO / "configs" / "fmnist.yaml")
     assert fmnist["augment.crop_scale"] == tuple(hand["augment"]["crop_scale"])
@@ -83,7 +88,26 @@ def test_the_shared_data_gets_its_hand_made_recipes():
         assert resolved(f"folder:{flowers}") == {
             "data.image_size": recipe.PHOTO_SIZE, "data.fit": recipe.FIT,
             "backbone.downsample": auto_downsample("mobilenetv3_small_100", recipe.PHOTO_SIZE),
-            "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64}
+            "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64,
+            "run.compile": compiler}
+
+
+def test_compile_is_picked_for_cpu_runs_long_enough_to_earn_it_back(monkeypatch):
+    def pick(device=CPU, world=1, n=5000, size=32, **sections):
+        return recipe.compile_choice(from_dict(sections), n, size, device, world)
+
+    monkeypatch.setattr(recipe.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert pick().value is True and pick().why == "a long run"  # 30 epochs x 5,000 images
+    assert pick(n=3000).value is False  # 90,000 images of 32 px
+    assert pick(n=3000, size=64).value is True  # the same count at 64 px costs 4x
+    assert pick(optim={"minutes": 2}).value is False and pick(optim={"minutes": 2}).why == "2 minutes"
+    assert pick(optim={"epochs": None, "minutes": 15}).value is True
+    assert pick(optim={"epochs": 2}).value is False
+    assert pick(device=CUDA).value is False and pick(world=2).value is False
+    assert pick(augment={"start_size": 24}).why == "progressive resolution"
+    assert pick(run={"compile": False}) == recipe.Choice("run.compile", False, "given", True)
+    monkeypatch.setattr(recipe.shutil, "which", lambda name: None)
+    assert pick().value is False and pick().why == "no C++ compiler"
 
 
 def photo_folder(root: Path, n: int = 12, size=(60, 40)) -> Path:
@@ -104,10 +128,11 @@ def test_a_folder_is_surveyed_from_headers_and_given_values_win(tmp_path):
     got = resolved(f"folder:{folder}")
     assert got["data.image_size"] == recipe.PHOTO_SIZE and got["optim.batch_size"] == 8
     cfg = from_dict({"data": {"spec": f"folder:{folder}", "image_size": 24, "fit": "crop"},
-                     "augment": {"crop_scale": [0.3, 1.0]}, "method": {"negatives": 7}, "optim": {"batch_size": 4}})
+                     "augment": {"crop_scale": [0.3, 1.0]}, "method": {"negatives": 7}, "optim": {"batch_size": 4},
+                     "run": {"compile": False}})
     choices = recipe.input_choices(cfg, CPU)
     recipe.apply(cfg, choices)
-    choices += recipe.training_choices(cfg, load(f"folder:{folder}", 24).images, 24)
+    choices += recipe.training_choices(cfg, load(f"folder:{folder}", 24).images, 24, CPU)
     assert all(c.given for c in choices if c.key != "backbone.downsample")
     assert {c.key: c.value for c in choices}["augment.crop_scale"] == (0.3, 1.0)
     line = recipe.summary(choices)
