@@ -148,7 +148,7 @@ def compile_choice(cfg, n: int, image_size_: int, device: torch.device, world: i
     off = ("a GPU: not measured" if device.type != "cpu" else
            "torchrun: not measured" if world > 1 else
            "progressive resolution" if cfg.augment.start_size is not None else
-           "no C++ compiler" if not shutil.which(os.environ.get("CXX", "c++")) else
+           "no C++ compiler" if not shutil.which(os.environ.get("CXX", "g++")) else  # inductor's default
            f"{o.minutes:g} minutes" if o.minutes is not None and o.minutes < COMPILE_MIN_MINUTES else
            "a short run" if images is not None and images < COMPILE_MIN_IMAGES else None)
     if off:

@@ -146,6 +146,9 @@ def build(cfg: Config, decide: bool = True) -> Setup:
                                           **no_forward_sync)
         torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
     if cfg.run.compile is True:  # the backbone alone, in place (same state-dict keys): the bank step breaks graphs
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True  # a graph inductor cannot build runs eager (with a warning)
         model.backbone.compile(dynamic=cfg.augment.start_size is not None)
     return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
                  model, make_optimizer(cfg, model), grad_scaler(device, precision),
@@ -172,6 +175,14 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
 
+def eager():
+    """A context in which a compiled backbone (run.compile) runs eager: the passes outside the
+    training step (bank calibration, kNN monitor) would each compile graphs of their own (eval
+    mode, no grad, other batch sizes), which took about a minute on 2 cores for a few seconds
+    of work."""
+    return torch.compiler.set_stance("force_eager")
+
+
 @torch.no_grad()
 def extract_features(backbone, images: torch.Tensor, mean, std, batch_size: int, device, precision) -> torch.Tensor:
     """Pooled backbone features h (not z) of uint8 images, eval mode: (N, D) fp32."""
@@ -179,7 +190,7 @@ def extract_features(backbone, images: torch.Tensor, mean, std, batch_size: int,
     backbone.eval()
     feats = []
     for chunk in images.split(batch_size):
-        with autocast(device, precision):
+        with autocast(device, precision), eager():
             feats.append(backbone(normalize(chunk.to(device), mean, std)).float())
     backbone.train(was_training)
     return torch.cat(feats)
@@ -216,7 +227,7 @@ def calibrate(s: Setup) -> None:
             x = s.augment(imgs) if c.method.bank_init_augment else normalize(imgs, c.data.mean, c.data.std)
             yield x, idx
 
-    with autocast(s.device, s.precision):
+    with autocast(s.device, s.precision), eager():
         s.model.calibrate_bank(batches())
 
 

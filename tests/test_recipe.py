@@ -74,7 +74,7 @@ def test_the_shared_data_gets_its_hand_made_recipes():
     if not SHARED_NPZ.exists() or not Path(FASHION_MNIST_DIR).is_dir():
         pytest.skip("needs ../shared and Debian's dataset-fashion-mnist")
     cifar = resolved(f"npz:{SHARED_NPZ}")
-    compiler = shutil.which(os.environ.get("CXX", "c++")) is not None
+    compiler = shutil.which(os.environ.get("CXX", "g++")) is not None
     assert cifar == {"data.image_size": 32, "data.fit": recipe.FIT, "backbone.downsample": 16,
                      "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64,
                      "run.compile": compiler}
