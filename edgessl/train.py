@@ -189,8 +189,8 @@ def extract_features(backbone, images: torch.Tensor, mean, std, batch_size: int,
     was_training = backbone.training
     backbone.eval()
     feats = []
-    for chunk in images.split(batch_size):
-        with autocast(device, precision), eager():
+    with autocast(device, precision), eager():
+        for chunk in images.split(batch_size):
             feats.append(backbone(normalize(chunk.to(device), mean, std)).float())
     backbone.train(was_training)
     return torch.cat(feats)
