@@ -7,9 +7,10 @@ no faster than fp32 (docs/export.md). Hard-swish becomes ReLU here, and each squ
 block becomes a fixed per-channel scale, its gate's mean over the run's images, folded into
 the conv that follows it (`fold_se_means`): at 32 px a batch-1 call is a fraction of a
 millisecond, and the SE blocks' pool, two convs and gating Mul were a third of the int8
-graph's nodes. The student, initialised from the teacher, then learns to give the teacher's
-pooled features (cosine) on the run's own images, half as deployed and half augmented as in
-pretraining, for a few minutes.
+graph's nodes. The student, initialised from the teacher, then learns for a few minutes on the
+run's own images, half as deployed and half augmented as in pretraining, to give the teacher's
+pooled features (cosine) and the teacher's neighbours among the run's images (`neighbour_kl`:
+what a kNN probe or a search over the features reads off them).
 """
 from __future__ import annotations
 
@@ -100,6 +101,23 @@ def fold_se_means(module: nn.Module, images: torch.Tensor, batch_size: int = 128
     return len(blocks)
 
 
+def neighbour_kl(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL(p_teacher || p_student), batch mean, where p_x = softmax(normalize(x) . bank / tau) is a
+    feature's distribution over its neighbours in `bank` (M x D, unit rows: the teacher's features
+    of the run's images). Features (B x D) need not be normalised."""
+    p_t = (F.normalize(teacher, dim=1) @ bank.T / tau).softmax(1)
+    log_s = (F.normalize(student, dim=1) @ bank.T / tau).log_softmax(1)
+    return F.kl_div(log_s, p_t, reduction="batchmean")
+
+
+@torch.no_grad()
+def feature_bank(teacher: nn.Module, images: torch.Tensor, cfg: Config, most: int = 8192) -> torch.Tensor:
+    """Unit features (M x D) of up to `most` of `images` (uint8, spread evenly), as deployed."""
+    idx = torch.linspace(0, len(images) - 1, min(most, len(images))).long()
+    return F.normalize(torch.cat([teacher(normalize(c, cfg.data.mean, cfg.data.std))
+                                  for c in images[idx].split(256)]), dim=1)
+
+
 def needs_adapting(module: nn.Module) -> bool:
     """Whether int8 onnxruntime would run part of `module` in float: hard-swish, or squeeze-excite
     blocks (their pooling mean stays float, and each costs four nodes on tiny tensors)."""
@@ -108,11 +126,14 @@ def needs_adapting(module: nn.Module) -> bool:
 
 def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = 120.0,
             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: Optional[bool] = None,
-            fold_se: bool = True, clean_fraction: float = 0.5) -> tuple:
+            fold_se: bool = True, clean_fraction: float = 0.5, neighbours: float = 1.0,
+            tau: float = 0.05) -> tuple:
     """(student, stats): the teacher with hard-swish swapped for ReLU (and with `fold_se`, its
     squeeze-excite blocks folded to their mean gates), trained for `seconds` so its pooled
-    features match the teacher's (1 - cosine) on `images` (uint8 N x 3 x S x S): `clean_fraction` of
-    each batch as deployed (flipped at random), the rest augmented as in pretraining."""
+    features match the teacher's on `images` (uint8 N x 3 x S x S): 1 - cosine, plus `neighbours`
+    times `neighbour_kl` over the teacher's features of `images` at temperature `tau`.
+    `clean_fraction` of each batch is as deployed (flipped at random), the rest augmented as in
+    pretraining."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -130,6 +151,7 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     show = sys.stderr.isatty() if progress is None else progress
     clean = round(clean_fraction * batch_size)  # images as deployed (flipped at random), the rest augmented
+    bank = feature_bank(teacher, images, cfg) if neighbours else None
     start, step, losses = time.perf_counter(), 0, []
     with tqdm(total=round(seconds), disable=not show, unit="s", desc="int8: distilling ReLU student",
               leave=False) as bar:
@@ -142,7 +164,10 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
             x = torch.cat([normalize(plain, cfg.data.mean, cfg.data.std), augment(images[idx[clean:]])])
             with torch.no_grad():
                 target = teacher(x)
-            loss = (1 - F.cosine_similarity(student(x), target, dim=1)).mean()
+            out = student(x)
+            loss = (1 - F.cosine_similarity(out, target, dim=1)).mean()
+            if bank is not None:
+                loss = loss + neighbours * neighbour_kl(out, target, bank, tau)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

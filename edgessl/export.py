@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -188,9 +189,21 @@ class _Calibration:
         pass
 
 
-def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray) -> None:
-    """Static QDQ: uint8 activations, int8 per-channel weights, reduce_range (U8S8 is the fast
-    path on AVX2 without VNNI; S8S8 was not: docs/export.md, scripts/bench_export.py)."""
+def int8_weight_bits() -> int:
+    """8, or 7 on an x86 CPU without VNNI: there onnxruntime's U8S8 kernels sum pairs of uint8 x
+    int8 products in int16 (pmaddubsw), which full-range weights can saturate, so its docs advise
+    `reduce_range`. With VNNI (and on ARM) the sums are int32 and the eighth bit is accuracy
+    (docs/export.md)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return 8
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)  # private in torch 2.x: absent means no
+    return 8 if vnni and vnni() else 7
+
+
+def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray, weight_bits: int = 8) -> None:
+    """Static QDQ: uint8 activations, int8 per-channel weights (7 bits: `reduce_range`), calibrated
+    on `calib` (min-max). U8S8 is onnxruntime's fast path; S8S8 ran 4-6x slower on the CPUs
+    measured (docs/export.md, scripts/int8_variants.py)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -199,7 +212,7 @@ def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray) -> None:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 def convert_fp16(fp32_path: Path, out: Path) -> None:
@@ -269,6 +282,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
     with torch.no_grad():
         reference = encoder(torch.from_numpy(images[:16])).numpy()
     meta = metadata(cfg, state, encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
+    if precision == "int8":
+        meta["int8_weight_bits"] = int8_weight_bits()
     if adapted:
         meta["adapted"] = {"hard_swish_to_relu": adapted["swapped"], "squeeze_excite_folded": adapted["se_folded"],
                            "distilled_seconds": adapted["seconds"], "distilled_steps": adapted["steps"]}
@@ -285,7 +300,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
             final = fp32
         else:
             final = Path(tmp) / f"{precision}.onnx"
-            quantize_int8(fp32, final, images) if precision == "int8" else convert_fp16(fp32, final)
+            quantize_int8(fp32, final, images, meta["int8_weight_bits"]) if precision == "int8" \
+                else convert_fp16(fp32, final)
         _write_onnx_metadata(final, meta)
         sess = session(final)
         got = ort_features(sess, images[:16])

@@ -27,7 +27,7 @@ from benchlib import markdown
 from edgessl import data as data_lib
 from edgessl.adapt import distill
 from edgessl.augment import normalize
-from edgessl.export import Encoder, quantize_int8, rewrite_hard_activations, run_images, torch_export
+from edgessl.export import Encoder, int8_weight_bits, quantize_int8, rewrite_hard_activations, run_images, torch_export
 from edgessl.knn import knn_accuracy
 from edgessl.onnxrt import latency_side_by_side, ort_features, session, speedups
 from edgessl.runs import load_run
@@ -67,7 +67,7 @@ def main() -> None:
             if not rewrite:
                 return fp32
             q = Path(tmp) / f"{name}.int8.onnx"
-            quantize_int8(fp32, q, calib)
+            quantize_int8(fp32, q, calib, int8_weight_bits())
             return q
 
         files = {"fp32 export": build("teacher", teacher),

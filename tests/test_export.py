@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_npz, tiny_config
 from edgessl import EdgesslError, load_backbone
-from edgessl.export import Encoder, check, export_onnx, export_timm
+from edgessl.export import Encoder, check, export_onnx, export_timm, int8_weight_bits
 from edgessl.onnxrt import read_metadata, session
 from edgessl.runs import load_run
 from edgessl.train import pretrain
@@ -86,6 +86,11 @@ def test_reduced_precision(run_dir, tmp_path, precision, min_cos):
         assert report["adapted"]["swapped"] == 19 and report["adapted"]["se_folded"] == 9
         assert 0 < report["adapted"]["feature_cosine_to_original"] <= 1
         assert read_metadata(out)["adapted"]["squeeze_excite_folded"] == 9
+        bits = read_metadata(out)["int8_weight_bits"]
+        weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+        top = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)  # per-channel symmetric: a full channel
+        assert bits == int8_weight_bits() and (top == 127 if bits == 8 else 63 <= top <= 64)
     else:
         assert "adapted" not in report
     up = report["speedup_vs_fp32"]  # timed against the run's fp32 export, 1 thread and the default
@@ -322,3 +327,39 @@ def test_int8_classifier_warns_when_under_99_percent_of_top1_classes_agree():
     assert export_advice({"top1_agreement": 0.995, "agreement_images": 1024}) is None
     line = export_advice({"top1_agreement": 0.954, "agreement_images": 1024})
     assert "4.6 % of the held-out images" in line and "fp32" in line
+
+
+def test_neighbour_kl_against_a_naive_loop_and_an_exact_value():
+    import math
+
+    from edgessl.adapt import neighbour_kl
+
+    torch.manual_seed(0)
+    s, t, bank = torch.randn(5, 7), torch.randn(5, 7), torch.nn.functional.normalize(torch.randn(11, 7), dim=1)
+    naive = 0.0
+    for i in range(5):
+        zs, zt = s[i] / s[i].norm(), t[i] / t[i].norm()
+        es = [math.exp(float(zs @ b) / 0.1) for b in bank]
+        et = [math.exp(float(zt @ b) / 0.1) for b in bank]
+        naive += sum(a / sum(et) * math.log((a / sum(et)) / (c / sum(es))) for a, c in zip(et, es))
+    assert neighbour_kl(s, t, bank, 0.1).item() == pytest.approx(naive / 5, rel=1e-5)
+    assert neighbour_kl(t, t, bank, 0.1).item() == pytest.approx(0.0, abs=1e-6)  # the teacher against itself
+    # bank (e0, e1), teacher e0, student e1, tau 1: p_t = (a, b), p_s = (b, a), a = 1 / (1 + 1/e), b = 1 - a
+    e = torch.eye(2)
+    assert neighbour_kl(e[1:], e[:1], e, 1.0).item() == pytest.approx(
+        (1 / (1 + math.e**-1)) * math.log((1 / (1 + math.e**-1)) / (1 / (1 + math.e))) +
+        (1 / (1 + math.e)) * math.log((1 / (1 + math.e)) / (1 / (1 + math.e**-1))), rel=1e-6)
+
+
+def test_int8_weights_keep_eight_bits_unless_x86_lacks_vnni(monkeypatch):
+    import platform
+
+    from edgessl import export
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert export.int8_weight_bits() == 8
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
+    assert export.int8_weight_bits() == 7  # pmaddubsw's int16 sums: onnxruntime's reduce_range
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
+    assert export.int8_weight_bits() == 8
