@@ -1,6 +1,7 @@
 """int8 for hard-swish networks: swap hard-swish for ReLU and distil, measured side by side.
 
-    .venv/bin/python scripts/int8_adapt.py RUN_DIR [--seconds 120] [--threads 1,0] [--out runs/int8_adapt.json]
+    .venv/bin/python scripts/int8_adapt.py RUN_DIR [--seconds 120] [--threads 1,0] [--neighbours 1] [--seed 0]
+        [--out runs/int8_adapt.json]
 
 Rows, all through onnxruntime in this one process: the run's fp32 export; its int8 export
 without adaptation (hard activations rewritten as relu6 forms, SE gates' hard-sigmoid folded
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--threads", default="1", help="comma-separated onnxruntime thread counts, 0: its default")
+    ap.add_argument("--neighbours", type=float, default=1.0, help="weight of the neighbour loss (0: cosine alone)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/int8_adapt.json"))
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
@@ -53,8 +56,9 @@ def main() -> None:
     train, val = data_lib.load_split(cfg.data)
     calib = run_images(train, 256, cfg)
     teacher = model.backbone.eval()
-    kept, kept_stats = distill(teacher, train.images, cfg, seconds=args.seconds, fold_se=False)
-    student, stats = distill(teacher, train.images, cfg, seconds=args.seconds)
+    kw = dict(seconds=args.seconds, neighbours=args.neighbours, seed=args.seed)
+    kept, kept_stats = distill(teacher, train.images, cfg, fold_se=False, **kw)
+    student, stats = distill(teacher, train.images, cfg, **kw)
     print(f"distilled: SE kept {kept_stats}, SE folded {stats}", flush=True)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +92,7 @@ def main() -> None:
         rows[name]["knn_change"] = round(rows[name]["knn_top1"] - base["knn_top1"], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"run": str(args.run_dir), "threads": args.threads, "seconds": args.seconds,
+                                    "neighbours": args.neighbours, "seed": args.seed,
                                     "distill": {"se_kept": kept_stats, "se_folded": stats},
                                     "onnxruntime": onnxruntime.__version__, "rows": rows}, indent=1))
     head = [h for t in threads for h in (f"p50 b1 / b32 ms, {t or 'default'} thr", "speed-up")]

@@ -187,7 +187,7 @@ def test_int8_lookup_table_rewrite_matches_the_qdq_graph(tmp_path):
     torch_export(Net().eval(), tmp_path / "f.onnx", 8, "dynamic", 18)
     quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "p.onnx"), skip_symbolic_shape=True)
     quantize_static(str(tmp_path / "p.onnx"), str(tmp_path / "q.onnx"), iv.Reader(images),
-                    **iv.VARIANTS["qdq u8s8 per-channel reduce_range (default)"])
+                    **iv.VARIANTS[iv.RR7])
     assert iv.lut_activations(tmp_path / "q.onnx", tmp_path / "lut.onnx") == 2
     model = onnx.load(str(tmp_path / "lut.onnx"))
     ops = [n.op_type for n in model.graph.node]
