@@ -200,10 +200,11 @@ def int8_weight_bits() -> int:
     return 8 if vnni and vnni() else 7
 
 
-def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray, weight_bits: int = 8) -> None:
+def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray, weight_bits: int = 8, **options) -> None:
     """Static QDQ: uint8 activations, int8 per-channel weights (7 bits: `reduce_range`), calibrated
     on `calib` (min-max). U8S8 is onnxruntime's fast path; S8S8 ran 4-6x slower on the CPUs
-    measured (docs/export.md, scripts/int8_variants.py)."""
+    measured (docs/export.md, scripts/int8_variants.py). `options` go to onnxruntime's quantize_static
+    (calibrate_method, nodes_to_exclude, ...)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -212,7 +213,8 @@ def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray, weight_bits: in
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        **options)
 
 
 def convert_fp16(fp32_path: Path, out: Path) -> None:

@@ -31,14 +31,13 @@ import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationMethod
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from edgessl import data as data_lib
 from edgessl.augment import normalize
 from edgessl.config import Config
-from edgessl.export import (_Calibration, export_module, quantize_int8, rewrite_hard_activations, run_images,
-                            torch_export)
+from edgessl.export import export_module, quantize_int8, rewrite_hard_activations, run_images, torch_export
 from edgessl.onnxrt import ort_features, session
 from edgessl.runs import load_run
 
@@ -170,21 +169,17 @@ def main() -> None:
         rewrite_hard_activations(rewritten)
         fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
         torch_export(rewritten, fp32, state["backbone"]["image_size"], "dynamic", 18, "logits")
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)  # the node names quantize_int8 sees
         layers = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
 
-        def agreement(calib: int = 256, float_nodes=(), **kw) -> tuple:
-            kw = {"reduce_range": False, **kw}
-            reader = type("Reader", (_Calibration, CalibrationDataReader), {})(run_images(train, calib, cfg), "images")
+        def agreement(calib: int = 256, float_nodes=(), bits: int = 8, **kw) -> tuple:
             q = Path(tmp) / "q.onnx"
-            quantize_static(str(pre), str(q), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(float_nodes), **kw)
+            quantize_int8(fp32, q, run_images(train, calib, cfg), bits, nodes_to_exclude=list(float_nodes), **kw)
             sess = session(q)
             return (float((ort_features(sess, held).argmax(1) == ref).mean()),
                     float((ort_features(sess, seen).argmax(1) == ref_seen).mean()))
 
-        settings = {"int8, 7-bit weights (reduce_range)": dict(reduce_range=True),
+        settings = {"int8, 7-bit weights (reduce_range)": dict(bits=7),
                     "int8, 8-bit weights": {},
                     "int8, 8-bit weights, 1024 calibration images": dict(calib=1024),
                     "int8, 8-bit weights, entropy calibration": dict(calibrate_method=CalibrationMethod.Entropy),
