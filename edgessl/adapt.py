@@ -124,6 +124,30 @@ def needs_adapting(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Hardswish) for m in module.modules()) or bool(squeeze_excite_blocks(module))
 
 
+def train_for(seconds: float, opt: torch.optim.Optimizer, lr: float, loss_fn, desc: str,
+              progress: Optional[bool] = None) -> dict:
+    """Step `opt` on `loss_fn()` (a scalar tensor) until `seconds` have passed, the learning rate
+    following a cosine from `lr` to 0 over the time budget, with a progress bar in seconds;
+    return {"steps", "seconds", "loss_first", "loss_last" (mean of the last 20)}."""
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    start, losses = time.perf_counter(), []
+    with tqdm(total=round(seconds), disable=not show, unit="s", desc=desc, leave=False) as bar:
+        while (elapsed := time.perf_counter() - start) < seconds:
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
+            loss = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.update(round(time.perf_counter() - start) - bar.n)
+    return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1),
+            "loss_first": losses[0] if losses else None,
+            "loss_last": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+
+
 def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = 120.0,
             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: Optional[bool] = None,
             fold_se: bool = True, clean_fraction: float = 0.5, neighbours: float = 1.0,
@@ -134,8 +158,6 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
     times `neighbour_kl` over the teacher's features of `images` at temperature `tau`.
     `clean_fraction` of each batch is as deployed (flipped at random), the rest augmented as in
     pretraining."""
-    from tqdm import tqdm
-
     torch.manual_seed(seed)
     teacher = teacher.eval()
     student = copy.deepcopy(teacher)
@@ -149,32 +171,20 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
     student.train()
     augment = BatchAugment(cfg.augment, images.shape[-1], cfg.data.mean, cfg.data.std)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    show = sys.stderr.isatty() if progress is None else progress
     clean = round(clean_fraction * batch_size)  # images as deployed (flipped at random), the rest augmented
     bank = feature_bank(teacher, images, cfg) if neighbours else None
-    start, step, losses = time.perf_counter(), 0, []
-    with tqdm(total=round(seconds), disable=not show, unit="s", desc="int8: distilling ReLU student",
-              leave=False) as bar:
-        while (elapsed := time.perf_counter() - start) < seconds:
-            for g in opt.param_groups:  # cosine over the time budget
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
-            idx = torch.randint(0, len(images), (batch_size,))
-            flip = torch.rand(clean) < 0.5
-            plain = torch.where(flip.view(-1, 1, 1, 1), images[idx[:clean]].flip(-1), images[idx[:clean]])
-            x = torch.cat([normalize(plain, cfg.data.mean, cfg.data.std), augment(images[idx[clean:]])])
-            with torch.no_grad():
-                target = teacher(x)
-            out = student(x)
-            loss = (1 - F.cosine_similarity(out, target, dim=1)).mean()
-            if bank is not None:
-                loss = loss + neighbours * neighbour_kl(out, target, bank, tau)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-            bar.update(round(time.perf_counter() - start) - bar.n)
+
+    def loss():
+        idx = torch.randint(0, len(images), (batch_size,))
+        flip = torch.rand(clean) < 0.5
+        plain = torch.where(flip.view(-1, 1, 1, 1), images[idx[:clean]].flip(-1), images[idx[:clean]])
+        x = torch.cat([normalize(plain, cfg.data.mean, cfg.data.std), augment(images[idx[clean:]])])
+        with torch.no_grad():
+            target = teacher(x)
+        out = student(x)
+        value = (1 - F.cosine_similarity(out, target, dim=1)).mean()
+        return value + neighbours * neighbour_kl(out, target, bank, tau) if bank is not None else value
+
+    stats = train_for(seconds, opt, lr, loss, "int8: distilling ReLU student", progress)
     plain_depthwise(student)
-    return student.eval(), {"swapped": swapped, "se_folded": folded, "steps": step, "seconds": round(time.perf_counter() - start, 1),
-                            "loss_first": losses[0] if losses else None,
-                            "loss_last": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+    return student.eval(), {"swapped": swapped, "se_folded": folded, **stats}

@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import sys
-import time
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -35,6 +32,7 @@ from onnxruntime.quantization import CalibrationMethod
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from edgessl import data as data_lib
+from edgessl.adapt import train_for
 from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.export import export_module, quantize_int8, rewrite_hard_activations, run_images, torch_export
@@ -88,7 +86,6 @@ def quantization_aware(classifier: nn.Module, images: torch.Tensor, cfg: Config,
     random. BatchNorm statistics stay frozen; the float weights are returned, which onnxruntime's
     calibration then rounds the same way."""
     from torch.nn.utils import parametrize
-    from tqdm import tqdm
 
     torch.manual_seed(seed)
     teacher = classifier.eval()
@@ -113,34 +110,23 @@ def quantization_aware(classifier: nn.Module, images: torch.Tensor, cfg: Config,
     for m in layers:
         parametrize.register_parametrization(m, "weight", WeightFakeQuant(weight_bits))
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    show = sys.stderr.isatty() if progress is None else progress
-    start, step, losses = time.perf_counter(), 0, []
+
+    def loss():
+        batch = images[torch.randint(0, len(images), (batch_size,))]
+        flip = torch.rand(batch_size) < 0.5
+        x = normalize(torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch), cfg.data.mean, cfg.data.std)
+        with torch.no_grad():
+            target = teacher(x)
+        return F.mse_loss(student(x), target)
+
     try:
-        with tqdm(total=round(seconds), disable=not show, unit="s", desc="int8: quantisation-aware tuning",
-                  leave=False) as bar:
-            while (elapsed := time.perf_counter() - start) < seconds:
-                for g in opt.param_groups:
-                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
-                batch = images[torch.randint(0, len(images), (batch_size,))]
-                flip = torch.rand(batch_size) < 0.5
-                x = normalize(torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch), cfg.data.mean, cfg.data.std)
-                with torch.no_grad():
-                    target = teacher(x)
-                loss = F.mse_loss(student(x), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                step += 1
-                bar.update(round(time.perf_counter() - start) - bar.n)
+        stats = train_for(seconds, opt, lr, loss, "int8: quantisation-aware tuning", progress)
     finally:
         for h in hooks:
             h.remove()
         for m in layers:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
-    return student.eval(), {"steps": step, "seconds": round(time.perf_counter() - start, 1),
-                            "loss_first": losses[0] if losses else None,
-                            "loss_last": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+    return student.eval(), stats
 
 
 def main() -> None:
