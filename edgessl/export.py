@@ -177,10 +177,12 @@ def run_images(data: data_lib.ImageData, count: int, cfg: Config) -> np.ndarray:
 
 
 class _Calibration:
-    """onnxruntime CalibrationDataReader over real images, batch 32."""
+    """onnxruntime CalibrationDataReader over real images, in batches of `batch` (a file with a
+    fixed batch gets exactly that many: the last batch is filled up by repeating images)."""
 
-    def __init__(self, images: np.ndarray, name: str):
-        self.batches = iter([{name: images[i:i + 32]} for i in range(0, len(images), 32)])
+    def __init__(self, images: np.ndarray, name: str, batch: int = 32, fixed: bool = False):
+        self.batches = iter([{name: batch_of(images[i:i + batch], batch) if fixed else images[i:i + batch]}
+                             for i in range(0, len(images), batch)])
 
     def get_next(self):
         return next(self.batches, None)
@@ -208,7 +210,10 @@ def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray, weight_bits: in
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    reader = type("Reader", (_Calibration, CalibrationDataReader), {})(calib, "images")
+    import onnx
+
+    fixed = onnx.load(str(fp32_path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value  # 0: dynamic
+    reader = type("Reader", (_Calibration, CalibrationDataReader), {})(calib, "images", fixed or 32, bool(fixed))
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)

@@ -363,3 +363,11 @@ def test_int8_weights_keep_eight_bits_unless_x86_lacks_vnni(monkeypatch):
     assert export.int8_weight_bits() == 7  # pmaddubsw's int16 sums: onnxruntime's reduce_range
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True, raising=False)
     assert export.int8_weight_bits() == 8
+
+
+def test_int8_export_with_a_fixed_batch_calibrates_in_that_batch(run_dir, tmp_path):
+    out = tmp_path / "b2.onnx"
+    report = export_onnx(run_dir, out, precision="int8", calib_count=5, batch=2, knn=False, adapt_seconds=1)
+    sess = session(out)
+    assert sess.get_inputs()[0].shape[0] == 2 and read_metadata(out)["batch"] == 2
+    assert report["min_cosine"] > 0.9 and set(report["speedup_vs_fp32"][1]) == {2}
