@@ -27,8 +27,8 @@ from edgessl.export import check, export_onnx
 from edgessl.runs import load_run
 from edgessl.train import config_from_checkpoint, pretrain
 
-MODELS = [("mobilenetv3_small_100", 32), ("mobilenetv3-relu", 32), ("resnet18", 32), ("mobilenetv4_conv_small", 32),
-          ("mobilenetv3_small_100", 224)]
+MODELS = [("mobilenetv3_small_100", 32), ("mobilenetv3_large_100", 32), ("mobilenetv3-relu", 32), ("resnet18", 32),
+          ("mobilenetv4_conv_small", 32), ("mobilenetv3_small_100", 224)]
 
 
 def one_step_run(name: str, size: int, data: str, work: Path) -> Path:
