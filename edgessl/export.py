@@ -207,10 +207,9 @@ def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray, weight_bits: in
     on `calib` (min-max). U8S8 is onnxruntime's fast path; S8S8 ran 4-6x slower on the CPUs
     measured (docs/export.md, scripts/int8_variants.py). `options` go to onnxruntime's quantize_static
     (calibrate_method, nodes_to_exclude, ...)."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    import onnx
 
     fixed = onnx.load(str(fp32_path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value  # 0: dynamic
     reader = type("Reader", (_Calibration, CalibrationDataReader), {})(calib, "images", fixed or 32, bool(fixed))

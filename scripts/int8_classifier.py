@@ -40,17 +40,6 @@ from edgessl.onnxrt import ort_features, session
 from edgessl.runs import load_run
 
 
-@torch.no_grad()
-def weights_rounded(net: torch.nn.Module, bits: int) -> torch.nn.Module:
-    """A copy with every conv and linear weight rounded per output channel, symmetric, to `bits`."""
-    net, top = copy.deepcopy(net), 2 ** (bits - 1) - 1
-    for m in net.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-            scale = (m.weight.abs().flatten(1).amax(1).clamp_min(1e-12) / top).view(-1, *[1] * (m.weight.dim() - 1))
-            m.weight.copy_((m.weight / scale).round().clamp(-top, top) * scale)
-    return net
-
-
 class WeightFakeQuant(nn.Module):
     """A parametrization: the weight as onnxruntime's QDQ stores it (symmetric per output
     channel, scale max |w| / (2^(bits-1) - 1)), rounded in the forward, straight through backward."""
@@ -63,6 +52,16 @@ class WeightFakeQuant(nn.Module):
         scale = (w.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / self.top).float()
         return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
                                                       -self.top, self.top)
+
+
+@torch.no_grad()
+def weights_rounded(net: nn.Module, bits: int) -> nn.Module:
+    """A copy with every conv and linear weight rounded as onnxruntime stores it (WeightFakeQuant)."""
+    net, rounding = copy.deepcopy(net), WeightFakeQuant(bits)
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.weight.copy_(rounding(m.weight))
+    return net
 
 
 def input_fake_quant(ranges: dict):
