@@ -174,3 +174,28 @@ def test_loss_parts_and_gradients_reach_every_parameter():
 def test_npid_preset_turns_every_improvement_off():
     cfg = MethodConfig(**PRESETS["npid"])
     assert (cfg.bank_init, cfg.bank_update, cfg.sqrtkl_weight, cfg.cutmix_prob) == ("random", "ema", 0.0, 0.0)
+
+
+def test_bf16_step_scores_the_bank_in_fp32():
+    """Under bf16 autocast the backbone runs in bf16, but the head, the scores, the loss and the bank
+    gradient are fp32: equal to the fp32 computation from the same backbone features."""
+    m = make(negatives="all")
+    m.bank.copy_(F.normalize(torch.randn(20, 4, dtype=torch.float64), dim=1).float())
+    images, idx = torch.randn(5, 3, 8, 8), torch.tensor([1, 4, 9, 12, 19])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(images, idx)
+        features = m.backbone(images)  # bf16 backbone (conv), as the step saw it
+    assert features.dtype == torch.bfloat16
+    step = out["bank"]
+    assert step.cosines.dtype == step.grad.dtype == out["loss"].dtype == torch.float32
+    z = F.normalize(m.head(features.float()), dim=1)
+    bank = m.bank.clone().requires_grad_(True)
+    loss = F.cross_entropy(z @ bank.T / m.cfg.temperature, idx)
+    grad = torch.autograd.grad(loss, bank)[0] * 5
+    torch.testing.assert_close(step.cosines, (z @ m.bank.T).detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["loss"], loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(step.grad, grad, rtol=1e-5, atol=1e-6)
+    # a bf16 matmul would round a cosine near 1 to 2^-8: this test can tell the two apart
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = (z @ m.bank.T).float()
+    assert (rounded - step.cosines).abs().max() > 1e-4

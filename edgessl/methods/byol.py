@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from edgessl.config import MethodConfig
+from edgessl.device import full_precision
 from edgessl.losses import byol_loss
 from edgessl.methods.heads import projection_head
 
@@ -27,10 +28,14 @@ class BYOL(nn.Module):
 
     def forward(self, images: torch.Tensor, indices: torch.Tensor, labels=None) -> dict:
         """images: (2B, 3, S, S), view 1 rows then view 2 rows."""
-        p1, p2 = self.predictor(self.head(self.backbone(images))).chunk(2)  # (B, d) each
+        features = self.backbone(images)
         with torch.no_grad():
-            t1, t2 = self.target_head(self.target_backbone(images)).chunk(2)
-        loss = 0.5 * (byol_loss(p1, t2) + byol_loss(p2, t1))
+            target_features = self.target_backbone(images)
+        with full_precision(features):  # heads and loss in fp32 under a bf16 / fp16 step
+            p1, p2 = self.predictor(self.head(features.float())).chunk(2)  # (B, d) each
+            with torch.no_grad():
+                t1, t2 = self.target_head(target_features.float()).chunk(2)
+            loss = 0.5 * (byol_loss(p1, t2) + byol_loss(p2, t1))
         return {"loss": loss, "parts": {}}
 
     def momentum(self, progress: float) -> float:

@@ -17,6 +17,7 @@ from torch import nn
 
 from edgessl.augment import cutmix
 from edgessl.config import MethodConfig
+from edgessl.device import full_precision
 from edgessl.distributed import all_gather_cat, all_reduce_sum, world
 from edgessl.losses import instance_loss, sqrtkl_loss
 from edgessl.methods.heads import projection_head
@@ -60,15 +61,23 @@ class MemDistill(nn.Module):
         self.register_buffer("bank", F.normalize(torch.randn(num_samples, cfg.head_dims[-1]), dim=1))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """z = g(f(x)) / ||g(f(x))||, fp32: (B, 3, S, S) -> (B, d)."""
-        return F.normalize(self.head(self.backbone(images)).float(), dim=1)
+        """z = g(f(x)) / ||g(f(x))||: (B, 3, S, S) -> (B, d); the backbone in the step's precision,
+        the head g in fp32."""
+        features = self.backbone(images)
+        with full_precision(features):
+            return F.normalize(self.head(features.float()), dim=1)
 
     def forward(self, images: torch.Tensor, indices: torch.Tensor, labels=None) -> dict:
-        cfg, b = self.cfg, images.shape[0]
+        cfg = self.cfg
         perm, lam = None, 1.0
         if self.training and cfg.cutmix_prob > 0 and float(torch.rand(())) < cfg.cutmix_prob:
             images, perm, lam = cutmix(images, cfg.cutmix_alpha)
         z = self.embed(images)  # (B, d)
+        with full_precision(z):  # the scores, losses and bank gradient in fp32 under a bf16 / fp16 step
+            return self._loss(z, indices, perm, lam)
+
+    def _loss(self, z: torch.Tensor, indices: torch.Tensor, perm: Optional[torch.Tensor], lam: float) -> dict:
+        cfg, b = self.cfg, z.shape[0]
         cols, targets = self._scored_columns(indices)  # (C,) or None for every row; (B,)
         bank = self.bank if cols is None else self.bank[cols]  # (C, d), before this step's update
         # `grad`: the scored rows are a leaf of the loss, so the bank step below is the exact

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from edgessl.config import MethodConfig
+from edgessl.device import full_precision
 from edgessl.losses import ntxent_loss
 from edgessl.methods.heads import projection_head
 
@@ -24,8 +25,10 @@ class SimCLR(nn.Module):
 
     def forward(self, images: torch.Tensor, indices: torch.Tensor, labels=None) -> dict:
         """images: (2B, 3, S, S), the two views of the batch stacked (view 1 rows, then view 2)."""
-        z1, z2 = self.head(self.backbone(images)).chunk(2)  # (B, d) each
-        loss = ntxent_loss(z1, z2, self.cfg.temperature)
+        features = self.backbone(images)
+        with full_precision(features):  # the head and the loss in fp32 under a bf16 / fp16 step
+            z1, z2 = self.head(features.float()).chunk(2)  # (B, d) each
+            loss = ntxent_loss(z1, z2, self.cfg.temperature)
         return {"loss": loss, "parts": {}}
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgessl.config import MethodConfig
+from edgessl.device import full_precision
 
 
 class Supervised(nn.Module):
@@ -21,7 +22,9 @@ class Supervised(nn.Module):
         self.fc = nn.Linear(backbone.feature_dim, num_classes)
 
     def forward(self, images: torch.Tensor, indices: torch.Tensor, labels=None) -> dict:
-        loss = F.cross_entropy(self.fc(self.backbone(images)).float(), labels)
+        features = self.backbone(images)
+        with full_precision(features):  # the classifier and the loss in fp32 under a bf16 / fp16 step
+            loss = F.cross_entropy(self.fc(features.float()), labels)
         return {"loss": loss, "parts": {}}
 
     @torch.no_grad()
