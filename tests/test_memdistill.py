@@ -195,7 +195,7 @@ def test_bf16_step_scores_the_bank_in_fp32():
     torch.testing.assert_close(step.cosines, (z @ m.bank.T).detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out["loss"], loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(step.grad, grad, rtol=1e-5, atol=1e-6)
-    # a bf16 matmul would round a cosine near 1 to 2^-8: this test can tell the two apart
+    # a bf16 matmul holds a cosine near 1 in steps of 2^-8: this test can tell the two apart
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rounded = (z @ m.bank.T).float()
     assert (rounded - step.cosines).abs().max() > 1e-4
