@@ -78,7 +78,7 @@ def test_to_dict_is_plain():
 
 def test_defaults_are_the_recipe_search_winner():
     """docs/benchmarks.md's recipe table starts from configs/released.yaml; its winner must be what
-    `edgessl pretrain` runs with no config."""
+    `edgessl pretrain` runs with no config, but for the weight decay measured after it."""
     import importlib.util
 
     from conftest import REPO
@@ -93,6 +93,10 @@ def test_defaults_are_the_recipe_search_winner():
     # as 64 and all (tests/test_recipe.py checks that on the file itself)
     assert default.optim.batch_size == "auto" and winner.optim.batch_size == 64
     default.optim.batch_size = 64
+    # one departure, measured after the 20-epoch search (docs/benchmarks.md, "Weight decay"):
+    # AdamW weight decay 0.2 where the search kept 0.05
+    assert winner.optim.weight_decay == 0.05 and default.optim.weight_decay == 0.2
+    winner.optim.weight_decay = default.optim.weight_decay
     assert winner.method == default.method and winner.optim == default.optim
     released = rs.variant_config({}, {})
     assert released.method.sqrtkl_weight == 20.0 and released.optim.name == "sgd"
