@@ -38,9 +38,9 @@ from edgessl.runs import check_run_data, data_record
 from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs, size_at
 
 # what --resume may change: the budget, where images live, whether a report is written, how the step is computed
-# (compilation, the depthwise kernel: float rounding only) and how often the loss is read
+# (compilation, the depthwise kernel, the fused optimizer: float rounding only) and how often the loss is read
 BUDGET_KEYS = {("optim", "minutes"), ("data", "storage"), ("run", "report"), ("run", "compile"), ("run", "sync_every"),
-               ("run", "fast_depthwise")}
+               ("run", "fast_depthwise"), ("optim", "fused")}
 GPU_SYNC_EVERY = 32  # run.sync_every's auto value off the CPU
 
 
@@ -168,11 +168,14 @@ def method_args(cfg: Config, train: data_lib.ImageData) -> dict:
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD (released recipe) or AdamW; no weight decay on biases and norm weights."""
+    """SGD (released recipe) or AdamW; no weight decay on biases and norm weights; torch's fused
+    kernel where it has one (optim.fused: CPU and CUDA), the for-loop elsewhere."""
     groups = param_groups(model, cfg.optim.weight_decay)
+    devices = {p.device.type for p in model.parameters()}
+    fused = {"fused": True} if cfg.optim.fused and devices <= {"cpu", "cuda"} else {}
     if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, **fused)
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, **fused)
 
 
 def eager():

@@ -28,12 +28,16 @@ from edgessl.config import from_dict
 from edgessl.train import build, train_step
 
 
-# name -> config overrides, on an fp32 eager step (each lever alone) unless a variant sets run.precision or
-# run.compile; the backbone's output stride is the recipe's for the input size unless set
+# name -> config overrides, on an fp32 eager step with the for-loop optimizer (each lever alone) unless a variant
+# sets run.precision, run.compile or optim.fused; the backbone's output stride is the recipe's for the input size
+# unless set
 EAGER_FP32 = {"precision": "fp32", "compile": False}
 VARIANTS = {
-    "mobilenetv3, fp32 eager (the step before bf16 and compile)": {},
-    "mobilenetv3 (default: the recipe's precision and compile here)": {"run": {"precision": "auto", "compile": "auto"}},
+    "mobilenetv3, fp32 eager (the step before bf16, compile and the fused optimizer)": {},
+    "mobilenetv3 (default: the recipe's precision and compile here)": {"run": {"precision": "auto", "compile": "auto"},
+                                                                       "optim": {"fused": True}},
+    "mobilenetv3, fused optimizer": {"optim": {"fused": True}},
+    "mobilenetv3, compiled, fused optimizer": {"run": {"compile": True}, "optim": {"fused": True}},
     "mobilenetv3, PyTorch's depthwise backward": {"run": {"fast_depthwise": False}},
     "mobilenetv3, batch 128": {"optim": {"batch_size": 128}},
     "mobilenetv3, progressive resolution's first steps (3/4 side)": {"start_fraction": 0.75},
@@ -64,7 +68,7 @@ def build_variant(overrides: dict, data: str, batch: int, image_size):
     """A train Setup for the variant; `start_fraction`: progressive resolution starting at that
     fraction of the input side (known once the recipe has picked it), in 4 px; `channels_last`:
     the network's weights and activations in channels-last memory format."""
-    base = {"data": {"spec": data, "image_size": image_size}, "optim": {"batch_size": batch},
+    base = {"data": {"spec": data, "image_size": image_size}, "optim": {"batch_size": batch, "fused": False},
             "run": {"monitor_every": 0, **EAGER_FP32}}
     for section, values in overrides.items():
         if section not in ("start_fraction", "channels_last"):

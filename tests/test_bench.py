@@ -141,7 +141,7 @@ def test_bench_step_takes_turns_and_profiles_each_variant(tiny_npz, tmp_path, mo
                                       "--out", str(out)])
     script_module("bench_step").main()
     rows = json.loads(out.read_text())["variants"]
-    fast, plain = rows["mobilenetv3, fp32 eager (the step before bf16 and compile)"], \
+    fast, plain = rows["mobilenetv3, fp32 eager (the step before bf16, compile and the fused optimizer)"], \
         rows["mobilenetv3, PyTorch's depthwise backward"]
     assert plain["overrides"] == {"run": {"fast_depthwise": False}} and fast["overrides"] == {}
     assert fast["precision"] == plain["precision"] == "fp32" and not fast["compiled"]  # each lever alone
@@ -150,3 +150,4 @@ def test_bench_step_takes_turns_and_profiles_each_variant(tiny_npz, tmp_path, mo
     ops = [{op["op"] for op in r["profile"]} for r in (fast, plain)]
     # the lever is really switched: only the default's backward runs edgessl.depthwise
     assert any("DepthwiseConv2d" in op for op in ops[0]) and not any("DepthwiseConv2d" in op for op in ops[1])
+    assert not any("fused" in op for op in ops[0] | ops[1])  # the baseline's for-loop optimizer, as before

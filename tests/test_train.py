@@ -293,3 +293,28 @@ def test_optimizer_step_reports_a_skipped_fp16_step_without_reading_the_scale():
     assert bool(bad) and scaler.get_scale() == 512.0 and torch.allclose(w.detach(), torch.full((3,), 0.8))
     plain = torch.amp.GradScaler("cpu", enabled=False)
     assert optimizer_step((w * 2).sum(), opt, plain) is False and torch.allclose(w.detach(), torch.full((3,), 0.6))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_fused_optimizer_makes_the_for_loops_update(name):
+    from edgessl.config import from_dict
+    from edgessl.train import make_optimizer
+
+    torch.manual_seed(0)
+    # no bias before the BatchNorm: its gradient is float noise, which Adam would scale up to lr-sized steps
+    nets = [torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+            for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = nets[0][0].weight.detach().clone()
+    opts = [make_optimizer(from_dict({"optim": {"name": name, "lr": 0.05, "fused": fused}}), net)
+            for net, fused in zip(nets, (True, False))]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    for _ in range(5):
+        x = torch.randn(8, 6)
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    assert (nets[0][0].weight - start).abs().max() > 0.05  # five steps moved the weights ...
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):  # ... alike, to float rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
