@@ -281,11 +281,12 @@ def test_a_nan_read_late_still_leaves_the_checkpoint_from_before_it(tiny_npz, tm
     assert after["position"]["step"] == 1 and torch.equal(after["model"]["bank"], good["model"]["bank"])
 
 
-def test_optimizer_step_reports_a_skipped_fp16_step_without_reading_the_scale():
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_step_reports_a_skipped_fp16_step_without_reading_the_scale(fused):
     from edgessl.optim import optimizer_step
 
     w = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.SGD([w], lr=0.1)
+    opt = torch.optim.SGD([w], lr=0.1, fused=fused)  # a fused kernel unscales and skips inside its own step
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     ok = optimizer_step((w * 2).sum(), opt, scaler)
     assert isinstance(ok, torch.Tensor) and not bool(ok) and torch.allclose(w.detach(), torch.full((3,), 0.8))
