@@ -113,11 +113,13 @@ def test_every_method_reports_its_parts_and_trains_every_parameter(method):
 def test_a_nan_stops_every_method_before_its_state_changes(method, tiny_npz, monkeypatch):
     """The trainer's NaN stop, for each method: the weights and the method's state (the bank, BYOL's
     target) untouched. (BatchNorm's running statistics have seen the forward pass; the run stops
-    and the last checkpoint is what --resume continues from.)"""
+    and the last checkpoint is what --resume continues from.) run.sync_every 1, the CPU's value: a GPU
+    reads the loss every few steps, and test_train.py covers that stop."""
     from edgessl.train import build, train_step
 
     s = build(tiny_config(f"npz:{tiny_npz}", method={"name": method, **METHODS[method].preset,
-                                                     "head_dims": [32, 16], "predictor_dims": [32, 16]}))
+                                                     "head_dims": [32, 16], "predictor_dims": [32, 16]},
+                          run={"sync_every": 1}))
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
     real = type(s.model.backbone).forward
     monkeypatch.setattr(type(s.model.backbone), "forward", lambda self, x: real(self, x) * float("nan"))
