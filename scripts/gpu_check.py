@@ -69,7 +69,8 @@ def step_rate(method: str, backbone: str, size: int, precision: str, compiled: b
 
     b, steps = plan["batch"], plan["steps"]
     spec = synthetic(work, size, b * (steps + plan["warmup"] + 1))
-    cfg = from_dict({"data": {"spec": spec}, "backbone": {"name": backbone},
+    cfg = from_dict({"data": {"spec": spec, "image_size": size},  # pinned: auto trains 224 px photos at 128 px
+                     "backbone": {"name": backbone},
                      "method": {"name": method, **PRESETS[method]},
                      "optim": {"batch_size": b, "epochs": 1},
                      "run": {"device": device, "precision": precision, "compile": compiled, "monitor_every": 0,
@@ -89,7 +90,7 @@ def step_rate(method: str, backbone: str, size: int, precision: str, compiled: b
         train_step(s, batches[plan["warmup"] + i], 1e-3, plan["warmup"] + i, 100)
     sync(s.device)
     dt = time.perf_counter() - t0
-    return {"images_per_s": round(b * steps / dt, 1), "step_ms": round(1e3 * dt / steps, 2),
+    return {"trained_px": s.image_size, "images_per_s": round(b * steps / dt, 1), "step_ms": round(1e3 * dt / steps, 2),
             "warmup_s": round(warm_s, 2), "peak_mem_mb": round(peak_mem_mb(s.device))}
 
 

@@ -19,6 +19,7 @@ def test_gpu_check_dry_run(tmp_path):
     rows = result["throughput"]
     assert {r["method"] for r in rows} == {"memdistill", "simclr"}
     assert all(r["images_per_s"] > 0 and r["peak_mem_mb"] > 0 and "error" not in r for r in rows)
+    assert all(r["trained_px"] == r["size"] for r in rows)  # the size asked for, not the recipe's pick
     for method in ("memdistill", "simclr"):  # 13 held-out images (20% of 64): a kNN score is k of 13 right
         knn = result["equal_budget"][method]["knn_top1"] * 13 / 100
         assert knn == pytest.approx(round(knn), abs=0.01) and result["equal_budget"][method]["epochs"] == 1
