@@ -3,9 +3,13 @@
 Every helper is the identity in a process that is alone, so the trainer has one code path.
 gloo on CPU, nccl on CUDA; a timeout on every collective (EDGESSL_DIST_TIMEOUT seconds,
 default 600) so a rank that died makes the others fail with an error instead of hanging.
+The group is destroyed at interpreter exit, while Python is still whole: gloo's worker threads
+torn down during finalization can abort the process (SIGABRT, "terminate called without an
+active exception").
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -26,7 +30,14 @@ def init(device_type: str) -> tuple[int, int]:
         return world()
     timeout = datetime.timedelta(seconds=float(os.environ.get("EDGESSL_DIST_TIMEOUT", "600")))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+    atexit.register(destroy)
     return world()
+
+
+def destroy() -> None:
+    """Leave the process group, if this process is in one (at exit; a second call does nothing)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_rank() -> int:

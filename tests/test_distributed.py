@@ -14,8 +14,11 @@ from edgessl.config import to_dict
 pytestmark = pytest.mark.slow  # every test here starts torchrun processes
 
 WORKER = """
-import json, sys, torch
+import atexit, json, os, sys, torch
 from edgessl import distributed
+# runs after edgessl's own exit handler (last in, first out): is the process group gone by then?
+atexit.register(lambda: open(f"{sys.argv[2]}/exit{os.environ['RANK']}.txt", "w").write(
+    str(torch.distributed.is_initialized())))
 from edgessl.config import from_dict
 from edgessl.train import pretrain
 keep = {}
@@ -36,6 +39,8 @@ def torchrun(tmp_path, nproc, cfg, out, stop=0, resume=False):
                         str(worker), json.dumps(to_dict(cfg)), str(out), str(stop), str(int(resume))],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # each rank left the group before interpreter teardown (gloo's threads torn down later can abort)
+    assert all((out / f"exit{i}.txt").read_text() == "False" for i in range(nproc))
     return [torch.load(out / f"rank{i}.pt", weights_only=True)["model"] for i in range(nproc)]
 
 
