@@ -39,9 +39,17 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q -n 2
 
-# On a machine with a CUDA GPU: tests, step throughput and memory, an equal-budget kNN; under 8 minutes.
+# On a machine with a CUDA GPU: tests, step throughput and memory, an equal-budget kNN; about 8 minutes.
+# GPU_PY=python3: a Python that already has a CUDA torch (a GPU image without the pinned wheels),
+# with this repo on its path instead of the venv.
+GPU_PY ?=
+ifeq ($(GPU_PY),)
 gpu-check: venv
 	$(BIN)/python scripts/gpu_check.py --out runs/gpu_check
+else
+gpu-check:
+	PYTHONPATH=$(CURDIR):$(CURDIR)/export $(GPU_PY) scripts/gpu_check.py --out runs/gpu_check
+endif
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
