@@ -1,6 +1,6 @@
 """GPU check: one command for the day a CUDA GPU is lent; one JSON and one Markdown table.
 
-    .venv/bin/python scripts/gpu_check.py --out runs/gpu_check        # a CUDA machine, under 8 minutes
+    .venv/bin/python scripts/gpu_check.py --out runs/gpu_check        # a CUDA machine, about 8 minutes
     .venv/bin/python scripts/gpu_check.py --dry-run --out /tmp/gc     # the CPU, tiny sizes, seconds (CI)
 
 1. the tests that build a model through conftest's tiny_config, with EDGESSL_TEST_DEVICE set to the
@@ -36,12 +36,13 @@ from edgessl.methods import PRESETS
 
 # eager: every method x backbone x size x precision; compiled: the default precision only (each
 # compilation costs tens of seconds). A part stops starting new rows past its allowance (seconds),
-# so the whole check stays under 8 minutes; rows not run are recorded as skipped.
+# so the whole check stays near 8 minutes (480 s on an H200); rows not run are recorded as skipped.
 FULL = {"methods": ["memdistill", "supervised", "simclr", "byol"], "backbones": ["mobilenetv3", "resnet18"],
         "sizes": [32, 224], "precisions": ["fp32", "bf16", "fp16"], "compiled": [("memdistill", "bf16"),
         ("supervised", "bf16")], "batch": 128, "steps": 10, "warmup": 3,
         "allowance": {"tests": 120, "eager": 150, "compiled": 80}}
-# the test files whose models train on EDGESSL_TEST_DEVICE (conftest.tiny_config), torchrun's excepted
+# test files whose models train on EDGESSL_TEST_DEVICE (conftest.tiny_config); left out: torchrun's, and
+# test_export / test_edge, which train too but test onnxruntime and the edge runtime, both on the CPU
 DEVICE_TESTS = ["tests/test_train.py", "tests/test_baselines.py", "tests/test_reliability.py", "tests/test_recipe.py",
                 "tests/test_bench.py", "tests/test_mmap.py", "tests/test_user_data.py"]
 DRY = {"methods": ["memdistill", "simclr"], "backbones": ["mobilenetv3_small_050"], "sizes": [16],

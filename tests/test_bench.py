@@ -149,5 +149,6 @@ def test_bench_step_takes_turns_and_profiles_each_variant(tiny_npz, tmp_path, mo
         assert r["steps"] == 2 and r["batch_size"] == 8 and r["images_per_s"] > 0 and r["profile"]
     ops = [{op["op"] for op in r["profile"]} for r in (fast, plain)]
     # the lever is really switched: only the default's backward runs edgessl.depthwise (a CPU lever)
-    assert fast["device"] != "cpu" or any("DepthwiseConv2d" in op for op in ops[0]) and not any("DepthwiseConv2d" in op for op in ops[1])
+    assert fast["device"] != "cpu" or (any("DepthwiseConv2d" in op for op in ops[0])
+                                       and not any("DepthwiseConv2d" in op for op in ops[1]))
     assert not any("fused" in op for op in ops[0] | ops[1])  # the baseline's for-loop optimizer, as before
