@@ -69,7 +69,9 @@ class MethodConfig:
     name: str = "memdistill"
     head_dims: list[int] = field(default_factory=lambda: [128])  # one Linear, as NPID (released: 2048x3)
     temperature: float = 0.07  # tau on the instance logits (released script 0.2; 0.05 within noise, 0.03 fell)
-    bank_momentum: float = 0.5  # m (NPID and released script 0.5)
+    # m: the ema update keeps m of the old row; the grad update steps (1 - m) tau (NPID and released script 0.5;
+    # 0.2 over 0.5 at 15 minutes: docs/benchmarks.md, "CutMix, SqrtKL and the bank step at 15 minutes")
+    bank_momentum: float = 0.2
     bank_init: str = "calibrated"  # random | calibrated
     bank_init_augment: bool = False  # calibrate on augmented (True) or clean (False) views
     bank_update: str = "grad"  # ema | grad (released script: ema)

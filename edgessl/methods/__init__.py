@@ -34,7 +34,8 @@ METHODS = {
                          "single view, memory bank: calibrated init, grad bank update (the default)"),
     # NPID (Wu et al. 2018) with a full softmax: every memdistill improvement off
     "npid": Method("edgessl.methods.memdistill:MemDistill",
-                   {"bank_init": "random", "bank_update": "ema", "sqrtkl_weight": 0.0, "cutmix_prob": 0.0},
+                   {"bank_init": "random", "bank_update": "ema", "bank_momentum": 0.5, "sqrtkl_weight": 0.0,
+                    "cutmix_prob": 0.0},
                    "NPID: memdistill with random bank init and EMA update"),
     "simclr": Method("edgessl.methods.simclr:SimCLR", {"head_dims": [1024, 128], "temperature": 0.2},
                      "two views, NT-Xent, 2-layer head"),
