@@ -67,9 +67,11 @@ def test_two_ranks_follow_one_rank_with_twice_the_batch(tiny_npz, tmp_path):
     """Same data order, no augmentation: after 4 steps the weights of 2 x batch 4 are within
     1e-2 of 1 x batch 8 (measured 5e-3) and the bank rows a mean cosine >= 0.75 with its rows
     (0.85; the difference is BatchNorm's batch statistics over 4 images instead of 8: CPU has no
-    SyncBatchNorm), far closer than a run with another seed."""
+    SyncBatchNorm), far closer than a run with another seed. Measured at bank momentum 0.5: the
+    default 0.2 steps the bank 1.6x as far, so the BatchNorm difference moves its rows further
+    (0.68)."""
     base = dict(optim={"epochs": 1, "batch_size": 4}, augment=NO_AUGMENT,
-                method={"cutmix_prob": 0.0, "bank_init": "random"}, run={"monitor_every": 0})
+                method={"cutmix_prob": 0.0, "bank_init": "random", "bank_momentum": 0.5}, run={"monitor_every": 0})
     two = weights_and_bank(torchrun(tmp_path, 2, tiny_config(f"npz:{tiny_npz}", **base), tmp_path / "two")[0])
     one_cfg = tiny_config(f"npz:{tiny_npz}", **{**base, "optim": {"epochs": 1, "batch_size": 8}})
     one = weights_and_bank(torchrun(tmp_path, 1, one_cfg, tmp_path / "one")[0])

@@ -149,7 +149,7 @@ def test_full_softmax_scores_every_row():
 
 
 def test_cutmix_ema_updates_each_row_once():
-    m = make(cutmix_prob=1.0, bank_update="ema")
+    m = make(cutmix_prob=1.0, bank_update="ema", bank_momentum=0.5)
     torch.manual_seed(11)
     idx = torch.tensor([0, 1, 2, 3, 4])
     before = m.bank.clone()

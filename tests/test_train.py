@@ -50,8 +50,10 @@ def test_last_epoch_is_always_monitored(tiny_npz, tmp_path):
 def test_training_lowers_loss_and_moves_the_bank(tiny_npz, tmp_path):
     from edgessl.train import build, calibrate
 
+    # bank momentum 0.5: at this size (16 px, batch 8, 24 steps) the default 0.2's larger bank step left the
+    # loss of the last steps above the first (7.3 -> 8.2 against 7.3 -> 6.3 at 0.5)
     cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": 6},
-                      method={"head_dims": [32, 16], "cutmix_prob": 0.0})
+                      method={"head_dims": [32, 16], "cutmix_prob": 0.0, "bank_momentum": 0.5})
     s = build(cfg)  # the same seed: the run's own untrained network and calibrated bank
     calibrate(s)
     start = s.model.bank.clone()
