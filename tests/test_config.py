@@ -93,7 +93,7 @@ def test_defaults_are_the_recipe_search_winner():
     # as 64 and all (tests/test_recipe.py checks that on the file itself)
     assert default.optim.batch_size == "auto" and winner.optim.batch_size == 64
     default.optim.batch_size = 64
-    # one departure, measured after the 20-epoch search (docs/benchmarks.md, "Weight decay"):
+    # two departures, measured after the 20-epoch search (docs/benchmarks.md, "Weight decay"):
     # AdamW weight decay 0.2 where the search kept 0.05
     assert winner.optim.weight_decay == 0.05 and default.optim.weight_decay == 0.2
     winner.optim.weight_decay = default.optim.weight_decay
