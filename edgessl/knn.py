@@ -1,6 +1,8 @@
 """Weighted kNN classification on frozen features (NPID's evaluation protocol)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -26,3 +28,10 @@ def knn_accuracy(train_feats, train_labels, query_feats, query_labels, num_class
     """Top-1 accuracy in percent."""
     pred = knn_predict(train_feats, train_labels, query_feats, num_classes, k, t).argmax(1)
     return 100.0 * (pred == query_labels).float().mean().item()
+
+
+def pixels_margin(pixels: float, n: int) -> float:
+    """Two binomial standard errors (percentage points) of raw pixels' kNN top-1 (%) on n held-out
+    images: a trained network less than this above the pixels has not shown it learned anything more."""
+    p = min(max(pixels / 100, 0.0), 1.0)
+    return 200 * math.sqrt(p * (1 - p) / max(n, 1))

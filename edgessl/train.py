@@ -30,7 +30,7 @@ from edgessl.config import Config, dump_yaml, from_dict, to_dict
 from edgessl.depthwise import fast_depthwise
 from edgessl.device import autocast, grad_scaler, peak_mem_mb, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
-from edgessl.knn import knn_accuracy
+from edgessl.knn import knn_accuracy, pixels_margin
 from edgessl.methods import create_method, loss_parts, method_class
 from edgessl.optim import check_finite, optimizer_step, param_groups, set_lr
 from edgessl.runfiles import RunFiles, check_run_dir, run_lock
@@ -506,6 +506,10 @@ def summary(s: Setup, files: RunFiles, pos: Position, log, stopped: bool = False
         lines.append(f"kNN top-1  {_fmt(out['knn_top1']) or '-'} % trained | {_fmt(out['knn_untrained'])} % untrained "
                      f"network | {_fmt(out['knn_pixels'])} % raw pixels  (k={c.run.knn_k}, held-out "
                      f"{len(s.val)} images)")
+        margin = pixels_margin(out["knn_pixels"], len(s.val))
+        if out["knn_top1"] is not None and out["knn_top1"] - out["knn_pixels"] < margin:
+            lines.append(f"note       trained kNN is not above raw pixels by more than the noise of {len(s.val)} "
+                         f"held-out images ({margin:.1f} points): these features add little to the pixels yet")
     lines.append(f"files      {files.dir}/{{config.yaml, metrics.csv, steps.csv, checkpoint.pt}}")
     if stopped:
         lines.append(f"stopped    at step {pos.step}, checkpoint saved: --resume continues the run")

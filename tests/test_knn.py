@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from edgessl.knn import knn_accuracy, knn_predict
+from edgessl.knn import knn_accuracy, knn_predict, pixels_margin
 
 
 def test_knn_exact_small_example():
@@ -27,3 +27,11 @@ def test_knn_matches_naive_loop():
         for s, c in sims[:5]:
             votes[c] += math.exp(s / 0.1)
         assert torch.allclose(got[qi], torch.tensor(votes), rtol=1e-5)
+
+
+def test_pixels_margin_is_two_binomial_standard_errors():
+    # 25% on 1,034 images: 200 * sqrt(0.25 * 0.75 / 1034) = 2.693 points
+    assert math.isclose(pixels_margin(25.0, 1034), 2.6932, abs_tol=1e-4)
+    assert pixels_margin(50.0, 100) == 10.0 and pixels_margin(0.0, 100) == 0.0
+    # the small-set case it is for: 24.5 trained against 25.15 pixels is inside; 30.5 is not
+    assert 24.5 - 25.15 < pixels_margin(25.15, 1034) < 30.5 - 25.15

@@ -1,5 +1,6 @@
 """End to end on tiny data: artefacts, exact resume, budgets, NaN, schedules."""
 import csv
+import re
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import yaml
 
 from conftest import tiny_config
 from edgessl import EdgesslError, checkpoint
+from edgessl.knn import pixels_margin
 from edgessl.schedule import lr_at, plan_epochs, replan_epochs, size_at
 from edgessl.train import pretrain
 
@@ -23,7 +25,8 @@ def quiet(*_):
 def test_two_epochs_write_every_artefact(tiny_npz, tmp_path):
     cfg = tiny_config(f"npz:{tiny_npz}")
     run = tmp_path / "run"
-    out = pretrain(cfg, run, log=quiet)
+    logged = []
+    out = pretrain(cfg, run, log=logged.append)
     assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.csv", "steps.csv", "checkpoint.pt", ".lock"}
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 2
     rows = read_csv(run / "metrics.csv")
@@ -37,6 +40,10 @@ def test_two_epochs_write_every_artefact(tiny_npz, tmp_path):
     assert state["position"]["step"] == 8 and state["config"]["optim"]["batch_size"] == 8
     assert state["backbone"]["timm_name"] == "mobilenetv3_small_050"
     assert torch.allclose(state["model"]["bank"].norm(dim=1), torch.ones(36), atol=1e-5)
+    # the summary says when the trained kNN is within noise of raw pixels, and only then
+    held_out = int(re.search(r"held-out (\d+) images", logged[-1]).group(1))
+    close = out["knn_top1"] - out["knn_pixels"] < pixels_margin(out["knn_pixels"], held_out)
+    assert held_out == 12 and ("note       trained kNN is not above raw pixels" in logged[-1]) == close
 
 
 def test_last_epoch_is_always_monitored(tiny_npz, tmp_path):
