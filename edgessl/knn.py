@@ -33,5 +33,5 @@ def knn_accuracy(train_feats, train_labels, query_feats, query_labels, num_class
 def pixels_margin(pixels: float, n: int) -> float:
     """Two binomial standard errors (percentage points) of raw pixels' kNN top-1 (%) on n held-out
     images: a trained network less than this above the pixels has not shown it learned anything more."""
-    p = min(max(pixels / 100, 0.0), 1.0)
-    return 200 * math.sqrt(p * (1 - p) / max(n, 1))
+    p = pixels / 100
+    return 200 * math.sqrt(p * (1 - p) / n)
