@@ -24,16 +24,8 @@ from edgessl.config import Config
 from edgessl.errors import ConfigError, EdgesslError
 from edgessl.methods import METHODS
 
-# shortcut keyword (and CLI flag) -> (section, key)
-SHORTCUTS = {"data": ("data", "spec"), "val_data": ("data", "val_spec"), "val_fraction": ("data", "val_fraction"),
-             "image_size": ("data", "image_size"), "fit": ("data", "fit"), "bad_images": ("data", "bad_images"),
-             "crop_scale": ("augment", "crop_scale"), "negatives": ("method", "negatives"),
-             "downsample": ("backbone", "downsample"),
-             "storage": ("data", "storage"), "backbone": ("backbone", "name"),
-             "init_weights": ("backbone", "init_weights"), "method": ("method", "name"),
-             "epochs": ("optim", "epochs"), "minutes": ("optim", "minutes"), "batch_size": ("optim", "batch_size"),
-             "precision": ("run", "precision"), "device": ("run", "device"), "seed": ("run", "seed"),
-             "compile": ("run", "compile")}
+# shortcut keyword (a flag's name: --val-data -> val_data) -> (section, key), from the declarations in config.py
+SHORTCUTS = {config_lib.shortcut(f): tuple(key.split(".")) for key, f in config_lib.flagged().items()}
 
 
 def nest(overrides: dict) -> dict:

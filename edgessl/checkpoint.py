@@ -22,7 +22,7 @@ from edgessl.runfiles import atomic_write
 from edgessl.version import __version__
 
 FORMAT = "edgessl-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: data.fit and data.image_size always stored resolved (upgrade() brings 1 up to it)
 
 
 def versions() -> dict:
@@ -92,4 +92,18 @@ def load(path: Path) -> dict:
     if state.get("format_version", 0) > FORMAT_VERSION:
         raise EdgesslError(f"{path} has checkpoint format {state['format_version']}; this edgessl reads "
                            f"up to {FORMAT_VERSION} (upgrade edgessl)")
+    return upgrade(state)
+
+
+def upgrade(state: dict) -> dict:
+    """An older checkpoint in today's layout, in memory (the file is left as it is): the one place
+    that knows what runs of earlier versions stored."""
+    if state.get("format_version", 1) < 2:
+        data = state.get("config", {}).get("data")
+        if data is not None:
+            if data.get("fit", "auto") == "auto":  # every run made before the fit was recorded squashed
+                data["fit"] = "squash"
+            if data.get("image_size") is None and "backbone" in state:  # before the recipe stored its pick
+                data["image_size"] = state["backbone"]["image_size"]
+        state["format_version"] = 2
     return state

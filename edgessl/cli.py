@@ -1,18 +1,17 @@
 """The `edgessl` command: a thin shell over the library (heavy imports inside commands)."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import sys
 
 import click
 from click.core import ParameterSource
 
-from edgessl.version import __version__
-from edgessl.config import Config, FinetuneConfig
+from edgessl.config import Config, FinetuneConfig, flagged, shortcut
 from edgessl.errors import EdgesslError
-from edgessl.methods import METHODS
-
-_D, _F = Config(), FinetuneConfig()  # the recipe defaults, shown by --help
+from edgessl.version import __version__
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -28,57 +27,57 @@ def cli(ctx, debug):
     ctx.ensure_object(dict)["debug"] = debug
 
 
-def _scale_range(text: str) -> list:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected MIN,MAX (e.g. 0.2,1), got {text!r}") from None
-    return [lo, hi]
+class _Parsed(click.ParamType):
+    """A config setting's own parser (config.py) as a click type: its ValueError is click's usage error."""
+
+    def __init__(self, parse, name: str):
+        self.parse, self.name = parse, name
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.parse(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
-def _negatives(text: str):
-    if text == "all":
-        return text
-    if text.isdigit() and int(text) >= 1:
-        return int(text)
-    raise click.BadParameter(f"expected all or a positive integer, got {text!r}")
+def _option(s) -> dict:
+    """click.option keywords for a declared setting (config.setting): its help, choices, parser,
+    default, and where the data decides it, the rule."""
+    m = s.metadata
+    kw = {"help": m["help"] + (f" [default: picked: {m['auto']}]" if m["auto"] else "")}
+    if s.default is False:
+        return {**kw, "is_flag": True}
+    choices = m["cli_choices"] or m["choices"]
+    if m["registry"]:
+        module, _, name = m["registry"].partition(":")
+        choices = tuple(getattr(importlib.import_module(module), name))
+    parse = m["parse"]
+    if choices:
+        kw["type"] = click.Choice([str(c) for c in choices])
+        if parse:
+            kw["callback"] = lambda ctx, param, v: v if v is None else parse(v)
+    elif parse:
+        kw["type"] = {int: click.INT, float: click.FLOAT}.get(parse) or _Parsed(parse, s.name)
+    if not m["auto"] and s.default not in (None, "", dataclasses.MISSING):
+        kw["default"] = s.default
+    return kw
+
+
+def setting_options(cls):
+    """The click options of every setting of `cls` that declares a flag (config.py), in its order."""
+    def decorate(command):
+        for s in reversed(flagged(cls).values()):
+            command = click.option(s.metadata["flag"], shortcut(s), **_option(s))(command)
+        return command
+    return decorate
 
 
 @cli.command()
-@click.option("--data", help="Training images: npz:PATH, cifar10:DIR, cifar100:DIR, "
-              "fashion-mnist[:DIR], folder:DIR.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--backbone", default=_D.backbone.name, help="Alias (mobilenetv3, mobilenetv3-large, "
-              "mobilenetv4, resnet18) or any timm model name.")
-@click.option("--method", default=_D.method.name,
-              type=click.Choice(list(METHODS)), help="Method.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe overriding the defaults.")
-@click.option("--epochs", type=int, default=_D.optim.epochs, help="Epochs (wins over --minutes).")
-@click.option("--minutes", type=float, help="Budget: stop at the first epoch end after this many minutes.")
-@click.option("--image-size", type=int, help="Input size [default: picked from the images, see the recipe line].")
-@click.option("--fit", type=click.Choice(["squash", "crop"]), help="How a non-square image is made square: "
-              "squash it whole, or crop its centre square [default: picked].")
-@click.option("--crop-scale", type=_scale_range, help="Random crop area range MIN,MAX (e.g. 0.2,1) [default: picked].")
-@click.option("--negatives", type=_negatives, help="Bank negatives per step: all, or a number sampled "
-              "[default: picked].")
-@click.option("--downsample", type=click.Choice(["8", "16", "32"]), help="Backbone output stride "
-              "[default: picked from the input size].")
-@click.option("--batch-size", type=int, help="[default: picked: 64, less for a small set]")
-@click.option("--val-fraction", type=float, default=_D.data.val_fraction,
-              help="Hold out this fraction (fixed seed) for the kNN monitor.")
-@click.option("--val-data", help="A second dataset spec for the kNN monitor.")
-@click.option("--init-weights", type=click.Path(dir_okay=False), help="Local timm state dict to start from.")
-@click.option("--bad-images", type=click.Choice(["fail", "skip"]), default=_D.data.bad_images,
-              help="folder: data with undecodable images: fail listing them, or train on the rest.")
-@click.option("--storage", type=click.Choice(["auto", "memory", "mmap"]), default=_D.data.storage,
-              help="folder: hold the decoded images in RAM, or stream batches from the memory-mapped "
-              "cache on disk (auto: mmap when the cache is over a quarter of RAM).")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=_D.run.precision,
-              help="auto: bf16 on CUDA and on a CPU with AMX, fp32 on other CPUs.")
-@click.option("--compile", "compile_", type=click.Choice(["on", "off"]),
-              help="torch.compile the backbone [default: picked: on for a CPU run of a few minutes or more].")
-@click.option("--device", default=_D.run.device, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=_D.run.seed)
+@setting_options(Config)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
 @click.pass_context
@@ -87,10 +86,6 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
     from edgessl import api
 
     given = {flag: value for flag, value in flags.items() if _given(ctx, flag)}
-    if "downsample" in given:
-        given["downsample"] = int(given["downsample"])
-    if "compile_" in given:
-        given["compile"] = given.pop("compile_") == "on"
     result = api.pretrain(out=out, config=config_path, resume=resume, **given).summary
     if as_json:
         click.echo(json.dumps(result))
@@ -227,22 +222,11 @@ def probe(source, train_spec, test_spec, knn_k, linear, grid, image_size, fit, a
 
 @cli.command()
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--train", "train_spec", help="Labelled training images (a subset is taken; default with no "
-              "--test either: the pretraining run's own training split).")
-@click.option("--test", "test_spec", help="Labelled test images (default: the run's held-out split).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory for the classifier.")
-@click.option("--label-fraction", type=float, help="Fraction of each class's labels to use.")
-@click.option("--labels-per-class", type=int, help="Number of labels per class to use.")
-@click.option("--epochs", type=int, default=_F.epochs)
-@click.option("--batch-size", type=int, default=_F.batch_size)
-@click.option("--lr", type=float, default=_F.lr, help="Head learning rate (the backbone gets 0.1x).")
-@click.option("--seed", type=int, default=_F.seed)
-@click.option("--init", type=click.Choice(["pretrained", "random"]), default=_F.init)
-@click.option("--device", default=_F.device)
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=_F.precision)
+@setting_options(FinetuneConfig)
 @click.option("--resume", is_flag=True, help="Continue the fine-tuning run in --out with its stored settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
-def finetune(run_dir, train_spec, test_spec, out, label_fraction, labels_per_class, resume, as_json, **settings):
+def finetune(run_dir, out, resume, as_json, train, test, label_fraction, labels_per_class, **settings):
     """Fine-tune a pretrained encoder plus a linear head on a few labels (RUN_DIR --train --test,
     or --out DIR --resume)."""
     from edgessl import api
@@ -252,7 +236,7 @@ def finetune(run_dir, train_spec, test_spec, out, label_fraction, labels_per_cla
                            "or --out DIR --resume")
     if resume:  # the stored settings, but where it runs
         settings = {k: settings[k] for k in ("device", "precision")}
-    r = api.finetune(run_dir, train_spec or "", test_spec or "", out, label_fraction=label_fraction,
+    r = api.finetune(run_dir, train or "", test or "", out, label_fraction=label_fraction,
                      labels_per_class=labels_per_class, resume=resume, **settings).summary
     if as_json:
         click.echo(json.dumps(r))

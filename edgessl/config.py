@@ -1,9 +1,15 @@
-"""Typed, strict configuration.
+"""Typed, strict configuration, each setting declared once.
 
 The dataclass defaults are the recommended recipe; YAML files in configs/ and CLI
 flags only override them. An unknown key or a value of the wrong type is a
 ConfigError that names the key. The resolved config is written next to the run
 (config.yaml) and into every checkpoint, as a plain dict.
+
+A field made by `setting()` carries everything else there is to say about it: its
+command-line flag, help, choices and, where the data picks its value, the rule
+(`auto`). The CLI options, the API's shortcut keywords, the recipe line's "override
+with" and the table in docs/usage.md are all made from (or checked against) these
+declarations: adding a key touches its declaration and its use, nothing else.
 """
 from __future__ import annotations
 
@@ -12,30 +18,77 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import yaml
 
 from edgessl.errors import ConfigError
-from edgessl.methods import METHODS
 
 # timm's IMAGENET_DEFAULT_MEAN / STD: one normalisation for every dataset, so an
 # exported model's metadata has a single rule (no import of timm here: --help stays fast).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+AUTO = "auto"  # the one spelling of "the data (or the machine) decides"
+
+
+def setting(default=dataclasses.MISSING, *, flag: str = "", help: str = "", choices: tuple = (),
+            auto: str = "", parse: Optional[Callable[[str], object]] = None, cli_choices: tuple = (),
+            registry: str = "", default_factory=dataclasses.MISSING):
+    """A config field and what the CLI and the docs make of it.
+
+    flag: the command-line option (its name minus the dashes is the API shortcut keyword);
+    choices: the values the config accepts (validated); auto: the rule that picks the value
+    when it is "auto" (edgessl.recipe); parse: text -> value for the CLI (ValueError on bad
+    text); cli_choices: the words the CLI accepts when they differ from `choices`; registry:
+    "module:DICT" whose keys are the valid names (checked where the registry is used)."""
+    meta = {"flag": flag, "help": help, "choices": tuple(choices), "auto": auto, "parse": parse,
+            "cli_choices": tuple(cli_choices), "registry": registry}
+    return field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def parse_range(text: str) -> list:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected MIN,MAX (e.g. 0.2,1), got {text!r}") from None
+    return [lo, hi]
+
+
+def parse_negatives(text: str):
+    if text == "all":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"expected all or a positive integer, got {text!r}")
+
+
+def parse_on_off(text: str) -> bool:
+    return text == "on"
 
 
 @dataclass
 class DataConfig:
-    spec: str = ""  # dataset spec, e.g. npz:PATH (see edgessl.data)
-    val_spec: Optional[str] = None  # a second spec for the kNN monitor ...
-    val_fraction: float = 0.0  # ... or a fraction of `spec` held out (fixed split_seed)
+    spec: str = setting("", flag="--data", help="Training images: npz:PATH, cifar10:DIR, cifar100:DIR, "
+                        "fashion-mnist[:DIR], folder:DIR.")
+    download: bool = setting(False, flag="--download", help="cifar10:DIR, cifar100:DIR, fashion-mnist:DIR: download "
+                             "the data set into DIR through torchvision when it is not there yet.")
+    val_spec: Optional[str] = setting(None, flag="--val-data", help="A second dataset spec for the kNN monitor.")
+    val_fraction: float = setting(0.0, flag="--val-fraction",
+                                  help="Hold out this fraction (fixed seed) for the kNN monitor.")
     split_seed: int = 0  # the held-out split does not move with the run's seed
     train_subset: Optional[int] = None  # train on a fixed (split_seed) subset of N images, for data-size sweeps
-    image_size: Optional[int] = None  # None: picked from the images (edgessl.recipe)
-    fit: str = "auto"  # how a non-square image is made square: squash | crop (centre, timm's eval) | auto (recipe)
-    bad_images: str = "fail"  # folder specs: fail (list them, train nothing) | skip (train on the rest)
-    storage: str = "auto"  # folder specs: memory | mmap (stream batches from the on-disk cache) | auto (mmap when > RAM/4)
+    image_size: Union[str, int] = setting(
+        AUTO, flag="--image-size", parse=int, help="Input size.",
+        auto="the images' own size up to 64 px; larger images 96 px on a CPU (128 on a GPU), or their short side "
+             "when smaller")
+    fit: str = setting(AUTO, flag="--fit", choices=("squash", "crop"),
+                       help="How a non-square image is made square: squash it whole, or crop its centre square.",
+                       auto="crop (measured on photos)")
+    bad_images: str = setting("fail", flag="--bad-images", choices=("fail", "skip"),
+                              help="folder: data with undecodable images: fail listing them, or train on the rest.")
+    storage: str = setting("auto", flag="--storage", choices=("auto", "memory", "mmap"),
+                           help="folder: hold the decoded images in RAM, or stream batches from the memory-mapped "
+                           "cache on disk (auto: mmap when the cache is over a quarter of RAM).")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -43,7 +96,9 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     # docs/method.md's single view: RandomResizedCrop(scale 0.2-1), flip, jitter p 0.8, grayscale p 0.2
-    crop_scale: Union[str, tuple[float, float]] = "auto"  # auto: (0.2, 1), or (0.5, 1) on plain backgrounds (recipe)
+    crop_scale: Union[str, tuple[float, float]] = setting(
+        AUTO, flag="--crop-scale", parse=parse_range, help="Random crop area range MIN,MAX (e.g. 0.2,1).",
+        auto="0.2-1, or 0.5-1 when over 30% of the pixels are the border's colour (a plain background)")
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
@@ -57,25 +112,31 @@ class AugmentConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "mobilenetv3"  # alias or any timm model name
-    downsample: Union[str, int] = "auto"  # total output stride: auto | 32 | 16 | 8
-    init_weights: Optional[str] = None  # local timm state dict (safetensors or .pth)
+    name: str = setting("mobilenetv3", flag="--backbone", help="Alias (mobilenetv3, mobilenetv3-large, "
+                        "mobilenetv4, resnet18) or any timm model name.")
+    downsample: Union[str, int] = setting(AUTO, flag="--downsample", choices=(8, 16, 32), parse=int,
+                                          help="Backbone output stride.",
+                                          auto="16 below 64 px (a CIFAR-size stem), else the backbone's 32")
+    init_weights: Optional[str] = setting(None, flag="--init-weights", help="Local timm state dict to start from.")
 
 
 @dataclass
 class MethodConfig:
-    # The defaults are the recipe measured best on 2 CPU cores (scripts/recipe_search.py,
-    # docs/benchmarks.md, "Recipe search"); configs/released.yaml holds the authors' released values.
-    name: str = "memdistill"
+    # The defaults are the recipe measured best on 2 CPU cores (docs/benchmarks.md);
+    # configs/released.yaml holds the authors' released values.
+    name: str = setting("memdistill", flag="--method", registry="edgessl.methods:METHODS",
+                        help="Method.")  # checked by the method registry, not here
     head_dims: list[int] = field(default_factory=lambda: [128])  # one Linear, as NPID (released: 2048x3)
     temperature: float = 0.07  # tau on the instance logits (released script 0.2; 0.05 within noise, 0.03 fell)
     # m: the ema update keeps m of the old row; the grad update steps (1 - m) tau (NPID and released script 0.5;
-    # 0.2 over 0.5 at 15 minutes: docs/benchmarks.md, "CutMix, SqrtKL and the bank step at 15 minutes")
+    # 0.2 over 0.5 at 15 minutes: docs/benchmarks.md)
     bank_momentum: float = 0.2
-    bank_init: str = "calibrated"  # random | calibrated
+    bank_init: str = setting("calibrated", choices=("random", "calibrated"))
     bank_init_augment: bool = False  # calibrate on augmented (True) or clean (False) views
-    bank_update: str = "grad"  # ema | grad (released script: ema)
-    negatives: Union[str, int] = "auto"  # all | k sampled entries (plus the batch's own) | auto (recipe)
+    bank_update: str = setting("grad", choices=("ema", "grad"))  # released script: ema
+    negatives: Union[str, int] = setting(
+        AUTO, flag="--negatives", parse=parse_negatives, help="Bank negatives per step: all, or a number sampled.",
+        auto="every bank row up to 16,384 images, 4,096 sampled beyond")
     sqrtkl_weight: float = 0.0  # lambda (released script 20); 0 turns SqrtKL off
     sqrtkl_temperature: float = 1.0  # released script: SqrtKL on raw cosines
     cutmix_alpha: float = 0.5  # Beta(alpha, alpha) for the mixing ratio
@@ -86,29 +147,31 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # sgd | adamw (released script: sgd)
+    name: str = setting("adamw", choices=("sgd", "adamw"))  # released script: sgd
     lr: float = 1e-3  # released: sgd 1.0 at batch 512
     momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.2  # released: 1e-4 (sgd); 0.2 over 0.05 in docs/benchmarks.md, "Weight decay"
+    weight_decay: float = 0.2  # released: 1e-4 (sgd); 0.2 over 0.05 in docs/benchmarks.md
     warmup_epochs: float = 0.0  # released script: no warm-up
-    batch_size: Union[str, int] = "auto"  # auto: 64 (released: 512; 64 learned faster per minute here than 128),
-    # less for a small set (recipe)
-    epochs: Optional[int] = 30  # None: as many as fit in `minutes` (the cosine is fitted to them)
-    minutes: Optional[float] = None  # budget: stop at the first epoch end after this
+    batch_size: Union[str, int] = setting(AUTO, flag="--batch-size", parse=int, help="Batch size.",
+                                          auto="64; for a set of fewer than 16 batches, the largest power of two "
+                                               "that gives 16 steps an epoch (at least 8)")
+    epochs: Optional[int] = setting(30, flag="--epochs", parse=int, help="Epochs (wins over --minutes).")
+    minutes: Optional[float] = setting(None, flag="--minutes", parse=float,
+                                       help="Budget: stop at the first epoch end after this many minutes.")
     # torch's fused optimizer kernel (one pass over each tensor) on CPU and CUDA: the same update to float rounding,
-    # 3-7 ms less of a 73-97 ms 32 px step on 2 cores (docs/benchmarks.md, "More steps per CPU-minute")
+    # 3-7 ms less of a 73-97 ms 32 px step on 2 cores (docs/benchmarks.md)
     fused: bool = True
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    seed: int = setting(0, flag="--seed", parse=int, help="Seed of the weights, the order and the augmentations.")
+    device: str = setting("auto", flag="--device", help="auto, cpu, cuda or cuda:N.")
+    precision: str = setting("auto", flag="--precision", choices=("auto", "bf16", "fp16", "fp32"),
+                             help="auto: bf16 on CUDA and on a CPU with AMX, fp32 on other CPUs.")
     threads: int = 0  # intra-op threads for the network; 0: torch's default
-    # threads for the augmentation alone; 0: the same as the network. early measurements on this machine saw small
-    # element-wise ops run far slower on 2 threads; ours ran 8.0 ms/batch on 2 vs 12.5 on 1
-    # (scripts/bench_step.py), so the default does not pin it.
+    # threads for the augmentation alone; 0: the same as the network (8.0 ms/batch on 2 threads against 12.5 on 1,
+    # scripts/bench_step.py, so the default does not pin it)
     augment_threads: int = 0
     monitor_every: int = 1  # kNN monitor every N epochs (needs labels); 0: off
     knn_k: int = 200
@@ -123,28 +186,35 @@ class RunConfig:
     # CPU training: depthwise convolutions' weight gradient by edgessl.depthwise (the same numbers to float rounding;
     # PyTorch's own CPU kernel for it is the slowest part of a MobileNet step); false: PyTorch's everywhere
     fast_depthwise: bool = True
-    # torch.compile the backbone (inductor): true | false | auto (recipe: on a CPU for a run long enough to earn
-    # back the compilation; docs/benchmarks.md, "More steps per CPU-minute")
-    compile: Union[bool, str] = "auto"
+    # torch.compile the backbone (inductor)
+    compile: Union[bool, str] = setting(
+        AUTO, flag="--compile", cli_choices=("on", "off"), parse=parse_on_off, help="torch.compile the backbone.",
+        auto="on for a CPU run planned for 3 minutes or more (or 100,000 32-px images), with a C++ compiler; off "
+             "on a GPU, under torchrun and with progressive resolution (not measured)")
 
 
 @dataclass
 class FinetuneConfig:
     """`edgessl finetune`: the pretrained encoder plus a linear head, trained end to end."""
 
-    train: str = ""  # labelled training images (a stratified subset is taken)
-    test: str = ""  # labelled test images
-    label_fraction: Optional[float] = None  # each class's fraction of labels ... (neither: all)
-    labels_per_class: Optional[int] = None  # ... or a count per class
-    epochs: int = 30
-    seed: int = 0
-    init: str = "pretrained"  # pretrained | random (the same architecture from scratch: the baseline)
-    batch_size: int = 64
-    lr: float = 0.1  # the head's; the backbone gets lr x backbone_lr_scale
+    train: str = setting("", flag="--train", help="Labelled training images (a subset is taken; default with no "
+                         "--test either: the pretraining run's own training split).")
+    test: str = setting("", flag="--test", help="Labelled test images (default: the run's held-out split).")
+    label_fraction: Optional[float] = setting(None, flag="--label-fraction", parse=float,
+                                              help="Fraction of each class's labels to use.")
+    labels_per_class: Optional[int] = setting(None, flag="--labels-per-class", parse=int,
+                                              help="Number of labels per class to use.")
+    epochs: int = setting(30, flag="--epochs", parse=int, help="Epochs.")
+    seed: int = setting(0, flag="--seed", parse=int, help="Seed of the label draw, the head and the order.")
+    init: str = setting("pretrained", flag="--init", choices=("pretrained", "random"),
+                        help="pretrained, or the same architecture from scratch (the baseline).")
+    batch_size: int = setting(64, flag="--batch-size", parse=int, help="Batch size.")
+    lr: float = setting(0.1, flag="--lr", parse=float, help="Head learning rate (the backbone gets 0.1x).")
     backbone_lr_scale: float = 0.1
     weight_decay: float = 5e-4
-    device: str = "auto"
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = setting("auto", flag="--device", help="auto, cpu, cuda or cuda:N.")
+    precision: str = setting("auto", flag="--precision", choices=("auto", "bf16", "fp16", "fp32"),
+                             help="auto: bf16 on CUDA and on a CPU with AMX, fp32 on other CPUs.")
 
 
 @dataclass
@@ -157,16 +227,31 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-_CHOICES = {
-    "method.name": tuple(METHODS),
-    "data.bad_images": ("fail", "skip"),
-    "data.storage": ("auto", "memory", "mmap"),
-    "data.fit": ("auto", "squash", "crop"),
-    "method.bank_init": ("random", "calibrated"),
-    "method.bank_update": ("ema", "grad"),
-    "optim.name": ("sgd", "adamw"),
-    "run.precision": ("auto", "bf16", "fp16", "fp32"),
-}
+def settings(cls=Config) -> dict[str, dataclasses.Field]:
+    """Every field of `cls` by dotted key ("optim.lr"; a flat class: "lr"), in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update({f"{f.name}.{k}": v for k, v in settings(hints[f.name]).items()})
+        else:
+            out[f.name] = f
+    return out
+
+
+def flagged(cls=Config) -> dict[str, dataclasses.Field]:
+    """The settings that have a command-line flag, by dotted key."""
+    return {k: f for k, f in settings(cls).items() if f.metadata.get("flag")}
+
+
+def shortcut(f: dataclasses.Field) -> str:
+    """The API keyword (and click parameter name) of a flagged setting: --val-data -> val_data."""
+    return f.metadata["flag"].lstrip("-").replace("-", "_")
+
+
+def auto_settings() -> dict[str, dataclasses.Field]:
+    """The settings the data decides when left at auto (edgessl.recipe), by dotted key."""
+    return {k: f for k, f in settings().items() if f.metadata.get("auto")}
 
 
 def _check_type(value, tp, key):
@@ -228,26 +313,35 @@ def _apply(obj, overrides: dict, prefix: str = ""):
             setattr(obj, key, _check_type(value, hints[key], full))
 
 
+def _check_choices(obj, cls, prefix: str = "") -> None:
+    """Each declared setting's value among its choices (or auto, where the data decides it)."""
+    for name, f in settings(cls).items():
+        value, key = _get(obj, name), prefix + name
+        allowed = f.metadata.get("choices", ())
+        if allowed and value not in allowed and not (f.metadata["auto"] and value == AUTO):
+            shown = (*allowed, AUTO) if f.metadata["auto"] else allowed
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, shown))}, got {value!r}")
+        if f.metadata.get("auto") and not allowed and isinstance(value, str) and value != AUTO \
+                and key != "method.negatives":
+            raise ConfigError(f"config key '{key}' must be auto or a value, got {value!r}")
+
+
+def _get(obj, key: str):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def validate(cfg: Config) -> Config:
     """Range and choice checks that types alone cannot express."""
+    _check_choices(cfg, Config)
     flat = to_dict(cfg)
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        if flat[section][name] not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {flat[section][name]!r}")
     m, o, d = cfg.method, cfg.optim, cfg.data
-    if isinstance(m.negatives, str) and m.negatives not in ("all", "auto") or \
+    if isinstance(m.negatives, str) and m.negatives not in ("all", AUTO) or \
             isinstance(m.negatives, int) and m.negatives < 1:
         raise ConfigError(f"config key 'method.negatives' must be all, auto or a positive integer, "
                           f"got {m.negatives!r}")
-    for key, value in (("augment.crop_scale", cfg.augment.crop_scale), ("optim.batch_size", o.batch_size),
-                       ("run.compile", cfg.run.compile)):
-        if isinstance(value, str) and value != "auto":
-            raise ConfigError(f"config key '{key}' must be auto or a value, got {value!r}")
     scale = cfg.augment.crop_scale
-    ds = cfg.backbone.downsample
-    if ds != "auto" and ds not in (8, 16, 32):
-        raise ConfigError(f"config key 'backbone.downsample' must be auto, 8, 16 or 32, got {ds!r}")
     checks = [
         ("method.temperature", m.temperature > 0), ("method.bank_momentum", 0 <= m.bank_momentum < 1),
         ("method.sqrtkl_weight", m.sqrtkl_weight >= 0), ("method.sqrtkl_temperature", m.sqrtkl_temperature > 0),
@@ -255,12 +349,13 @@ def validate(cfg: Config) -> Config:
         ("method.head_dims", len(m.head_dims) >= 1 and min(m.head_dims) >= 1),
         ("method.predictor_dims", len(m.predictor_dims) >= 1 and min(m.predictor_dims) >= 1),
         ("method.byol_momentum", 0 <= m.byol_momentum <= 1),
-        ("optim.lr", o.lr > 0), ("optim.batch_size", o.batch_size == "auto" or o.batch_size >= 2), ("optim.epochs", o.epochs is None and o.minutes is not None or o.epochs is not None and o.epochs >= 1),
+        ("optim.lr", o.lr > 0), ("optim.batch_size", o.batch_size == AUTO or o.batch_size >= 2),
+        ("optim.epochs", o.epochs is None and o.minutes is not None or o.epochs is not None and o.epochs >= 1),
         ("optim.weight_decay", o.weight_decay >= 0), ("optim.warmup_epochs", o.warmup_epochs >= 0),
         ("optim.minutes", o.minutes is None or o.minutes > 0),
         ("data.val_fraction", 0 <= d.val_fraction < 1),
-        ("data.image_size", d.image_size is None or 8 <= d.image_size <= 1024),
-        ("augment.crop_scale", scale == "auto" or 0 < scale[0] <= scale[1] <= 1),
+        ("data.image_size", d.image_size == AUTO or 8 <= d.image_size <= 1024),
+        ("augment.crop_scale", scale == AUTO or 0 < scale[0] <= scale[1] <= 1),
         ("run.threads", cfg.run.threads >= 0), ("run.augment_threads", cfg.run.augment_threads >= 0),
         ("run.knn_k", cfg.run.knn_k >= 1), ("run.checkpoint_every_minutes", cfg.run.checkpoint_every_minutes >= 0),
         ("run.checkpoint_every_steps", cfg.run.checkpoint_every_steps >= 0),
@@ -277,14 +372,13 @@ def finetune_config(overrides: dict) -> FinetuneConfig:
     """A strict FinetuneConfig from keyword overrides (unknown keys and bad values are named)."""
     ft = FinetuneConfig()
     _apply(ft, overrides, "finetune.")
+    _check_choices(ft, FinetuneConfig, "finetune.")
     if ft.label_fraction is not None and ft.labels_per_class is not None:
         raise ConfigError("give finetune.label_fraction or finetune.labels_per_class, not both")
     checks = [("label_fraction", ft.label_fraction is None or 0 < ft.label_fraction <= 1),
               ("labels_per_class", ft.labels_per_class is None or ft.labels_per_class >= 1),
               ("epochs", ft.epochs >= 1), ("batch_size", ft.batch_size >= 2), ("lr", ft.lr > 0),
-              ("backbone_lr_scale", ft.backbone_lr_scale >= 0), ("weight_decay", ft.weight_decay >= 0),
-              ("init", ft.init in ("pretrained", "random")),
-              ("precision", ft.precision in _CHOICES["run.precision"])]
+              ("backbone_lr_scale", ft.backbone_lr_scale >= 0), ("weight_decay", ft.weight_decay >= 0)]
     for key, ok in checks:
         if not ok:
             raise ConfigError(f"config key 'finetune.{key}' is out of range: {getattr(ft, key)!r}")

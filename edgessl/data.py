@@ -168,7 +168,10 @@ def load_split(cfg) -> tuple[ImageData, Optional[ImageData]]:
     if not cfg.spec:
         raise EdgesslError("no training data: give a dataset spec (--data npz:PATH, folder:DIR, ...)")
     fit = "squash" if cfg.fit == "auto" else cfg.fit  # auto is resolved by the recipe before a run loads
-    train = load(cfg.spec, cfg.image_size, cfg.bad_images, cfg.storage, fit)
+    if cfg.download:
+        download(cfg.spec)
+    size = None if cfg.image_size == "auto" else cfg.image_size  # an array's own size until the recipe picks
+    train = load(cfg.spec, size, cfg.bad_images, cfg.storage, fit)
     train.source_identity = identity(train)
     val = None
     if cfg.val_spec:
@@ -183,6 +186,32 @@ def load_split(cfg) -> tuple[ImageData, Optional[ImageData]]:
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(
             cfg.split_seed))[:n].sort().values)
     return train, val
+
+
+# what --download fetches through torchvision, and a file that shows a folder already holds it
+DOWNLOADS = {"cifar10": ("CIFAR10", "cifar-10-batches-py/data_batch_1"),
+             "cifar100": ("CIFAR100", "cifar-100-python/train"),
+             "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw/train-images-idx3-ubyte.gz")}
+
+
+def download(spec: str) -> None:
+    """cifar10:DIR, cifar100:DIR, fashion-mnist:DIR: fetch the data set into DIR through
+    torchvision (its progress bar on stderr) unless DIR holds it already."""
+    kind, _, rest = spec.partition(":")
+    root = Path(os.path.expanduser(rest.partition("?")[0])) if rest else None
+    if kind not in DOWNLOADS or root is None:
+        raise EdgesslError(f"--download fetches cifar10:DIR, cifar100:DIR or fashion-mnist:DIR, not {spec!r}")
+    name, marker = DOWNLOADS[kind]
+    if (root / marker).exists() or (root / Path(marker).name).exists():
+        return
+    import torchvision.datasets
+
+    try:
+        getattr(torchvision.datasets, name)(str(root), train=True, download=True)
+    except Exception as e:  # no network, a proxy, a full disk: one line, and what else to pass
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EdgesslError(f"{spec}: the download failed ({first[:200]}); give a folder that holds the data "
+                           f"({kind}:DIR), or other images (folder:DIR, npz:PATH)") from None
 
 
 def identity(data: ImageData) -> dict:
@@ -245,7 +274,8 @@ def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, I
 def _path(p: str, spec_kind: str) -> Path:
     path = Path(os.path.expanduser(p))
     if not path.exists():
-        raise EdgesslError(f"{spec_kind}: path not found: {path}")
+        hint = " (--download fetches it)" if spec_kind in DOWNLOADS else ""
+        raise EdgesslError(f"{spec_kind}: path not found: {path}{hint}")
     return path
 
 
@@ -318,7 +348,7 @@ def _load_cifar(kind, rest, image_size):
     """cifar10:DIR[?split=test] or cifar100:DIR[?split=test]."""
     path_s, which = _split_query(kind, rest)
     root = _path(path_s, kind)
-    sub = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
+    sub = Path(DOWNLOADS[kind][1]).parent
     if (root / sub).is_dir():
         root = root / sub
     if kind == "cifar10":
@@ -328,7 +358,7 @@ def _load_cifar(kind, rest, image_size):
         files = [root / which]
         meta, label_key, names_key = root / "meta", "fine_labels", "fine_label_names"
     if not files or not all(f.exists() for f in files):
-        raise EdgesslError(f"{kind}: no batch files in {root}")
+        raise EdgesslError(f"{kind}: no batch files in {root} (--download fetches them)")
     xs, ys = [], []
     for f in files:
         d = _unpickle(f)
@@ -355,6 +385,8 @@ def _load_fashion_mnist(kind, rest, image_size):
     """fashion-mnist[:DIR][?split=train|test]."""
     dir_s, which = _split_query(kind, rest)
     root = _path(dir_s or FASHION_MNIST_DIR, "fashion-mnist")
+    if (root / "FashionMNIST" / "raw").is_dir():  # where torchvision downloads it
+        root = root / "FashionMNIST" / "raw"
     prefix = "train" if which == "train" else "t10k"
     images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")

@@ -195,7 +195,7 @@ def labelled_sets(ft: FinetuneConfig, src: dict, size: int) -> tuple[data_lib.Im
     if bool(ft.train) != bool(ft.test):
         raise EdgesslError("give both --train and --test, or neither (the pretraining run's own split)")
     if ft.train:
-        fit = run_config({"config": src}).data.fit  # a run stored before fits existed: squash
+        fit = run_config({"config": src}).data.fit
         train, test = data_lib.load(ft.train, size, fit=fit), data_lib.load(ft.test, size, fit=fit)
     else:
         train, test = data_lib.load_split(run_config({"config": src}).data)

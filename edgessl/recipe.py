@@ -42,6 +42,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from edgessl.config import AUTO, auto_settings, settings
+
 SMALL_SIDE = 64  # images this small train at their own size
 PHOTO_SIZE = 96  # larger images on a CPU (output stride 32: cheaper than 64 px at stride 16, and learned more)
 GPU_PHOTO_SIZE = 128  # larger images on a GPU (not measured on one: docs/usage.md)
@@ -120,7 +122,7 @@ def input_choices(cfg, device: torch.device) -> list[Choice]:
     """The choices made before any image is decoded: input size and fit."""
     d = cfg.data
     out = []
-    if d.image_size is not None:
+    if d.image_size != AUTO:
         out.append(Choice("data.image_size", d.image_size, "given", True))
     else:
         stats = survey(d.spec)
@@ -128,7 +130,7 @@ def input_choices(cfg, device: torch.device) -> list[Choice]:
             size, why = image_size(stats["short_side"], device)
             out.append(Choice("data.image_size", size, why))
         # arrays (npz, cifar, fashion-mnist): their own size, decided once they are read
-    out.append(Choice("data.fit", d.fit, "given", True) if d.fit != "auto" else
+    out.append(Choice("data.fit", d.fit, "given", True) if d.fit != AUTO else
                Choice("data.fit", FIT, "measured on photos"))
     return out
 
@@ -141,7 +143,7 @@ def array_size(native: tuple[int, int], device: torch.device) -> Choice:
 
 def compile_choice(cfg, n: int, image_size_: int, device: torch.device, world: int) -> Choice:
     """run.compile: on for a CPU run long enough to earn back the compilation (module docstring)."""
-    if cfg.run.compile != "auto":
+    if cfg.run.compile != AUTO:
         return Choice("run.compile", cfg.run.compile, "given", True)
     o = cfg.optim
     images = None if o.epochs is None else o.epochs * n * (image_size_ / 32) ** 2
@@ -164,13 +166,13 @@ def training_choices(cfg, images: torch.Tensor, image_size_: int, device: torch.
     n = images.shape[0]
     out = []
     b = cfg.backbone
-    if b.downsample == "auto":
+    if b.downsample == AUTO:
         out.append(Choice("backbone.downsample", auto_downsample(resolve_name(b.name), image_size_),
                           f"for {image_size_} px"))
     else:
         out.append(Choice("backbone.downsample", b.downsample, "given", True))
     a = cfg.augment
-    if a.crop_scale == "auto":
+    if a.crop_scale == AUTO:
         bg = background_fraction(images)
         plain = bg > PLAIN_BACKGROUND
         out.append(Choice("augment.crop_scale", PLAIN_CROP_SCALE if plain else CROP_SCALE,
@@ -178,7 +180,7 @@ def training_choices(cfg, images: torch.Tensor, image_size_: int, device: torch.
     else:
         out.append(Choice("augment.crop_scale", tuple(a.crop_scale), "given", True))
     m = cfg.method
-    if m.negatives == "auto":
+    if m.negatives == AUTO:
         from edgessl.methods.memdistill import auto_negatives
 
         value = auto_negatives(n)
@@ -186,7 +188,7 @@ def training_choices(cfg, images: torch.Tensor, image_size_: int, device: torch.
     else:
         out.append(Choice("method.negatives", m.negatives, "given", True))
     o = cfg.optim
-    if o.batch_size == "auto":
+    if o.batch_size == AUTO:
         bs = BATCH
         while bs > 8 and n < 16 * bs:
             bs //= 2
@@ -197,6 +199,29 @@ def training_choices(cfg, images: torch.Tensor, image_size_: int, device: torch.
     return out
 
 
+def resolve(cfg, device: torch.device, world: int = 1, decide: bool = True):
+    """(choices, train, held-out): the run's images, loaded at the size the rule picks, and with
+    `decide` (a new run, not a resumed one) every auto value picked from them, written into cfg
+    in place. An array data set is read at its own size first; one larger than the rule's size is
+    read again at that size (its rows' identity is the one the run trains on)."""
+    from edgessl import data as data_lib
+
+    choices = input_choices(cfg, device) if decide else []
+    apply(cfg, choices)
+    train, val = data_lib.load_split(cfg.data)
+    if decide and cfg.data.image_size == AUTO:  # an array dataset: the same size rule on its own side
+        size = array_size(train.images.shape[-2:], device)
+        choices.insert(0, size)
+        apply(cfg, [size])
+        if size.value != train.images.shape[-1]:
+            train, val = data_lib.load_split(cfg.data)
+    if decide:
+        more = training_choices(cfg, train.images, train.images.shape[-1], device, world)
+        apply(cfg, more)
+        choices += more
+    return choices, train, val
+
+
 def apply(cfg, choices: list[Choice]) -> None:
     """Write the choices into the config (in place): what config.yaml stores."""
     for c in choices:
@@ -204,14 +229,14 @@ def apply(cfg, choices: list[Choice]) -> None:
         setattr(getattr(cfg, section), name, c.value)
 
 
-FLAGS = {"data.image_size": "--image-size", "data.fit": "--fit", "backbone.downsample": "--downsample",
-         "augment.crop_scale": "--crop-scale", "method.negatives": "--negatives", "optim.batch_size": "--batch-size",
-         "run.compile": "--compile"}
+def flag(key: str) -> str:
+    """The pretrain flag that overrides a choice (config.py declares it)."""
+    return settings()[key].metadata["flag"]
 
 
 def is_auto(key: str, value) -> bool:
     """Whether a config value is left to the recipe."""
-    return value is None if key == "data.image_size" else value == "auto"
+    return key in auto_settings() and value == AUTO
 
 
 def _show(value) -> str:
@@ -225,6 +250,6 @@ def _show(value) -> str:
 def summary(choices: list[Choice]) -> str:
     """The one line `pretrain` prints: each choice, why, and the flag that overrides it."""
     parts = [f"{c.key.split('.')[1]} {_show(c.value)} ({c.why})" for c in choices]
-    picked = [FLAGS[c.key] for c in choices if not c.given]
+    picked = [flag(c.key) for c in choices if not c.given]
     tail = f"; override with {', '.join(picked)}" if picked else ""
     return "recipe: " + ", ".join(parts) + tail

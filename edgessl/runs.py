@@ -42,10 +42,7 @@ def read_state(run_dir: str | Path) -> dict:
 
 def run_config(state: dict) -> Config:
     """The pretraining config a run was made with (a classifier's `finetune` section aside)."""
-    cfg = from_dict({k: v for k, v in state["config"].items() if k != "finetune"})
-    if cfg.data.fit == "auto":  # a run stored before the fit was recorded: every one of them squashed
-        cfg.data.fit = "squash"
-    return cfg
+    return from_dict({k: v for k, v in state["config"].items() if k != "finetune"})
 
 
 def is_classifier(state: dict) -> bool:

@@ -26,7 +26,7 @@ import torch
 from edgessl import checkpoint, data as data_lib, distributed, recipe
 from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
-from edgessl.config import Config, dump_yaml, from_dict, to_dict
+from edgessl.config import AUTO, Config, auto_settings, dump_yaml, from_dict, to_dict
 from edgessl.depthwise import fast_depthwise
 from edgessl.device import autocast, grad_scaler, peak_mem_mb, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
@@ -107,19 +107,7 @@ def build(cfg: Config, decide: bool = True) -> Setup:
     np.random.seed(cfg.run.seed)  # unused by edgessl, but in every checkpoint: same seed, same state
     random.seed(cfg.run.seed)
     resolve_name(cfg.backbone.name)  # a typo fails before the data is decoded
-    choices = recipe.input_choices(cfg, device) if decide else []
-    recipe.apply(cfg, choices)
-    train, val = data_lib.load_split(cfg.data)
-    if decide and cfg.data.image_size is None:  # an array dataset: the same size rule on its own side
-        size_choice = recipe.array_size(train.images.shape[-2:], device)
-        choices.insert(0, size_choice)
-        recipe.apply(cfg, [size_choice])
-        if size_choice.value != train.images.shape[-1]:
-            train, val = data_lib.load_split(cfg.data)
-    if decide:
-        more = recipe.training_choices(cfg, train.images, train.images.shape[-1], device, world)
-        recipe.apply(cfg, more)
-        choices += more
+    choices, train, val = recipe.resolve(cfg, device, world, decide)
     if cfg.optim.batch_size * world > len(train):
         raise EdgesslError(f"batch size {cfg.optim.batch_size}{f' x {world} processes' if world > 1 else ''} is "
                            f"larger than the {len(train)} training images")
@@ -238,7 +226,7 @@ def resume_config(cfg: Config, state: dict) -> None:
     """--resume continues the stored recipe; only the minute budget (and data.storage) may change.
     A value left to the recipe (auto) continues as the stored run picked it."""
     stored = state["config"]
-    for key in recipe.FLAGS:
+    for key in auto_settings():
         section, name = key.split(".")
         if recipe.is_auto(key, getattr(getattr(cfg, section), name)) and name in stored.get(section, {}):
             from_dict({section: {name: stored[section][name]}}, cfg)

@@ -4,9 +4,12 @@ import subprocess
 import sys
 
 import pytest
+import click
 from click.testing import CliRunner
 
 from edgessl.cli import cli
+from click.core import UNSET
+from edgessl.config import Config, FinetuneConfig, flagged
 
 COMMANDS = [[], ["pretrain"], ["export"], ["check"], ["probe"], ["finetune"], ["embed"], ["report"], ["cache"],
             ["cache", "list"], ["cache", "clean"]]
@@ -21,8 +24,43 @@ def run(*args, cwd=None):
 def test_help_shows_defaults(cmd):
     r = CliRunner().invoke(cli, [*cmd, "--help"])
     assert r.exit_code == 0, r.output
-    if cmd == ["pretrain"]:
-        assert "[default: mobilenetv3]" in r.output and "--resume" in r.output and "[default: picked: 64, less for a small set]" in r.output
+
+
+@pytest.mark.parametrize("name,cls", [("pretrain", Config), ("finetune", FinetuneConfig)])
+def test_options_are_the_declared_settings(name, cls):
+    """Each flag config.py declares is an option with its help, its rule when the data picks it
+    (and then no fixed default), and the command has no setting option that is not declared."""
+    command = cli.commands[name]
+    options = {p.opts[0]: p for p in command.params if isinstance(p, click.Option)}
+    declared = {f.metadata["flag"]: f for f in flagged(cls).values()}
+    assert set(options) - set(declared) == {"--out", "--config", "--resume", "--json"} - \
+        ({"--config"} if name == "finetune" else set())
+    for flag, f in declared.items():
+        opt = options[flag]
+        assert opt.help.startswith(f.metadata["help"]), flag
+        if f.metadata["auto"]:
+            assert f"[default: picked: {f.metadata['auto']}]" in opt.help and opt.default in (None, UNSET), flag
+        elif f.default not in (None, "", False):
+            assert opt.default == f.default, flag
+
+
+def test_flags_parse_to_config_values():
+    """The text of a flag becomes the value the config takes (ints, ranges, on/off), via the API's shortcuts."""
+    from edgessl import api
+    from edgessl.config import from_dict
+
+    args = ["--out", "x", "--downsample", "16", "--compile", "off", "--crop-scale", "0.3,1", "--negatives", "128",
+            "--image-size", "48", "--fit", "squash", "--method", "npid", "--download", "--minutes", "2"]
+    params = cli.commands["pretrain"].make_context("pretrain", args).params
+    given = {k: params[k] for k in ("downsample", "compile", "crop_scale", "negatives", "image_size", "fit",
+                                    "method", "download", "minutes")}
+    cfg = from_dict(api.nest(given))
+    assert (cfg.backbone.downsample, cfg.run.compile, cfg.augment.crop_scale, cfg.method.negatives) == \
+        (16, False, (0.3, 1.0), 128)
+    assert (cfg.data.image_size, cfg.data.fit, cfg.method.name, cfg.data.download, cfg.optim.minutes) == \
+        (48, "squash", "npid", True, 2.0)
+    with pytest.raises(click.BadParameter, match="MIN,MAX"):
+        cli.commands["pretrain"].make_context("pretrain", ["--out", "x", "--crop-scale", "0.3"])
 
 
 def test_console_help_runs():
@@ -71,14 +109,18 @@ def test_pretrain_json_and_resume(tiny_npz, tmp_path):
 
 
 def test_npid_config_file_equals_method_flag(tiny_npz, tmp_path):
+    """configs/npid.yaml and --method npid give the same resolved recipe."""
     from pathlib import Path
 
-    cfg_path = Path(__file__).resolve().parents[1] / "configs" / "npid.yaml"
-    r = run("pretrain", "--data", f"npz:{tiny_npz}", "--out", str(tmp_path / "r"), "--config", str(cfg_path),
-            "--backbone", "mobilenetv3_small_050", "--batch-size", "8", "--epochs", "1")
-    assert r.returncode == 0, r.stderr
     import yaml
 
-    method = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["method"]
-    assert (method["name"], method["bank_init"], method["sqrtkl_weight"], method["cutmix_prob"]) == \
-        ("npid", "random", 0.0, 0.0)
+    cfg_path = Path(__file__).resolve().parents[1] / "configs" / "npid.yaml"
+    common = ["--data", f"npz:{tiny_npz}", "--backbone", "mobilenetv3_small_050", "--batch-size", "8",
+              "--epochs", "1"]
+    methods = []
+    for name, how in (("file", ["--config", str(cfg_path)]), ("flag", ["--method", "npid"])):
+        r = run("pretrain", *common, "--out", str(tmp_path / name), *how)
+        assert r.returncode == 0, r.stderr
+        methods.append(yaml.safe_load((tmp_path / name / "config.yaml").read_text())["method"])
+    assert methods[0] == methods[1]
+    assert (methods[0]["name"], methods[0]["bank_init"], methods[0]["bank_update"]) == ("npid", "random", "ema")

@@ -27,12 +27,8 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 def resolved(spec: str, device=CPU, **sections) -> dict:
     """{key: value} of every choice the rule makes for `spec` (as build makes them)."""
     cfg = from_dict({"data": {"spec": spec}, **sections})
-    choices = recipe.input_choices(cfg, device)
-    recipe.apply(cfg, choices)
-    data = load(spec, cfg.data.image_size, fit=cfg.data.fit)
-    if cfg.data.image_size is None:
-        choices.insert(0, recipe.array_size(data.images.shape[-2:], device))
-    choices += recipe.training_choices(cfg, data.images, data.images.shape[-1], device)
+    choices, train, _ = recipe.resolve(cfg, device)
+    assert train.images.shape[-1] == cfg.data.image_size  # the data is loaded at the size picked
     return {c.key: c.value for c in choices}
 
 
@@ -143,7 +139,7 @@ def test_pretrain_prints_the_line_and_stores_the_choices(tmp_path):
     from edgessl.train import pretrain
 
     folder = photo_folder(tmp_path / "p", n=24)
-    cfg = tiny_config(f"folder:{folder}", data={"image_size": None}, optim={"epochs": 1, "batch_size": "auto"})
+    cfg = tiny_config(f"folder:{folder}", data={"image_size": "auto"}, optim={"epochs": 1, "batch_size": "auto"})
     lines = []
     pretrain(cfg, tmp_path / "run", log=lines.append)
     line = next(x for x in lines if x.startswith("recipe: "))

@@ -225,6 +225,20 @@ def test_checkpoint_loader_refuses_foreign_files(tmp_path):
         checkpoint.load(tmp_path / "new.pt")
 
 
+def test_a_format_1_checkpoint_is_upgraded_on_load(tmp_path):
+    """Runs stored before the fit and the input size were recorded: squash, and the backbone's size."""
+    checkpoint.save({"config": {"data": {"spec": "npz:x", "fit": "auto", "image_size": None}},
+                     "backbone": {"image_size": 40}}, tmp_path / "old.pt")
+    state = torch.load(tmp_path / "old.pt", weights_only=True)
+    state["format_version"] = 1
+    torch.save(state, tmp_path / "old.pt")
+    up = checkpoint.load(tmp_path / "old.pt")
+    assert (up["config"]["data"]["fit"], up["config"]["data"]["image_size"], up["format_version"]) == \
+        ("squash", 40, checkpoint.FORMAT_VERSION)
+    checkpoint.save({"config": {"data": {"fit": "crop", "image_size": 96}}}, tmp_path / "new.pt")
+    assert checkpoint.load(tmp_path / "new.pt")["config"]["data"] == {"fit": "crop", "image_size": 96}
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_at_a_step_boundary_and_resumes(tiny_npz, tmp_path):
     """A signal mid-run: the step finishes, a checkpoint is written, exit 130; --resume goes on."""
