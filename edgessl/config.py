@@ -79,11 +79,13 @@ class DataConfig:
     train_subset: Optional[int] = None  # train on a fixed (split_seed) subset of N images, for data-size sweeps
     image_size: Union[str, int] = setting(
         AUTO, flag="--image-size", parse=int, help="Input size.",
-        auto="the images' own size up to 64 px; larger images 96 px on a CPU (128 on a GPU), or their short side "
-             "when smaller")
+        auto="images with a median short side of 64 px or less train at their own size; larger ones at 96 px on "
+             "a CPU, 128 px on a GPU (never above their own short side, a multiple of 8); from the file headers of "
+             "up to 512 files (folders), the array's side (npz, cifar, fashion-mnist)")
     fit: str = setting(AUTO, flag="--fit", choices=("squash", "crop"),
                        help="How a non-square image is made square: squash it whole, or crop its centre square.",
-                       auto="crop (measured on photos)")
+                       auto="crop (the centre square, timm's evaluation rule): it learned more than squash on "
+                            "photos; square arrays are the same either way")
     bad_images: str = setting("fail", flag="--bad-images", choices=("fail", "skip"),
                               help="folder: data with undecodable images: fail listing them, or train on the rest.")
     storage: str = setting("auto", flag="--storage", choices=("auto", "memory", "mmap"),
@@ -98,7 +100,8 @@ class AugmentConfig:
     # docs/method.md's single view: RandomResizedCrop(scale 0.2-1), flip, jitter p 0.8, grayscale p 0.2
     crop_scale: Union[str, tuple[float, float]] = setting(
         AUTO, flag="--crop-scale", parse=parse_range, help="Random crop area range MIN,MAX (e.g. 0.2,1).",
-        auto="0.2-1, or 0.5-1 when over 30% of the pixels are the border's colour (a plain background)")
+        auto="random crops of 20-100% of the image; 50-100% when more than 30% of the pixels of an even sample "
+             "of 512 training images are the colour of their border (a plain background)")
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
@@ -116,7 +119,7 @@ class BackboneConfig:
                         "mobilenetv4, resnet18) or any timm model name.")
     downsample: Union[str, int] = setting(AUTO, flag="--downsample", choices=(8, 16, 32), parse=int,
                                           help="Backbone output stride.",
-                                          auto="16 below 64 px (a CIFAR-size stem), else the backbone's 32")
+                                          auto="16 at 64 px or less (8 for ResNets), the stock 32 above")
     init_weights: Optional[str] = setting(None, flag="--init-weights", help="Local timm state dict to start from.")
 
 
@@ -136,7 +139,8 @@ class MethodConfig:
     bank_update: str = setting("grad", choices=("ema", "grad"))  # released script: ema
     negatives: Union[str, int] = setting(
         AUTO, flag="--negatives", parse=parse_negatives, help="Bank negatives per step: all, or a number sampled.",
-        auto="every bank row up to 16,384 images, 4,096 sampled beyond")
+        auto="every bank row up to 16,384 images, 4,096 sampled beyond (the bank's matmul grows with the data, "
+             "the gain does not)")
     sqrtkl_weight: float = 0.0  # lambda (released script 20); 0 turns SqrtKL off
     sqrtkl_temperature: float = 1.0  # released script: SqrtKL on raw cosines
     cutmix_alpha: float = 0.5  # Beta(alpha, alpha) for the mixing ratio
@@ -153,8 +157,8 @@ class OptimConfig:
     weight_decay: float = 0.2  # released: 1e-4 (sgd); 0.2 over 0.05 in docs/benchmarks.md
     warmup_epochs: float = 0.0  # released script: no warm-up
     batch_size: Union[str, int] = setting(AUTO, flag="--batch-size", parse=int, help="Batch size.",
-                                          auto="64; for a set of fewer than 16 batches, the largest power of two "
-                                               "that gives 16 steps an epoch (at least 8)")
+                                          auto="64; for fewer than 16 batches of images, halved until an epoch "
+                                               "has 16 steps (at least 8)")
     epochs: Optional[int] = setting(30, flag="--epochs", parse=int, help="Epochs (wins over --minutes).")
     minutes: Optional[float] = setting(None, flag="--minutes", parse=float,
                                        help="Budget: stop at the first epoch end after this many minutes.")
@@ -189,8 +193,9 @@ class RunConfig:
     # torch.compile the backbone (inductor)
     compile: Union[bool, str] = setting(
         AUTO, flag="--compile", cli_choices=("on", "off"), parse=parse_on_off, help="torch.compile the backbone.",
-        auto="on for a CPU run planned for 3 minutes or more (or 100,000 32-px images), with a C++ compiler; off "
-             "on a GPU, under torchrun and with progressive resolution (not measured)")
+        auto="on for a CPU run planned for 3 minutes or more, or 100,000 images of 32 px (epochs x images x "
+             "(side / 32)^2); off on a GPU, under torchrun, with progressive resolution (not measured there), or "
+             "without a C++ compiler")
 
 
 @dataclass
@@ -252,6 +257,12 @@ def shortcut(f: dataclasses.Field) -> str:
 def auto_settings() -> dict[str, dataclasses.Field]:
     """The settings the data decides when left at auto (edgessl.recipe), by dotted key."""
     return {k: f for k, f in settings().items() if f.metadata.get("auto")}
+
+
+def auto_table() -> str:
+    """docs/usage.md's "What the data decides" table, made from the declarations (a test checks the page)."""
+    rows = [f"| `{k}` (`{f.metadata['flag']}`) | {f.metadata['auto']} |" for k, f in auto_settings().items()]
+    return "\n".join(["| key (flag) | rule |", "| --- | --- |", *rows])
 
 
 def _check_type(value, tp, key):

@@ -124,3 +124,20 @@ def test_npid_config_file_equals_method_flag(tiny_npz, tmp_path):
         methods.append(yaml.safe_load((tmp_path / name / "config.yaml").read_text())["method"])
     assert methods[0] == methods[1]
     assert (methods[0]["name"], methods[0]["bank_init"], methods[0]["bank_update"]) == ("npid", "random", "ema")
+
+
+def test_usage_page_states_the_declared_rules_and_every_flag():
+    """docs/usage.md holds the recipe table made from config.py and names every option of every command."""
+    from conftest import REPO
+    from edgessl.config import auto_table
+
+    page = (REPO / "docs" / "usage.md").read_text()
+    assert auto_table() in page
+
+    def commands(group):
+        for sub in group.commands.values():
+            yield from commands(sub) if isinstance(sub, click.Group) else [sub]
+
+    missing = [f"{c.name} {o}" for c in commands(cli) for p in c.params if isinstance(p, click.Option)
+               for o in p.opts + p.secondary_opts if o not in page]
+    assert not missing
