@@ -1,18 +1,22 @@
 # Two commands for a new user: `make demo` and `make test` (README.md).
-PY      ?= python3.11
+PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
 SHARED  ?= ../shared
-DATA    := $(SHARED)/data/cifar10-5k-train.npz
+CACHE   ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/edgessl/datasets
+# the demo's images: the CIFAR-10 file in ../shared when it is there, else CIFAR-10 downloaded once
+# through torchvision into the user's cache (a failed download says what to pass instead: DEMO_DATA=SPEC)
+DEMO_DATA ?= $(if $(wildcard $(SHARED)/data/cifar10-5k-train.npz),npz:$(SHARED)/data/cifar10-5k-train.npz,cifar10:$(CACHE)/cifar10 --download)
 DEMO    := runs/demo
 
 .PHONY: venv demo test gpu-check clean
 
-# torch first and pinned: these exact versions come from this machine's disk, no download.
+# torch first, at the versions the project is tested with (TORCH= overrides, e.g. a CUDA build)
 $(BIN)/edgessl: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
@@ -21,7 +25,7 @@ venv: $(BIN)/edgessl
 demo: venv
 	rm -rf $(DEMO)
 	@echo "== 1/6 pretrain: 5 minutes, MobileNetV3-small, 20% of the images held out"
-	$(BIN)/edgessl pretrain --config configs/demo.yaml --data npz:$(DATA) --out $(DEMO)
+	$(BIN)/edgessl pretrain --config configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO)
 	@echo "== 2/6 export to ONNX, fp32 and int8, each checked against torch"
 	$(BIN)/edgessl export $(DEMO) --out $(DEMO)/encoder.onnx
 	$(BIN)/edgessl export $(DEMO) --out $(DEMO)/encoder-int8.onnx --precision int8

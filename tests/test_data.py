@@ -114,6 +114,28 @@ def test_fashion_mnist_idx(tmp_path):
         load(f"fashion-mnist:{tmp_path}?split=test")
 
 
+def test_download_keeps_a_folder_that_holds_the_data(tmp_path):
+    """--download fetches nothing when DIR holds the files (in the release's or torchvision's layout):
+    the loaders read them as they are; the tests never download."""
+    from edgessl.config import DataConfig
+    from edgessl.data import download, load_split
+
+    (tmp_path / "c").mkdir()
+    root = _cifar_dir(tmp_path / "c")
+    train, _ = load_split(DataConfig(spec=f"cifar10:{root}", download=True))
+    assert len(train) == 10
+    raw = tmp_path / "f" / "FashionMNIST" / "raw"  # where torchvision.datasets.FashionMNIST puts it
+    raw.mkdir(parents=True)
+    _idx(raw / "train-images-idx3-ubyte.gz", np.zeros((4, 28, 28)))
+    _idx(raw / "train-labels-idx1-ubyte.gz", np.arange(4))
+    download(f"fashion-mnist:{tmp_path / 'f'}")
+    assert load(f"fashion-mnist:{tmp_path / 'f'}").images.shape == (4, 3, 28, 28)
+    with pytest.raises(EdgesslError, match="--download fetches cifar10:DIR"):
+        download(f"npz:{tmp_path / 'x.npz'}")
+    with pytest.raises(EdgesslError, match=r"path not found: .*\(--download fetches it\)"):
+        load(f"cifar10:{tmp_path / 'nothing'}")
+
+
 def test_fashion_mnist_debian_package():
     if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
