@@ -118,3 +118,31 @@ def test_readme_layout_is_in_import_order_and_complete():
     assert layout_errors(listed, g) == []
     assert any("listed below it" in e for e in layout_errors(listed[::-1], g))
     assert layout_errors([m for m in listed if m != "edgessl.knn"], g)[0] == "not listed: edgessl.knn"
+
+
+def test_the_checker_counts_lazy_imports(tmp_path):
+    """The checks above can fail: a lazy import inside a function is an edge."""
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    from edgessl.train import pretrain\n")
+    assert imports(src, {"edgessl.train", "edgessl"}) == {"edgessl.train"}
+
+
+def test_edge_runtime_imports_neither_edgessl_nor_torch():
+    for path in (REPO / "export" / "edgessl_edge").rglob("*.py"):
+        top = {n.split(".")[0] for n in imports(path, {"edgessl", "torch", "torchvision", "timm"})}
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        assert not (names | top) & {"edgessl", "torch", "torchvision", "timm"}, path
+
+
+def test_scripts_import_no_private_name():
+    private = []
+    for path in (REPO / "scripts").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edgessl"):
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not private, private
