@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from edgessl import config as config_lib
 from edgessl.config import Config
@@ -117,6 +118,45 @@ class Run:
         from edgessl.report import write_report
 
         return write_report(self.path, out)
+
+
+class Trainer:
+    """A pretraining run's model, data, augmentation and optimizer, built exactly as `pretrain`
+    builds them (the recipe's picks included), stepped by hand; it writes nothing. For benchmarks
+    of the step and for notebooks:
+
+        t = edgessl.Trainer(data="npz:cifar.npz", precision="fp32", batch_size=64)
+        t.step()                        # one batch: augment, forward, backward, optimizer, bank update
+        t.step(indices, lr=1e-3, step=10, total=1000)
+
+    Keywords are config overrides, as for `pretrain`."""
+
+    def __init__(self, config: Optional[str | Path | dict] = None, **overrides):
+        from edgessl.train import build
+
+        self._s = build(resolve_config("", config, **overrides))
+        self._s.model.train()
+
+    config = property(lambda self: self._s.cfg, doc="the resolved Config")
+    model = property(lambda self: self._s.model, doc="the method module (backbone, head, bank)")
+    device = property(lambda self: self._s.device)
+    precision = property(lambda self: self._s.precision, doc="the precision the step runs in")
+    images = property(lambda self: self._s.train.images, doc="(N, 3, S, S) uint8 training images")
+    choices = property(lambda self: self._s.choices, doc="what the recipe picked (recipe.Choice)")
+
+    def augment(self, images, side: Optional[int] = None):
+        """The step's augmentation of uint8 `images` (normalised floats at `side` px, default the input size)."""
+        return self._s.augment(images, side)
+
+    def step(self, indices=None, lr: Optional[float] = None, step: int = 0, total: int = 10**9) -> dict:
+        """One training step on `indices` (default: a random batch of the configured size) at `lr`
+        (default the config's), `step` of `total`; returns the method's output, the loss on the device."""
+        from edgessl.train import train_step
+
+        s = self._s
+        if indices is None:
+            indices = torch.randint(0, len(s.train), (s.cfg.optim.batch_size,), device=s.device)
+        return train_step(s, indices, s.cfg.optim.lr if lr is None else lr, step, total)
 
 
 def pretrain(data: Optional[str] = None, out: str | Path = "", *, config: Optional[str | Path | dict] = None,

@@ -26,7 +26,7 @@ import torch
 from edgessl import checkpoint, data as data_lib, distributed, recipe
 from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
-from edgessl.config import AUTO, Config, auto_settings, dump_yaml, from_dict, to_dict
+from edgessl.config import Config, auto_settings, dump_yaml, from_dict, to_dict
 from edgessl.depthwise import fast_depthwise
 from edgessl.device import autocast, grad_scaler, peak_mem_mb, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError

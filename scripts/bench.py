@@ -32,7 +32,7 @@ from benchlib import REPO, load_results, markdown, mean_sd, save_results
 from edgessl import config as config_lib
 from edgessl.data import load_split
 from edgessl.methods import PRESETS
-from edgessl.train import pretrain
+import edgessl
 
 SPEC_KEYS = {"data", "val_data", "val_fraction", "split_seed", "budget", "quick_budget", "monitor_every", "linear", "methods",
              "backbones", "seeds", "train_sizes", "overrides"}
@@ -96,7 +96,10 @@ def linear_top1(cfg: config_lib.Config, run_dir: Path) -> float:
 
 def run_one(spec: dict, key: str, cfg: config_lib.Config, run_dir: Path, point: dict) -> dict | None:
     resume = (run_dir / "checkpoint.pt").exists()
-    out = pretrain(cfg, run_dir, resume=resume, progress=False, log=lambda *_: None)
+    quiet = {"progress": False, "log": lambda *_: None}
+    run = edgessl.pretrain(out=run_dir, resume=True, **quiet) if resume else \
+        edgessl.pretrain(out=run_dir, config=config_lib.to_dict(cfg), **quiet)
+    out = run.summary
     if out.get("stopped_early"):
         return None
     record = {**point, "run_dir": str(run_dir), "epochs": out["epochs"], "steps": out["steps"],

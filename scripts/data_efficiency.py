@@ -25,12 +25,12 @@ from edgessl.config import FinetuneConfig
 from edgessl.data import load, load_split
 from edgessl.finetuning import finetune, stratified_subset
 from edgessl.probe import linear_probe, run_features
-from edgessl.train import config_from_checkpoint
+import edgessl
 
 
 def run_split_specs(run_dir: str, folder: Path) -> tuple[str, str]:
     """The run's train split and hold-out written as npz files: (train spec, test spec)."""
-    train, val = load_split(config_from_checkpoint(run_dir).data)
+    train, val = load_split(edgessl.Run(run_dir).config.data)
     if val is None or train.labels is None:
         raise SystemExit(f"error: {run_dir} has no labelled held-out split; give --train and --test")
     specs = []

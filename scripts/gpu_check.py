@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from benchlib import REPO, SHARED_CIFAR, markdown
-from edgessl.config import from_dict
-from edgessl.methods import PRESETS
+import edgessl
+from edgessl.device import peak_mem_mb
 
 # eager: every method x backbone x size x precision; compiled: the default precision only (each
 # compilation costs tens of seconds). A part stops starting new rows past its allowance (seconds),
@@ -65,34 +65,29 @@ def sync(device: torch.device) -> None:
 
 def step_rate(method: str, backbone: str, size: int, precision: str, compiled: bool, plan: dict, device: str,
               work: Path) -> dict:
-    from edgessl.device import peak_mem_mb
-    from edgessl.train import build, train_step
-
     b, steps = plan["batch"], plan["steps"]
     spec = synthetic(work, size, b * (steps + plan["warmup"] + 1))
-    cfg = from_dict({"data": {"spec": spec, "image_size": size},  # pinned: auto trains 224 px photos at 128 px
-                     "backbone": {"name": backbone},
-                     "method": {"name": method, **PRESETS[method]},
-                     "optim": {"batch_size": b, "epochs": 1},
-                     "run": {"device": device, "precision": precision, "compile": compiled, "monitor_every": 0,
-                             "report": False}})
-    s = build(cfg)
-    s.model.train()
-    batches = torch.arange(len(s.train), device=s.device).split(b)
+    t = edgessl.Trainer({"data": {"spec": spec, "image_size": size},  # pinned: auto trains 224 px photos at 128 px
+                         "backbone": {"name": backbone}, "method": {"name": method},
+                         "optim": {"batch_size": b, "epochs": 1},
+                         "run": {"device": device, "precision": precision, "compile": compiled, "monitor_every": 0,
+                                 "report": False}})
+    batches = torch.arange(len(t.images), device=t.device).split(b)
     t0 = time.perf_counter()
     for i in range(plan["warmup"]):  # compilation, allocator and kernel selection happen here
-        train_step(s, batches[i], 1e-3, i, 100)
-    sync(s.device)
+        t.step(batches[i], 1e-3, i, 100)
+    sync(t.device)
     warm_s = time.perf_counter() - t0
-    if s.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(s.device)
+    if t.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(t.device)
     t0 = time.perf_counter()
     for i in range(steps):
-        train_step(s, batches[plan["warmup"] + i], 1e-3, plan["warmup"] + i, 100)
-    sync(s.device)
+        t.step(batches[plan["warmup"] + i], 1e-3, plan["warmup"] + i, 100)
+    sync(t.device)
     dt = time.perf_counter() - t0
-    return {"trained_px": s.image_size, "images_per_s": round(b * steps / dt, 1), "step_ms": round(1e3 * dt / steps, 2),
-            "warmup_s": round(warm_s, 2), "peak_mem_mb": round(peak_mem_mb(s.device))}
+    return {"trained_px": t.config.data.image_size, "images_per_s": round(b * steps / dt, 1),
+            "step_ms": round(1e3 * dt / steps, 2), "warmup_s": round(warm_s, 2),
+            "peak_mem_mb": round(peak_mem_mb(t.device))}
 
 
 def throughput(plan: dict, device: str, work: Path) -> list[dict]:
@@ -118,20 +113,18 @@ def throughput(plan: dict, device: str, work: Path) -> list[dict]:
 
 
 def equal_budget(minutes: float, dry: bool, device: str, work: Path) -> dict:
-    from edgessl.train import pretrain
-
     out = {}
     for method in ("memdistill", "simclr"):
         data = f"npz:{SHARED_CIFAR}" if not dry else synthetic(work, 16, 64)
         budget = {"epochs": 1} if dry else {"epochs": None, "minutes": minutes}
         extra = {"backbone": {"name": "mobilenetv3_small_050"}, "optim": {"batch_size": 8, **budget}} if dry else \
             {"optim": budget}
-        cfg = from_dict({"data": {"spec": data, "val_fraction": 0.2, "split_seed": 1},
-                         "method": {"name": method, **PRESETS[method]}, **extra,
-                         "run": {"device": device, "monitor_every": 10**6, "report": False,  # kNN at the end only
-                                 "knn_k": 5 if dry else 200}})
+        config = {"data": {"spec": data, "val_fraction": 0.2, "split_seed": 1}, "method": {"name": method}, **extra,
+                  "run": {"device": device, "monitor_every": 10**6, "report": False,  # kNN at the end only
+                          "knn_k": 5 if dry else 200}}
         try:
-            r = pretrain(cfg, work / f"knn_{method}", progress=False, log=lambda *_: None)
+            r = edgessl.pretrain(out=work / f"knn_{method}", config=config, progress=False,
+                                 log=lambda *_: None).summary
             out[method] = {k: round(r[k], 2) if isinstance(r[k], float) else r[k] for k in (
                 "knn_top1", "knn_pixels", "knn_untrained", "epochs", "seconds", "images_per_s", "peak_mem_mb")}
         except Exception as e:

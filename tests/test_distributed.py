@@ -3,12 +3,11 @@ weights, and follow a one-process run with twice the batch."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_npz, tiny_config
+from conftest import tiny_config
 from edgessl.config import to_dict
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun processes
@@ -186,15 +185,3 @@ def test_a_dead_rank_without_torchrun_fails_the_other_within_the_timeout(tiny_np
     assert procs[1].returncode == 3
     assert procs[0].returncode not in (0, None) and time.monotonic() - t0 < 150, outs[0][1][-2000:]
     assert "rank 0 of 2: a collective failed, another process probably died" in outs[0][1]
-
-
-def test_pair_benchmark_times_the_step_and_each_collective(tmp_path):
-    data = make_npz(tmp_path / "d.npz", n=96)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_pair.py"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        str(script), "--data", f"npz:{data}", "--steps", "1", "--out", str(tmp_path / "pair.json")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads((tmp_path / "pair.json").read_text())
-    assert got["world"] == 2 and len(got["ms"]) == 5 and all(ms > 0 for ms in got["ms"].values())
-    assert "all-reduce of the bank gradient" in " ".join(got["ms"])

@@ -157,63 +157,6 @@ def test_timm_export_of_an_alias_with_model_args(tmp_path):
         assert torch.equal(loaded(x), model.backbone.eval()(x))
 
 
-def test_int8_lookup_table_rewrite_matches_the_qdq_graph(tmp_path):
-    """scripts/int8_variants.py's lookup tables: every hard-swish and hard-sigmoid of a QDQ
-    graph becomes Cast + Gather, and the output stays within 1% of its scale (measured 0.33%)."""
-    import importlib.util
-
-    from onnx import numpy_helper
-    from onnxruntime.quantization import quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from conftest import REPO
-    from edgessl.export import torch_export
-    from edgessl.onnxrt import ort_features
-
-    spec = importlib.util.spec_from_file_location("int8_variants", REPO / "scripts" / "int8_variants.py")
-    iv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(iv)
-
-    class Net(torch.nn.Module):  # hard-swish, then an SE-style hard-sigmoid gate, as in MobileNetV3
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
-            self.act, self.gate = torch.nn.Hardswish(), torch.nn.Hardsigmoid()
-
-        def forward(self, x):
-            h = self.act(self.a(x))
-            return (h * self.gate(self.b(h))).mean((2, 3))
-
-    torch.manual_seed(0)
-    images = torch.randn(64, 3, 8, 8).numpy()
-    torch_export(Net().eval(), tmp_path / "f.onnx", 8, "dynamic", 18)
-    quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "p.onnx"), skip_symbolic_shape=True)
-    quantize_static(str(tmp_path / "p.onnx"), str(tmp_path / "q.onnx"), iv.Reader(images),
-                    **iv.VARIANTS[iv.RR7])
-    assert iv.lut_activations(tmp_path / "q.onnx", tmp_path / "lut.onnx") == 2
-    model = onnx.load(str(tmp_path / "lut.onnx"))
-    ops = [n.op_type for n in model.graph.node]
-    assert "HardSigmoid" not in ops and ops.count("Gather") == 2 and "Mul" not in ops[:ops.index("Gather")]
-    gate = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "lut1_table"))
-    assert gate.dtype == np.uint8 and gate.shape == (256,) and np.all(np.diff(gate.astype(int)) >= 0)  # monotone
-    q, lut = (ort_features(session(tmp_path / f"{n}.onnx"), images) for n in ("q", "lut"))
-    scale = np.abs(q).max()
-    assert np.abs(q - lut).max() <= 0.01 * scale and np.abs(q - lut).max() > 0  # one rounding fewer, not equal
-    # the same tables with onnxruntime's NHWC layout pass off: the same numbers, no Transposes added around them
-    off = ort_features(session(tmp_path / "lut.onnx", disabled_optimizers=("NhwcTransformer",)), images)
-    np.testing.assert_allclose(off, lut, atol=1e-6 * scale)
-    import onnxruntime as ort
-
-    def optimised_ops(disabled):
-        opts = ort.SessionOptions()
-        opts.optimized_model_filepath = str(tmp_path / f"opt{len(disabled)}.onnx")
-        ort.InferenceSession(str(tmp_path / "lut.onnx"), opts, providers=["CPUExecutionProvider"],
-                             **({"disabled_optimizers": disabled} if disabled else {}))
-        return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
-
-    assert optimised_ops(["NhwcTransformer"]).count("Transpose") < optimised_ops([]).count("Transpose")
-
-
 def test_check_profile_names_the_float_islands_of_an_int8_graph(run_dir, tmp_path):
     fp32, int8 = tmp_path / "m.onnx", tmp_path / "q.onnx"
     export_onnx(run_dir, fp32, knn=False)

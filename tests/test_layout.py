@@ -139,6 +139,14 @@ def test_edge_runtime_imports_neither_edgessl_nor_torch():
         assert not (names | top) & {"edgessl", "torch", "torchvision", "timm"}, path
 
 
+def test_scripts_use_the_public_api_not_the_trainer_internals():
+    """The benchmarks step a run through edgessl.Trainer and train through edgessl.pretrain: no script
+    imports edgessl.train (its build and train_step are the trainer's own)."""
+    known = set(modules())
+    inside = [p.name for p in (REPO / "scripts").glob("*.py") if "edgessl.train" in imports(p, known)]
+    assert not inside, inside
+
+
 def test_scripts_import_no_private_name():
     private = []
     for path in (REPO / "scripts").glob("*.py"):
