@@ -4,7 +4,7 @@ uint8 (B, 3, H, W) in, normalised float (B, 3, S, S) out. No PIL, no per-image l
 crops are one torchvision.ops.roi_align call, colour ops are a few element-wise
 kernels over the batch. Small element-wise kernels can run
 far slower on two threads than on one, so `threads` can pin the augmentation alone;
-scripts/bench_step.py measures both (docs/benchmarks.md, "Step cost").
+scripts/bench_step.py measures both (docs/benchmarks.md, "The step").
 """
 from __future__ import annotations
 

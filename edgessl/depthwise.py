@@ -4,7 +4,7 @@ PyTorch's CPU kernel for the weight gradient of a depthwise convolution (groups 
 is slow for 5x5 kernels on the small feature maps of small inputs: over 576 channels of 2x2
 maps, batch 64, it took 39 ms for a few million multiply-adds, against about 1 ms for the
 forward pass, and the 5x5 depthwise backward was about a third of a MobileNetV3-small step
-at 32 px on this project's 2-core machine (docs/benchmarks.md, "Where a step's time goes").
+at 32 px on this project's 2-core machine (docs/benchmarks.md, "The step").
 The same gradient is two other calls that are fast there:
 
 - maps of at most SMALL_MAP pixels: a grouped convolution of the input with the output

@@ -205,7 +205,7 @@ def int8_weight_bits() -> int:
 def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray, weight_bits: int = 8, **options) -> None:
     """Static QDQ: uint8 activations, int8 per-channel weights (7 bits: `reduce_range`), calibrated
     on `calib` (min-max). U8S8 is onnxruntime's fast path; S8S8 ran 4-6x slower on the CPUs
-    measured (docs/export.md, scripts/int8_variants.py). `options` go to onnxruntime's quantize_static
+    measured (docs/export.md). `options` go to onnxruntime's quantize_static
     (calibrate_method, nodes_to_exclude, ...)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
