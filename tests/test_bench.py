@@ -71,10 +71,15 @@ def test_spec_with_an_unknown_entry_key_is_refused(tmp_path):
 def test_every_shipped_spec_resolves_to_valid_configs(path):
     bench = bench_module()
     spec = bench.load_spec(path)
-    for key, entry in spec["methods"].items():
-        for backbone in spec["backbones"]:
-            cfg = bench.run_config(spec, entry or {}, key, backbone, spec["seeds"][0], None)
-            assert cfg.optim.minutes or cfg.optim.epochs
+    """Every arm of a spec is a valid config (run_config validates it), and no two arms are the same
+    run under two names (a copy-pasted arm would spend its hours measuring nothing)."""
+    from edgessl.config import to_dict
+
+    for backbone in spec["backbones"]:
+        arms = {key: to_dict(bench.run_config(spec, entry or {}, key, backbone, spec["seeds"][0], None))
+                for key, entry in spec["methods"].items()}
+        same = [(a, b) for i, a in enumerate(arms) for b in list(arms)[i + 1:] if arms[a] == arms[b]]
+        assert not same, same
 
 
 @pytest.mark.slow

@@ -51,7 +51,37 @@ def test_baseline_sources(tiny):
 def test_grid_png(tiny, tmp_path):
     root, train, test = tiny
     out = probe(str(root / "run"), train, test, knn_k=5, grid=str(tmp_path / "g.png"))
-    assert (tmp_path / "g.png").stat().st_size > 1000 and out["grid"].endswith("g.png")
+    assert out["grid"].endswith("g.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "g.png").size == (round(1.3 * 9 * 110), round(1.45 * 8 * 110))  # 8 rows of 1 + 8
+
+
+def test_grid_draws_the_images_and_marks_wrong_neighbours_red(tmp_path):
+    """Features that point each query at its own class: no red title; at the other class: red titles,
+    and the query's own pixels on the page."""
+    from PIL import Image
+
+    from edgessl.data import ImageData
+    from edgessl.probe import neighbour_grid
+
+    images = torch.zeros(20, 3, 16, 16, dtype=torch.uint8)
+    labels = torch.arange(20) % 2
+    images[labels == 1, 2] = 255  # class 1 pure blue, class 0 black
+    data = ImageData(images, labels, ["black", "blue"], "test")
+    feats = torch.nn.functional.one_hot(labels, 2).float()
+
+    def red_and_blue(test_feats, name):
+        neighbour_grid(feats, test_feats, data, data, tmp_path / name)
+        px = np.asarray(Image.open(tmp_path / name).convert("RGB")).reshape(-1, 3).astype(int)
+        red = ((px[:, 0] > 150) & (px[:, 1] < 80) & (px[:, 2] < 80)).sum()
+        blue = ((px[:, 2] > 200) & (px[:, 0] < 40) & (px[:, 1] < 40)).sum()
+        return red, blue
+
+    red, blue = red_and_blue(feats, "right.png")
+    assert red == 0 and blue > 5000  # the blue images are drawn
+    red, _ = red_and_blue(1 - feats, "wrong.png")
+    assert red > 50
 
 
 @pytest.mark.slow
