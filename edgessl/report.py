@@ -107,7 +107,8 @@ def _curves(rows: list[dict], base: dict) -> bytes:
             if base.get(key) is not None:
                 ax[1][j].axhline(base[key], ls=style, color="gray", label=key.replace("knn_", ""))
         ax[1][j].set(xlabel=label, ylabel="kNN top-1 %")
-        ax[1][j].legend(fontsize=8)
+        if ax[1][j].get_legend_handles_labels()[0]:  # unlabelled data: no curve, no baselines, no legend
+            ax[1][j].legend(fontsize=8)
     if trained:
         ax[0][2].plot(col("epoch", trained), col("images_per_s", trained), marker=".")
         ax[1][2].plot(col("epoch", trained), col("peak_mem_mb", trained), marker=".")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 import random
 import signal
@@ -137,6 +138,8 @@ def build(cfg: Config, decide: bool = True) -> Setup:
         import torch._dynamo as dynamo
 
         dynamo.config.suppress_errors = True  # a graph inductor cannot build runs eager (with a warning)
+        if device.type == "cpu":  # inductor's C++ build looks for CUDA headers and says so when it finds no GPU
+            logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaNote())
         model.backbone.compile(dynamic=cfg.augment.start_size is not None)
     return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
                  model, make_optimizer(cfg, model), grad_scaler(device, precision),
@@ -144,6 +147,11 @@ def build(cfg: Config, decide: bool = True) -> Setup:
                  len(train) // (cfg.optim.batch_size * world), rank, world, forward,
                  data_record(train, val), choices,
                  cfg.run.sync_every or (1 if device.type == "cpu" else GPU_SYNC_EVERY))
+
+
+class _NoCudaNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
 
 
 def method_args(cfg: Config, train: data_lib.ImageData) -> dict:

@@ -90,6 +90,19 @@ def test_bad_input_is_one_line_exit_2(tiny_npz, tmp_path, args, msg):
 
 
 @pytest.mark.slow
+def test_a_healthy_run_prints_nothing_on_stderr(tmp_path):
+    """Unlabelled images (no kNN curve for the report's legend), compiled on a CPU (inductor's C++
+    build): stdout has the run, stderr nothing."""
+    import numpy as np
+
+    np.savez(tmp_path / "u.npz", x=np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8))
+    r = run("pretrain", "--data", f"npz:{tmp_path / 'u.npz'}", "--out", str(tmp_path / "run"), "--epochs", "1",
+            "--backbone", "mobilenetv3_small_050", "--batch-size", "8", "--compile", "on", "--precision", "fp32")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "report" in r.stdout and (tmp_path / "run" / "report.html").exists()
+
+
+@pytest.mark.slow
 def test_pretrain_json_and_resume(tiny_npz, tmp_path):
     out = tmp_path / "run"
     common = ["--data", f"npz:{tiny_npz}", "--out", str(out), "--backbone", "mobilenetv3_small_050",
