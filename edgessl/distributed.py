@@ -3,8 +3,10 @@
 Every helper is the identity in a process that is alone, so the trainer has one code path.
 gloo on CPU, nccl on CUDA; a timeout on every collective (EDGESSL_DIST_TIMEOUT seconds,
 default 600) so a rank that died makes the others fail with an error instead of hanging.
-The group is destroyed at interpreter exit, while Python is still whole: gloo's worker threads
-torn down during finalization can abort the process (SIGABRT, "terminate called without an
+A run that ends (or stops) on every rank meets at a barrier first (`finish`), so no rank leaves
+while another still talks to it; the group is destroyed at interpreter exit, while Python is
+still whole: gloo's worker threads torn down during finalization, or a peer that closed its
+connections mid-collective, can abort the process (SIGABRT, "terminate called without an
 active exception").
 """
 from __future__ import annotations
@@ -38,6 +40,13 @@ def destroy() -> None:
     """Leave the process group, if this process is in one (at exit; a second call does nothing)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish() -> None:
+    """Every rank has ended its run: wait for the others, then leave the group (alone: nothing)."""
+    if world()[1] > 1:
+        dist.barrier()
+        destroy()
 
 
 def local_rank() -> int:

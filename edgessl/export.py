@@ -375,18 +375,19 @@ def top1_agreement(classifier: nn.Module, sess, cfg: Config, most: int = 1024) -
 def knn_change(encoder: nn.Module, sess, cfg: Config, train: data_lib.ImageData,
                val: Optional[data_lib.ImageData]) -> dict:
     """kNN top-1 of torch fp32 features and of the exported file's, on the run's held-out split."""
-    from edgessl.knn import knn_accuracy
+    from edgessl.knn import heldout_knn
 
     if val is None or train.labels is None or val.labels is None:
         return {}
     acc = {}
     for name, fn in (("torch_fp32", lambda x: encoder(torch.from_numpy(x)).numpy()),
                      ("onnx", lambda x: ort_features(sess, x))):
-        with torch.no_grad():
-            f = [np.concatenate([fn(normalize(c, cfg.data.mean, cfg.data.std).numpy())
-                                 for c in d.images.split(256)]) for d in (train, val)]
-        acc[name] = knn_accuracy(torch.from_numpy(f[0]), train.labels, torch.from_numpy(f[1]), val.labels,
-                                 len(train.classes), cfg.run.knn_k)
+        def features(images, fn=fn):
+            with torch.no_grad():
+                return torch.from_numpy(np.concatenate([fn(normalize(c, cfg.data.mean, cfg.data.std).numpy())
+                                                        for c in images.split(256)]))
+
+        acc[name] = heldout_knn(features, train, val, cfg.run.knn_k)
     return {"knn_torch_fp32": acc["torch_fp32"], "knn_onnx": acc["onnx"],
             "knn_change": acc["onnx"] - acc["torch_fp32"]}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,19 @@ def knn_accuracy(train_feats, train_labels, query_feats, query_labels, num_class
     """Top-1 accuracy in percent."""
     pred = knn_predict(train_feats, train_labels, query_feats, num_classes, k, t).argmax(1)
     return 100.0 * (pred == query_labels).float().mean().item()
+
+
+def heldout_knn(features, train, val, k: int = 200, center: bool = False) -> Optional[float]:
+    """kNN top-1 (%) on a held-out split, the training split as memory: `features` maps a set's uint8
+    images (N, 3, S, S) to (N, D); `train` and `val` have .images, .labels and .classes. center:
+    subtract the training mean (raw pixels). None when either split has no labels."""
+    if val is None or train.labels is None or val.labels is None:
+        return None
+    ftr, fva = features(train.images).float(), features(val.images).float()
+    if center:
+        mu = ftr.mean(0)
+        ftr, fva = ftr - mu, fva - mu
+    return knn_accuracy(ftr, train.labels, fva, val.labels, len(train.classes), k)
 
 
 def pixels_margin(pixels: float, n: int) -> float:

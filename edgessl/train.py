@@ -31,7 +31,7 @@ from edgessl.config import Config, auto_settings, dump_yaml, from_dict, to_dict
 from edgessl.depthwise import fast_depthwise
 from edgessl.device import autocast, grad_scaler, peak_mem_mb, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
-from edgessl.knn import knn_accuracy, pixels_margin
+from edgessl.knn import heldout_knn, pixels_margin
 from edgessl.methods import create_method, loss_parts, method_class
 from edgessl.optim import check_finite, optimizer_step, param_groups, set_lr
 from edgessl.runfiles import RunFiles, check_run_dir, run_lock
@@ -197,21 +197,19 @@ def extract_features(backbone, images: torch.Tensor, mean, std, batch_size: int,
 
 def monitor(s: Setup) -> Optional[float]:
     """kNN top-1 (%) of the backbone on the held-out split, train split as memory (rank 0)."""
-    if s.rank != 0 or s.val is None or s.train.labels is None or s.val.labels is None:
+    if s.rank != 0:
         return None
     c = s.cfg
-    f = [extract_features(s.model.backbone, d.images, c.data.mean, c.data.std, 256, s.device, s.precision)
-         for d in (s.train, s.val)]
-    return knn_accuracy(f[0], s.train.labels, f[1], s.val.labels, len(s.train.classes), c.run.knn_k)
+    return heldout_knn(lambda x: extract_features(s.model.backbone, x, c.data.mean, c.data.std, 256, s.device,
+                                                  s.precision), s.train, s.val, c.run.knn_k)
 
 
 def pixels_knn(s: Setup) -> Optional[float]:
-    """The floor a run must beat: kNN on raw pixels centred by the train mean (rank 0)."""
-    if s.rank != 0 or s.val is None or s.train.labels is None or s.val.labels is None or s.train.mapped:
-        return None  # (a memory-mapped set is not flattened into RAM for this)
-    tr, va = (d.images.flatten(1).float() for d in (s.train, s.val))
-    mu = tr.mean(0)
-    return knn_accuracy(tr - mu, s.train.labels, va - mu, s.val.labels, len(s.train.classes), s.cfg.run.knn_k)
+    """The floor a run must beat: kNN on raw pixels centred by the train mean (rank 0; a
+    memory-mapped set is not flattened into RAM for this)."""
+    if s.rank != 0 or s.train.mapped:
+        return None
+    return heldout_knn(lambda x: x.flatten(1), s.train, s.val, s.cfg.run.knn_k, center=True)
 
 
 def calibrate(s: Setup) -> None:
@@ -262,10 +260,13 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, progress: O
     if keep is not None:
         keep["setup"] = s
     if s.rank != 0:  # rank 0 writes the run directory and holds its lock
-        return _pretrain(s, run_dir, state, progress, stop_at_step, _quiet)
-    with run_lock(run_dir):
-        check_run_dir(run_dir, resume, locked=True)  # a run that ended while this one was being built
-        return _pretrain(s, run_dir, state, progress, stop_at_step, log)
+        result = _pretrain(s, run_dir, state, progress, stop_at_step, _quiet)
+    else:
+        with run_lock(run_dir):
+            check_run_dir(run_dir, resume, locked=True)  # a run that ended while this one was being built
+            result = _pretrain(s, run_dir, state, progress, stop_at_step, log)
+    distributed.finish()  # torchrun: no rank leaves while another still writes or talks
+    return result
 
 
 def _pretrain(s: Setup, run_dir: Path, state: Optional[dict], progress, stop_at_step, log) -> dict:

@@ -14,7 +14,6 @@ pytestmark = pytest.mark.slow  # every test here starts torchrun processes
 
 WORKER = """
 import atexit, json, os, sys, torch
-from edgessl import distributed
 # runs after edgessl's own exit handler (last in, first out): is the process group gone by then?
 atexit.register(lambda: open(f"{sys.argv[2]}/exit{os.environ['RANK']}.txt", "w").write(
     str(torch.distributed.is_initialized())))
@@ -23,7 +22,7 @@ from edgessl.train import pretrain
 keep = {}
 cfg, out, stop, resume = from_dict(json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 pretrain(cfg, out, resume=resume, stop_at_step=stop or None, progress=False, log=lambda *_: None, keep=keep)
-rank, world = distributed.world()
+rank, world = keep["setup"].rank, keep["setup"].world  # (the group is left when the run ends)
 torch.save({"model": keep["setup"].model.state_dict(), "world": world}, f"{sys.argv[2]}/rank{rank}.pt")
 """
 

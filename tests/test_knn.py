@@ -1,6 +1,7 @@
 """kNN against a naive loop, and an exact hand-worked answer."""
 import math
 
+import pytest
 import torch
 
 from edgessl.knn import knn_accuracy, knn_predict, pixels_margin
@@ -35,3 +36,18 @@ def test_pixels_margin_is_two_binomial_standard_errors():
     assert pixels_margin(50.0, 100) == 10.0 and pixels_margin(0.0, 100) == 0.0
     # the small-set case it is for: 24.5 trained against 25.15 pixels is inside; 30.5 is not
     assert 24.5 - 25.15 < pixels_margin(25.15, 1034) < 30.5 - 25.15
+
+
+def test_heldout_knn_uses_the_train_split_as_memory():
+    from types import SimpleNamespace
+
+    from edgessl.knn import heldout_knn
+
+    train = SimpleNamespace(images=torch.tensor([[10.0, 0.0], [0.0, 1.0]]), labels=torch.tensor([0, 1]),
+                            classes=["a", "b"])
+    val = SimpleNamespace(images=torch.tensor([[3.0, 1.0], [1.0, 3.0]]), labels=torch.tensor([1, 1]))
+    # (3, 1) is nearer (10, 0) by cosine; centred by the train mean (5, 0.5) it is (-2, 0.5), nearer (-5, 0.5)
+    assert heldout_knn(lambda x: x, train, val, k=1) == 50.0
+    assert heldout_knn(lambda x: x, train, val, k=1, center=True) == 100.0
+    assert heldout_knn(lambda x: x, train, None) is None
+    assert heldout_knn(lambda x: x, train, SimpleNamespace(images=val.images, labels=None)) is None
