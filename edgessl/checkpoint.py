@@ -53,6 +53,21 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler) -> dict:
+    """What every run's checkpoint holds to continue bit for bit: weights (and buffers: a bank),
+    optimizer, scaler and every RNG state. Pretraining, fine-tuning and the int8 student alike."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state()}
+
+
+def restore_training(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler) -> None:
+    """The inverse of training_state: weights loaded strictly, then optimizer, scaler and RNGs."""
+    model.load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+
+
 def _to_lists(x):
     return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
 

@@ -24,8 +24,8 @@ from edgessl.config import AugmentConfig, FinetuneConfig, finetune_config, to_di
 from edgessl.depthwise import fast_depthwise
 from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
-from edgessl.optim import check_finite, optimizer_step, set_lr
-from edgessl.runfiles import CsvLog, check_run_dir
+from edgessl.optim import check_finite, guarded_step, set_lr
+from edgessl.runfiles import CsvLog, check_run_dir, run_lock
 from edgessl.runs import (Classifier, build_classifier, check_run_data, data_record, is_classifier, load_encoder,
                           run_config)
 from edgessl.schedule import lr_at
@@ -60,6 +60,27 @@ class Source:
     data: Optional[dict]  # what its checkpoint records of its images (their identity)
 
 
+@dataclass
+class Tuning:
+    """Everything a fine-tuning run trains with, built (and every input checked) before it starts."""
+
+    ft: FinetuneConfig
+    model: Classifier
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    augment: BatchAugment
+    train: data_lib.ImageData  # the labelled subset, on the device
+    test: data_lib.ImageData
+    classes: list
+    config: dict  # what the checkpoint stores: the source's config and the `finetune` section
+    backbone: dict
+    identity: dict
+    device: torch.device
+    precision: str
+    batch: int
+    steps_per_epoch: int
+
+
 def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str = "", out: str | Path = "",
              label_fraction: Optional[float] = None, labels_per_class: Optional[int] = None, *,
              resume: bool = False, progress: Optional[bool] = None, stop_at_epoch: Optional[int] = None,
@@ -70,13 +91,9 @@ def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str
     A checkpoint is written at every epoch end. `resume=True` continues the run in `out` with
     its stored settings (only device and precision may be given); on CPU the result equals
     an uninterrupted run's. `stop_at_epoch` stops after that epoch's checkpoint (what a
-    preemption does; the resume test uses it)."""
+    preemption does; the resume test uses it). The run directory is locked while it trains."""
     out = Path(out)
-    if resume and not (out / "checkpoint.pt").exists():
-        raise EdgesslError(f"nothing to resume: {out} holds no checkpoint.pt")
-    if not resume and (out / "checkpoint.pt").exists():
-        raise EdgesslError(f"{out} already holds a run; choose another --out (or --resume it)")
-    check_run_dir(out, resume)  # writable, with room for checkpoints
+    _check_out(out, resume)
     state = _resume_state(out) if resume else None
     if state is None:
         if label_fraction is None and labels_per_class is None:
@@ -93,100 +110,117 @@ def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str
                               **{k: v for k, v in settings.items() if k in RUN_ONLY}})
         source = Source({k: v for k, v in state["config"].items() if k != "finetune"}, state["backbone"],
                         stored["source"], None)
-    return _train(ft, source, out, state, None if state else encoder, progress, stop_at_epoch, log)
+        encoder = None
+    t = build(ft, source, state, encoder)
+    with run_lock(out):
+        _check_out(out, resume, locked=True)  # a run that ended in `out` while this one was being built
+        return _train(t, out, state, progress, stop_at_epoch, log)
 
 
-def _train(ft: FinetuneConfig, source: Source, out: Path, state: Optional[dict], encoder: Optional[nn.Module],
-           progress, stop_at_epoch, log) -> dict:
+def _check_out(out: Path, resume: bool, locked: bool = False) -> None:
+    if resume and not (out / "checkpoint.pt").exists():
+        raise EdgesslError(f"nothing to resume: {out} holds no checkpoint.pt")
+    if not resume and (out / "checkpoint.pt").exists():
+        raise EdgesslError(f"{out} already holds a run; choose another --out (or --resume it)")
+    check_run_dir(out, resume, locked=locked)  # writable, with room for checkpoints
+
+
+def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Optional[nn.Module]) -> Tuning:
+    """The labelled subset, the classifier, its optimizer and augmentation; a resumed run's state loaded."""
     dev = resolve_device(ft.device)
-    prec = resolve_precision(ft.precision, dev)
-    src, backbone_info = source.config, source.backbone
-    train, test = labelled_sets(ft, src, backbone_info["image_size"])
+    train, test = labelled_sets(ft, source.config, source.backbone["image_size"])
     if state is not None:  # the labelled images must be the ones this run started on
         check_run_data(state, train, test, "--resume")
     elif not ft.train:  # the pretraining run's own split: still its images
         check_run_data({"data": source.data}, train, test, "finetune")
     identity = data_record(train, test)
-    size = backbone_info["image_size"]
     subset = stratified_subset(train.labels, ft.seed, ft.label_fraction if ft.labels_per_class is None else None,
                                ft.labels_per_class)
     if state is not None and _digest(subset) != state["config"]["finetune"]["subset_sha256"]:
-        raise EdgesslError(f"{ft.train or 'the pretraining run split'} no longer gives the labelled subset this run started "
-                           "with; cannot resume")
+        raise EdgesslError(f"{ft.train or 'the pretraining run split'} no longer gives the labelled subset this run "
+                           "started with; cannot resume")
     train, test = train.subset(subset).to(dev), test.to(dev)
     classes = train.classes or [str(c) for c in range(int(train.labels.max()) + 1)]
     model = (build_classifier(state) if state is not None else Classifier(encoder, len(classes))).to(dev).train()
     if dev.type == "cpu":
         fast_depthwise(model)  # the faster CPU backward of depthwise convolutions (edgessl.depthwise)
-    mean, std = src["data"]["mean"], src["data"]["std"]
-    augment = BatchAugment(FINETUNE_AUGMENT, size, mean, std)
-    bs = min(ft.batch_size, len(train))
-    steps_per_epoch = max(1, len(train) // bs)
     groups = [{"params": model.backbone.parameters(), "lr_scale": ft.backbone_lr_scale},
               {"params": model.fc.parameters(), "lr_scale": 1.0}]
-    opt = torch.optim.SGD(groups, lr=ft.lr, momentum=0.9, weight_decay=ft.weight_decay, nesterov=True)
-    scaler = grad_scaler(dev, prec)
     stored = {k: v for k, v in dataclasses.asdict(ft).items() if k not in RUN_ONLY}
-    cfg = {**src, "finetune": {"source": source.path, **stored, "n_labelled": len(train), "subset_sha256": _digest(subset)}}
+    bs = min(ft.batch_size, len(train))
+    prec = resolve_precision(ft.precision, dev)
+    return Tuning(ft, model, torch.optim.SGD(groups, lr=ft.lr, momentum=0.9, weight_decay=ft.weight_decay,
+                                             nesterov=True), grad_scaler(dev, prec),
+                  BatchAugment(FINETUNE_AUGMENT, source.backbone["image_size"], *_norm(source.config)),
+                  train, test, classes,
+                  {**source.config, "finetune": {"source": source.path, **stored, "n_labelled": len(train),
+                                                 "subset_sha256": _digest(subset)}},
+                  source.backbone, identity, dev, prec, bs, max(1, len(train) // bs))
+
+
+def _norm(config: dict) -> tuple:
+    return config["data"]["mean"], config["data"]["std"]
+
+
+def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_epoch, log) -> dict:
+    from tqdm import tqdm
+
     metrics = CsvLog(out / "metrics.csv", FIELDS)
-    done, step, elapsed, top1 = 0, 0, 0.0, 0.0
+    pos = {"epoch": 0, "step": 0, "seconds": 0.0, "test_top1": 0.0}
     if state is None:
         out.mkdir(parents=True, exist_ok=True)
         metrics.create()
     else:
-        opt.load_state_dict(state["optimizer"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        done, step, elapsed, top1 = (state["position"][k] for k in ("epoch", "step", "seconds", "test_top1"))
-        metrics.keep(done)  # exactly the epochs its checkpoint covers (a kill may have added one)
-    log(f"edgessl finetune: {len(train)} labelled images ({len(subset)} of the train set, seed {ft.seed}), "
-        f"{len(classes)} classes, init {ft.init}, {ft.epochs} epochs{f' (from epoch {done})' if done else ''}, "
-        f"{dev} {prec}")
-    from tqdm import tqdm
-
-    total = ft.epochs * steps_per_epoch
+        checkpoint.restore_training(state, t.model, t.optimizer, t.scaler)
+        pos = {k: state["position"][k] for k in pos}
+        metrics.keep(pos["epoch"])  # exactly the epochs its checkpoint covers (a kill may have added one)
+    done = pos["epoch"]
+    log(f"edgessl finetune: {len(t.train)} labelled images ({t.config['finetune']['n_labelled']} of the train set, "
+        f"seed {t.ft.seed}), {len(t.classes)} classes, init {t.ft.init}, {t.ft.epochs} epochs"
+        f"{f' (from epoch {done})' if done else ''}, {t.device} {t.precision}")
+    total = t.ft.epochs * t.steps_per_epoch
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=total, initial=step, disable=not show, leave=False, unit="step", desc="finetune")
-    start = time.perf_counter() - elapsed
-    for epoch in range(done + 1, ft.epochs + 1):
-        model.train()
-        perm = torch.randperm(len(train), device=dev)
-        losses = []
-        for i in range(steps_per_epoch):
-            idx = perm[i * bs:(i + 1) * bs]
-            base_lr = lr_at(step, total, min(steps_per_epoch, total // 10), ft.lr)
-            set_lr(opt, base_lr)
-            with autocast(dev, prec):
-                loss = F.cross_entropy(model(augment(train.images[idx])).float(), train.labels[idx])
-            losses.append(loss.detach())
-            if dev.type == "cpu":  # reading is free there: a NaN stops before the weights take it in
-                check_finite(float(loss.detach()), step, dev)
-            optimizer_step(loss, opt, scaler)
-            step += 1
-            bar.update(1)
-        values = torch.stack(losses).tolist()  # one wait for the device per epoch, before the checkpoint
-        for i, value in enumerate(values):
-            check_finite(value, step - len(values) + i, dev)
-        loss_sum = sum(values)
-        top1 = evaluate(model, test, mean, std, dev, prec)
-        seconds = time.perf_counter() - start
-        metrics.append({"epoch": epoch, "step": step, "loss": f"{loss_sum / steps_per_epoch:.6f}",
-                        "lr_head": f"{base_lr:.6g}", "seconds": f"{seconds:.2f}", "test_top1": f"{top1:.2f}"})
-        bar.set_postfix(top1=f"{top1:.1f}")
-        checkpoint.save({"kind": "classifier", "config": cfg, "classes": classes, "model": model.state_dict(),
-                         "backbone": backbone_info, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                         "data": identity,
-                         "rng": checkpoint.rng_state(),
-                         "position": {"epoch": epoch, "step": step, "seconds": seconds, "test_top1": top1}},
-                        out / "checkpoint.pt")
+    bar = tqdm(total=total, initial=pos["step"], disable=not show, leave=False, unit="step", desc="finetune")
+    start = time.perf_counter() - pos["seconds"]
+    for epoch in range(done + 1, t.ft.epochs + 1):
+        pos["step"], loss, lr = run_epoch(t, pos["step"], total, bar)
+        pos.update(epoch=epoch, seconds=time.perf_counter() - start,
+                   test_top1=evaluate(t.model, t.test, *_norm(t.config), t.device, t.precision))
+        metrics.append({"epoch": epoch, "step": pos["step"], "loss": f"{loss:.6f}", "lr_head": f"{lr:.6g}",
+                        "seconds": f"{pos['seconds']:.2f}", "test_top1": f"{pos['test_top1']:.2f}"})
+        bar.set_postfix(top1=f"{pos['test_top1']:.1f}")
+        checkpoint.save({"kind": "classifier", "config": t.config, "classes": t.classes, "backbone": t.backbone,
+                         "data": t.identity, "position": dict(pos),
+                         **checkpoint.training_state(t.model, t.optimizer, t.scaler)}, out / "checkpoint.pt")
         if epoch == stop_at_epoch:
             break
     bar.close()
-    result = {"run_dir": str(out), "test_top1": top1, "n_labelled": len(train), "epochs": ft.epochs,
-              "init": ft.init, "seed": ft.seed, "seconds": round(time.perf_counter() - start, 2)}
-    log(f"test top-1 {top1:.2f} % after {ft.epochs} epochs on {len(train)} labels ({out}/checkpoint.pt)")
-    return result
+    top1 = pos["test_top1"]
+    log(f"test top-1 {top1:.2f} % after {t.ft.epochs} epochs on {len(t.train)} labels ({out}/checkpoint.pt)")
+    return {"run_dir": str(out), "test_top1": top1, "n_labelled": len(t.train), "epochs": t.ft.epochs,
+            "init": t.ft.init, "seed": t.ft.seed, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def run_epoch(t: Tuning, step: int, total: int, bar) -> tuple[int, float, float]:
+    """One epoch of cross-entropy on augmented labelled batches: (steps done, mean loss, last head lr).
+    The losses are read from the device once, at the end, before anything is saved."""
+    t.model.train()
+    perm = torch.randperm(len(t.train), device=t.device)
+    losses = []
+    for i in range(t.steps_per_epoch):
+        idx = perm[i * t.batch:(i + 1) * t.batch]
+        lr = lr_at(step, total, min(t.steps_per_epoch, total // 10), t.ft.lr)
+        set_lr(t.optimizer, lr)
+        with autocast(t.device, t.precision):
+            loss = F.cross_entropy(t.model(t.augment(t.train.images[idx])).float(), t.train.labels[idx])
+        losses.append(loss.detach())
+        guarded_step(loss, t.optimizer, t.scaler, step, t.device, read=t.device.type == "cpu")
+        step += 1
+        bar.update(1)
+    values = torch.stack(losses).tolist()  # one wait for the device per epoch, before the checkpoint
+    for i, value in enumerate(values):
+        check_finite(value, step - len(values) + i, t.device)
+    return step, sum(values) / len(values), lr
 
 
 def labelled_sets(ft: FinetuneConfig, src: dict, size: int) -> tuple[data_lib.ImageData, data_lib.ImageData]:

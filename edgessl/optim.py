@@ -45,3 +45,13 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
     scaler.step(optimizer)
     scaler.update()
     return scaler._get_scale_async() < before
+
+
+def guarded_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int,
+                 device: torch.device, read: bool) -> bool | torch.Tensor:
+    """The optimizer step every trainer takes: with `read` (where reading the loss costs nothing: the
+    CPU), a NaN or inf loss stops the run before the weights take it in; else the caller reads the
+    losses later, in one wait, and checks them there."""
+    if read:
+        check_finite(float(loss.detach()), step, device)
+    return optimizer_step(loss, optimizer, scaler)

@@ -33,7 +33,7 @@ from edgessl.device import autocast, grad_scaler, peak_mem_mb, resolve_device, r
 from edgessl.errors import EdgesslError
 from edgessl.knn import heldout_knn, pixels_margin
 from edgessl.methods import create_method, loss_parts, method_class
-from edgessl.optim import check_finite, optimizer_step, param_groups, set_lr
+from edgessl.optim import check_finite, guarded_step, param_groups, set_lr
 from edgessl.runfiles import RunFiles, check_run_dir, run_lock
 from edgessl.runs import check_run_data, data_record
 from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs, size_at
@@ -328,10 +328,7 @@ def stop_signals():
 
 
 def restore(s: Setup, state: dict) -> Position:
-    s.model.load_state_dict(state["model"], strict=True)
-    s.optimizer.load_state_dict(state["optimizer"])
-    s.scaler.load_state_dict(state["scaler"])
-    checkpoint.set_rng_state(state["rng"])
+    checkpoint.restore_training(state, s.model, s.optimizer, s.scaler)
     return Position.from_state(state["position"])
 
 
@@ -343,10 +340,10 @@ def save(s: Setup, files: RunFiles, pos: Position) -> None:
     if not files.enabled:
         return
     bb = s.model.backbone
-    checkpoint.save({"config": to_dict(s.cfg), "position": dataclasses.asdict(pos), "model": s.model.state_dict(),
+    checkpoint.save({"config": to_dict(s.cfg), "position": dataclasses.asdict(pos),
+                     **checkpoint.training_state(s.model, s.optimizer, s.scaler),
                      "method_args": {"num_samples": len(s.train), **method_args(s.cfg, s.train)},
-                     "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(), "data": s.data_identity,
-                     "rng": checkpoint.rng_state(), "backbone": {
+                     "data": s.data_identity, "backbone": {
                          "timm_name": bb.timm_name, "model_args": bb.model_args, "output_stride": bb.output_stride,
                          "feature_dim": bb.feature_dim, "image_size": s.image_size}}, files.ckpt)
 
@@ -464,9 +461,8 @@ def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1
         out = (s.model if s.forward is None else s.forward)(images, idx, labels)
     # the loss and its parts stay on the device: the loop reads them every run.sync_every steps (read_steps)
     out["values"] = torch.stack([out["loss"].detach().float(), *(v.detach().float() for v in out["parts"].values())])
-    if s.sync_every == 1:  # reading is free (the CPU): a NaN stops the run before the weights or the bank take it in
-        check_finite(float(out["values"][0]), step, s.device)
-    out["skipped"] = optimizer_step(out["loss"], s.optimizer, s.scaler)
+    # reading is free on the CPU (sync_every 1): a NaN stops the run before the weights or the bank take it in
+    out["skipped"] = guarded_step(out["loss"], s.optimizer, s.scaler, step, s.device, read=s.sync_every == 1)
     s.model.update(out, min(1.0, (step + 1) / total))
     return out
 
