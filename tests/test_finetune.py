@@ -114,13 +114,15 @@ def test_finetune_resume_is_bit_exact(pretrained, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["test_top1"] == full["test_top1"]
 
 
-def test_finetune_takes_the_run_lock(pretrained, tmp_path):
-    """A second process writing the same --out is refused while the first holds it, nothing written."""
-    from edgessl.runfiles import run_lock
+def test_finetune_holds_the_run_lock_while_it_trains(pretrained, tmp_path):
+    """Another process asking while the run trains finds it locked by this one; after, nobody holds it."""
+    import os
+
+    from edgessl.runfiles import lock_holder
 
     root, train, test = pretrained
-    with run_lock(tmp_path / "ft"):
-        with pytest.raises(EdgesslError, match="is in use by edgessl pid"):
-            finetune(root / "run", train, test, tmp_path / "ft", labels_per_class=2, epochs=1, batch_size=4,
-                     log=lambda *_: None)
-    assert not (tmp_path / "ft" / "checkpoint.pt").exists() and not (tmp_path / "ft" / "metrics.csv").exists()
+    seen = []
+    finetune(root / "run", train, test, tmp_path / "ft", labels_per_class=2, epochs=1, batch_size=4,
+             log=lambda line: seen.append(lock_holder(tmp_path / "ft")))
+    assert seen and all(h == f"edgessl pid {os.getpid()}" for h in seen)
+    assert lock_holder(tmp_path / "ft") is None
