@@ -9,6 +9,7 @@ import hashlib
 import json
 import platform
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -265,8 +266,35 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
     out = Path(out)
     if not out.parent.exists():
         raise EdgesslError(f"folder {out.parent} does not exist")
-    size = state["backbone"]["image_size"]
     knn = knn and not is_classifier(state)
+    job = _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, adapt, adapt_seconds, progress)
+    meta = metadata(cfg, state, job.encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
+    if precision == "int8":
+        meta["int8_weight_bits"] = int8_weight_bits()
+    if job.adapted:
+        a = job.adapted
+        meta["adapted"] = {"hard_swish_to_relu": a["swapped"], "squeeze_excite_folded": a["se_folded"],
+                           "distilled_seconds": a["seconds"], "distilled_steps": a["steps"]}
+    report = _write_checked(job, out, cfg, state, precision, meta, batch, opset, knn)
+    atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1))
+    record_export(run_dir, out, report)
+    return report
+
+
+@dataclass
+class _Job:
+    encoder: nn.Module  # what is exported (a ReLU student for an adapted int8 file)
+    original: nn.Module  # the run's network: what the kNN change and the fp32 baseline are measured on
+    adapted: Optional[dict]
+    images: np.ndarray  # normalised calibration / parity images
+    own: Optional[tuple]  # a pretraining run's own (train, held-out) images
+    size: int
+
+
+def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, adapt, adapt_seconds,
+             progress) -> _Job:
+    """The images to calibrate and check with, and the network to export (the int8 student, distilled)."""
+    size = state["backbone"]["image_size"]
     own = None  # a pretraining run's own (train, held-out) images: calibration and the kNN change
     if not is_classifier(state) and (calib is None or knn):
         own = data_lib.load_split(cfg.data)
@@ -275,8 +303,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
     source = (data_lib.load(calib, size, fit=fit) if calib else own[0] if own else
               data_lib.load(cfg.data.spec, size, fit=fit))
     images = run_images(source, max(16, calib_count if precision == "int8" else 16), cfg)
-    encoder = export_module(model, with_head)
-    original = encoder  # what the kNN change is measured against
+    encoder = original = export_module(model, with_head)
     adapted = None
     if precision == "int8" and adapt and not is_classifier(state) and needs_adapting(model.backbone):
         student, adapted = distill(model.backbone, own[0].images if own else source.images, cfg,
@@ -285,50 +312,45 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", c
         with torch.no_grad():
             adapted["feature_cosine_to_original"] = float(torch.nn.functional.cosine_similarity(
                 encoder(torch.from_numpy(images)), original(torch.from_numpy(images)), dim=1).mean())
+    return _Job(encoder, original, adapted, images, own, size)
+
+
+def _write_checked(job: _Job, out: Path, cfg, state, precision, meta, batch, opset, knn) -> dict:
+    """Export, convert and check in a temporary folder; only a file that passed replaces `out`."""
     with torch.no_grad():
-        reference = encoder(torch.from_numpy(images[:16])).numpy()
-    meta = metadata(cfg, state, encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
-    if precision == "int8":
-        meta["int8_weight_bits"] = int8_weight_bits()
-    if adapted:
-        meta["adapted"] = {"hard_swish_to_relu": adapted["swapped"], "squeeze_excite_folded": adapted["se_folded"],
-                           "distilled_seconds": adapted["seconds"], "distilled_steps": adapted["steps"]}
+        reference = job.encoder(torch.from_numpy(job.images[:16])).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         baseline = None  # the run's network as the fp32 export writes it: what fp16 / int8 are timed against
         if precision != "fp32":
             baseline = Path(tmp) / "baseline.onnx"
-            torch_export(original, baseline, size, batch, opset, output_name(state))
+            torch_export(job.original, baseline, job.size, batch, opset, output_name(state))
         if precision == "int8":
-            rewrite_hard_activations(encoder)
-        fp32 = Path(tmp) / "fp32.onnx"
-        torch_export(encoder, fp32, size, batch, opset, output_name(state))
-        if precision == "fp32":
-            final = fp32
-        else:
+            rewrite_hard_activations(job.encoder)
+        final = fp32 = Path(tmp) / "fp32.onnx"
+        torch_export(job.encoder, fp32, job.size, batch, opset, output_name(state))
+        if precision != "fp32":
             final = Path(tmp) / f"{precision}.onnx"
-            quantize_int8(fp32, final, images, meta["int8_weight_bits"]) if precision == "int8" \
+            quantize_int8(fp32, final, job.images, meta["int8_weight_bits"]) if precision == "int8" \
                 else convert_fp16(fp32, final)
         _write_onnx_metadata(final, meta)
         sess = session(final)
-        got = ort_features(sess, images[:16])
         report = {"path": str(out), "size_bytes": final.stat().st_size, "precision": precision,
-                  **parity(reference, got), "latency_batch": 1 if batch == "dynamic" else int(batch)}
-        report["latency_ms_p50"] = latency(sess, batch_of(images, report["latency_batch"]), 20)["p50"]
+                  **parity(reference, ort_features(sess, job.images[:16])),
+                  "latency_batch": 1 if batch == "dynamic" else int(batch)}
+        report["latency_ms_p50"] = latency(sess, batch_of(job.images, report["latency_batch"]), 20)["p50"]
         if precision == "fp32" and (report["max_rel_diff"] > FP32_MAX_ABS or report["min_cosine"] < FP32_MIN_COS):
             raise EdgesslError(f"fp32 export failed its parity check (max abs diff {report['max_abs_diff']:.2e}, "
                                f"{report['max_rel_diff']:.2e} of the feature scale, "
                                f"min cosine {report['min_cosine']:.6f}); nothing written")
-        if adapted:
-            report["adapted"] = adapted
+        if job.adapted:
+            report["adapted"] = job.adapted
         if baseline is not None:
-            report["speedup_vs_fp32"] = speedup_vs_fp32(baseline, final, images, batch)
+            report["speedup_vs_fp32"] = speedup_vs_fp32(baseline, final, job.images, batch)
         if knn:
-            report.update(knn_change(original, sess, cfg, *own))
+            report.update(knn_change(job.original, sess, cfg, *job.own))
         if is_classifier(state):
-            report.update(top1_agreement(encoder, sess, cfg))
-        atomic_write(out, final.read_bytes())  # only a file that passed its check replaces anything
-    atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1))
-    record_export(run_dir, out, report)
+            report.update(top1_agreement(job.encoder, sess, cfg))
+        atomic_write(out, final.read_bytes())
     return report
 
 

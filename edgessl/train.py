@@ -102,17 +102,39 @@ def build(cfg: Config, decide: bool = True) -> Setup:
     device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.run.precision, device)
     rank, world = distributed.init(device.type)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)
-    np.random.seed(cfg.run.seed)  # unused by edgessl, but in every checkpoint: same seed, same state
-    random.seed(cfg.run.seed)
+    seed_everything(cfg)
     resolve_name(cfg.backbone.name)  # a typo fails before the data is decoded
     choices, train, val = recipe.resolve(cfg, device, world, decide)
     if cfg.optim.batch_size * world > len(train):
         raise EdgesslError(f"batch size {cfg.optim.batch_size}{f' x {world} processes' if world > 1 else ''} is "
                            f"larger than the {len(train)} training images")
     size = train.images.shape[-1]
+    model = build_model(cfg, train, size, device, world)
+    forward = model
+    if world > 1:
+        forward = data_parallel(model, device)
+        torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
+    if cfg.run.compile is True:
+        compile_backbone(model, device, dynamic=cfg.augment.start_size is not None)
+    return Setup(cfg=cfg, device=device, precision=precision, train=train.to(device),
+                 val=val.to(device) if val is not None else None, image_size=size, model=model,
+                 optimizer=make_optimizer(cfg, model), scaler=grad_scaler(device, precision),
+                 augment=BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
+                 steps_per_epoch=len(train) // (cfg.optim.batch_size * world), rank=rank, world=world,
+                 forward=forward, data_identity=data_record(train, val), choices=choices,
+                 sync_every=cfg.run.sync_every or (1 if device.type == "cpu" else GPU_SYNC_EVERY))
+
+
+def seed_everything(cfg: Config) -> None:
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)  # unused by edgessl, but in every checkpoint: same seed, same state
+    random.seed(cfg.run.seed)
+
+
+def build_model(cfg: Config, train: data_lib.ImageData, size: int, device: torch.device, world: int):
+    """The method module around the run's backbone, on the device (SyncBatchNorm under torchrun on CUDA)."""
     b = cfg.backbone
     backbone = create_backbone(b.name, size, b.downsample, b.init_weights)
     if cfg.run.fast_depthwise and device.type == "cpu":
@@ -122,31 +144,30 @@ def build(cfg: Config, decide: bool = True) -> Setup:
         if device.type != "cuda":
             raise EdgesslError("run.sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU kernel")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    forward = model
-    if world > 1:  # gradients averaged over ranks; the bank is kept equal by the method's own collectives
-        from torch.nn.parallel import DistributedDataParallel
+    return model
 
-        # BatchNorm statistics stay per rank in the forward pass; torch >= 2.13 names that
-        # forward_sync_buffers (broadcast_buffers is deprecated there and warns)
-        no_forward_sync = ({"forward_sync_buffers": False}
-                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                           else {"broadcast_buffers": False})
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          **no_forward_sync)
-        torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
-    if cfg.run.compile is True:  # the backbone alone, in place (same state-dict keys): the bank step breaks graphs
-        import torch._dynamo as dynamo
 
-        dynamo.config.suppress_errors = True  # a graph inductor cannot build runs eager (with a warning)
-        if device.type == "cpu":  # inductor's C++ build looks for CUDA headers and says so when it finds no GPU
-            logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaNote())
-        model.backbone.compile(dynamic=cfg.augment.start_size is not None)
-    return Setup(cfg, device, precision, train.to(device), val.to(device) if val is not None else None, size,
-                 model, make_optimizer(cfg, model), grad_scaler(device, precision),
-                 BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
-                 len(train) // (cfg.optim.batch_size * world), rank, world, forward,
-                 data_record(train, val), choices,
-                 cfg.run.sync_every or (1 if device.type == "cpu" else GPU_SYNC_EVERY))
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel: gradients averaged over ranks (the bank is kept equal by the method's own
+    collectives); BatchNorm statistics stay per rank in the forward pass (torch >= 2.13 names that
+    forward_sync_buffers; broadcast_buffers is deprecated there and warns)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    no_forward_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **no_forward_sync)
+
+
+def compile_backbone(model: torch.nn.Module, device: torch.device, dynamic: bool) -> None:
+    """torch.compile the backbone alone, in place (the same state-dict keys): the bank step breaks graphs."""
+    import torch._dynamo as dynamo
+
+    dynamo.config.suppress_errors = True  # a graph inductor cannot build runs eager (with a warning)
+    if device.type == "cpu":  # inductor's C++ build looks for CUDA headers and says so when it finds no GPU
+        logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaNote())
+    model.backbone.compile(dynamic=dynamic)
 
 
 class _NoCudaNote(logging.Filter):

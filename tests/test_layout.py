@@ -154,3 +154,13 @@ def test_scripts_import_no_private_name():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edgessl"):
                 private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not private, private
+
+
+def test_no_function_over_50_lines():
+    """Short functions (STYLE.md): none in edgessl/ or export/ longer than 50 lines, docstring included."""
+    long = []
+    for path in [*PKG.rglob("*.py"), *(REPO / "export").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, long

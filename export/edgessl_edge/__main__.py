@@ -19,7 +19,7 @@ def _paths(items) -> list[Path]:
     return out
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m edgessl_edge", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("embed", help="features of images or folders -> .npy")
@@ -42,34 +42,47 @@ def main(argv=None) -> int:
     p_.add_argument("--json", action="store_true", help="one JSON object per image")
     for p in (e, g, c, p_):
         p.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(args: argparse.Namespace) -> None:
+    enc = Encoder(args.model, args.threads)
+    if args.cmd == "embed":
+        feats = enc.embed(_paths(args.images))
+        np.save(args.out, feats)
+        print(f"wrote {args.out}: {feats.shape[0]} x {feats.shape[1]} features")
+    elif args.cmd == "build-gallery":
+        gallery = build_gallery(enc, args.folder)
+        np.savez(args.out, **gallery)
+        print(f"wrote {args.out}: {len(gallery['labels'])} images, {len(gallery['classes'])} classes")
+    elif args.cmd == "predict":
+        paths = _paths(args.images)
+        for path, top in zip(paths, predict(enc, paths, args.top_k)):
+            if args.json:
+                print(json.dumps({"image": str(path), "top": [{"class": c, "probability": p} for c, p in top]}))
+            else:
+                print(f"{path}\t" + "\t".join(f"{c} {p:.3f}" for c, p in top))
+    else:
+        gallery = load_gallery(args.gallery, enc)
+        paths = _paths(args.images)
+        for path, cls in zip(paths, classify(gallery, enc.embed(paths), args.k)):
+            print(f"{path}\t{gallery['classes'][cls]}")
+
+
+def load_gallery(path: str, enc: Encoder) -> dict:
     try:
-        enc = Encoder(args.model, args.threads)
-        if args.cmd == "embed":
-            feats = enc.embed(_paths(args.images))
-            np.save(args.out, feats)
-            print(f"wrote {args.out}: {feats.shape[0]} x {feats.shape[1]} features")
-        elif args.cmd == "build-gallery":
-            gallery = build_gallery(enc, args.folder)
-            np.savez(args.out, **gallery)
-            print(f"wrote {args.out}: {len(gallery['labels'])} images, {len(gallery['classes'])} classes")
-        elif args.cmd == "predict":
-            paths = _paths(args.images)
-            for path, top in zip(paths, predict(enc, paths, args.top_k)):
-                if args.json:
-                    print(json.dumps({"image": str(path), "top": [{"class": c, "probability": p} for c, p in top]}))
-                else:
-                    print(f"{path}\t" + "\t".join(f"{c} {p:.3f}" for c, p in top))
-        else:
-            try:
-                with np.load(args.gallery, allow_pickle=False) as f:
-                    gallery = dict(f)
-            except Exception as err:  # not an .npz, a truncated zip, pickled objects: all "not a gallery"
-                raise EdgeError(f"{args.gallery} is not a gallery .npz ({err})") from None
-            check_gallery(gallery, enc, args.gallery)
-            paths = _paths(args.images)
-            for path, cls in zip(paths, classify(gallery, enc.embed(paths), args.k)):
-                print(f"{path}\t{gallery['classes'][cls]}")
+        with np.load(path, allow_pickle=False) as f:
+            gallery = dict(f)
+    except Exception as err:  # not an .npz, a truncated zip, pickled objects: all "not a gallery"
+        raise EdgeError(f"{path} is not a gallery .npz ({err})") from None
+    check_gallery(gallery, enc, path)
+    return gallery
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
     except (EdgeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
