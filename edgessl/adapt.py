@@ -27,6 +27,8 @@ from torch import nn
 from edgessl.augment import BatchAugment, normalize
 from edgessl.config import Config
 from edgessl.depthwise import fast_depthwise, plain_depthwise
+from edgessl.device import grad_scaler
+from edgessl.optim import guarded_step, set_lr
 
 
 def swap_hardswish(module: nn.Module) -> int:
@@ -133,14 +135,12 @@ def train_for(seconds: float, opt: torch.optim.Optimizer, lr: float, loss_fn, de
 
     show = sys.stderr.isatty() if progress is None else progress
     start, losses = time.perf_counter(), []
+    scaler, cpu = grad_scaler(torch.device("cpu"), "fp32"), torch.device("cpu")  # (a disabled scaler: fp32)
     with tqdm(total=round(seconds), disable=not show, unit="s", desc=desc, leave=False) as bar:
         while (elapsed := time.perf_counter() - start) < seconds:
-            for g in opt.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
+            set_lr(opt, lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds))))
             loss = loss_fn()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            guarded_step(loss, opt, scaler, len(losses), cpu, read=True)  # the trainers' step and NaN stop
             losses.append(loss.item())
             bar.update(round(time.perf_counter() - start) - bar.n)
     return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1),

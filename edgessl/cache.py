@@ -27,7 +27,7 @@ def cache_dir() -> Path:
 
 
 def cache_path(listing: list, size: int, fit: str = "squash") -> Path:
-    head = f"{size}\n" if fit == "squash" else f"{size} {fit}\n"  # squash: the key before fits existed
+    head = f"{size} {fit}\n"
     key = hashlib.sha256(head.encode() + "\n".join(f"{f}\t{n}\t{t}" for f, n, t in listing)
                          .encode(errors="surrogateescape"))
     return cache_dir() / f"folder-{key.hexdigest()[:16]}.npy"

@@ -40,7 +40,8 @@ from edgessl_edge.image import IMAGE_SUFFIXES, decode_rows  # the runtime's deco
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-FOLDER_DEFAULT_SIZE = 64  # a folder loaded without a size (runs stored before the recipe picked one)
+FOLDER_DEFAULT_SIZE = 64  # a folder loaded without a size (probe's pixels and random: sources, no --image-size)
+AUTO_FIT = "crop"  # data.fit "auto": squash | crop (docs/benchmarks.md: the centre crop learned more on photos)
 DECODE_CHUNK = 256  # files per decoding job
 PARALLEL_FROM = 2048  # folders this large are decoded on every core (smaller: the start-up costs more)
 
@@ -167,7 +168,7 @@ def load_split(cfg) -> tuple[ImageData, Optional[ImageData]]:
     `val_fraction` of it, then an optional fixed `train_subset` of the train split."""
     if not cfg.spec:
         raise EdgesslError("no training data: give a dataset spec (--data npz:PATH, folder:DIR, ...)")
-    fit = "squash" if cfg.fit == "auto" else cfg.fit  # auto is resolved by the recipe before a run loads
+    fit = AUTO_FIT if cfg.fit == "auto" else cfg.fit  # (a run's recipe resolves it before it loads)
     if cfg.download:
         download(cfg.spec)
     size = None if cfg.image_size == "auto" else cfg.image_size  # an array's own size until the recipe picks

@@ -42,11 +42,12 @@ from typing import Optional
 import torch
 
 from edgessl.config import AUTO, auto_settings, settings
+from edgessl.data import AUTO_FIT
 
 SMALL_SIDE = 64  # images this small train at their own size
 PHOTO_SIZE = 96  # larger images on a CPU (output stride 32: cheaper than 64 px at stride 16, and learned more)
 GPU_PHOTO_SIZE = 128  # larger images on a GPU (not measured on one: docs/usage.md)
-FIT = "crop"  # squash | crop (docs/benchmarks.md: centre crop learned more than squash on photos)
+FIT = AUTO_FIT  # squash | crop (edgessl.data: what "auto" loads as)
 SURVEY_FILES = 512  # header reads to estimate a folder's native sizes
 CROP_SCALE = (0.2, 1.0)  # docs/method.md's crops ...
 BACKGROUND_TOL = 8  # ... unless pixels this close (0-255) to the border's colour ...

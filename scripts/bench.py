@@ -86,10 +86,11 @@ def curve(run_dir: Path) -> list[list[float]]:
     return [[0.0 if r["epoch"] == "0" else float(r["seconds"]), float(r["knn_top1"])] for r in rows]
 
 
-def linear_top1(cfg: config_lib.Config, run_dir: Path) -> float:
+def linear_top1(run_dir: Path) -> float:
+    """The linear probe on the run's own split, loaded as the run resolved it (input size, fit)."""
     from edgessl.probe import run_features, linear_probe
 
-    train, val = load_split(cfg.data)
+    train, val = load_split(edgessl.Run(run_dir).config.data)
     feats = run_features(run_dir).fn
     return linear_probe(feats(train.images), train.labels, feats(val.images), val.labels, len(train.classes))[0]
 
@@ -107,7 +108,7 @@ def run_one(spec: dict, key: str, cfg: config_lib.Config, run_dir: Path, point: 
               "knn_top1": out.get("knn_top1"), "knn_pixels": out.get("knn_pixels"),
               "knn_untrained": out.get("knn_untrained"), "curve": curve(run_dir), "config": str(run_dir / "config.yaml")}
     if spec.get("linear"):
-        record["linear_top1"] = linear_top1(cfg, run_dir)
+        record["linear_top1"] = linear_top1(run_dir)
     return record
 
 
