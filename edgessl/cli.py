@@ -234,6 +234,7 @@ def finetune(run_dir, out, resume, as_json, train, test, label_fraction, labels_
     if not resume and not run_dir:
         raise EdgesslError("finetune needs RUN_DIR (and --train and --test, or neither for the run's own split), "
                            "or --out DIR --resume")
+    settings = {k: v for k, v in settings.items() if v is not None}  # (an auto setting not given: its rule)
     if resume:  # the stored settings, but where it runs
         settings = {k: settings[k] for k in ("device", "precision")}
     r = api.finetune(run_dir, train or "", test or "", out, label_fraction=label_fraction,

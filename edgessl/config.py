@@ -209,7 +209,15 @@ class FinetuneConfig:
                                               help="Fraction of each class's labels to use.")
     labels_per_class: Optional[int] = setting(None, flag="--labels-per-class", parse=int,
                                               help="Number of labels per class to use.")
-    epochs: int = setting(30, flag="--epochs", parse=int, help="Epochs.")
+    unlabelled: str = setting("auto", flag="--unlabelled", choices=("auto", "none"),
+                              help="auto: the images beyond the labelled ones (the pretraining run's own) train "
+                                   "too, pseudo-labelled by label propagation over the encoder's features; none: "
+                                   "the labelled images alone.")
+    epochs: Union[str, int] = setting(AUTO, flag="--epochs", parse=int, help="Epochs: passes over the unlabelled "
+                                      "images (over the labelled ones with --unlabelled none).",
+                                      auto="30 over the labelled images alone; 6 over the unlabelled ones")
+    minutes: Optional[float] = setting(None, flag="--minutes", parse=float,
+                                       help="Budget: as many epochs as fit in this many minutes (at most --epochs).")
     seed: int = setting(0, flag="--seed", parse=int, help="Seed of the label draw, the head and the order.")
     init: str = setting("pretrained", flag="--init", choices=("pretrained", "random"),
                         help="pretrained, or the same architecture from scratch (the baseline).")
@@ -388,7 +396,8 @@ def finetune_config(overrides: dict) -> FinetuneConfig:
         raise ConfigError("give finetune.label_fraction or finetune.labels_per_class, not both")
     checks = [("label_fraction", ft.label_fraction is None or 0 < ft.label_fraction <= 1),
               ("labels_per_class", ft.labels_per_class is None or ft.labels_per_class >= 1),
-              ("epochs", ft.epochs >= 1), ("batch_size", ft.batch_size >= 2), ("lr", ft.lr > 0),
+              ("epochs", ft.epochs == AUTO or ft.epochs >= 1), ("minutes", ft.minutes is None or ft.minutes > 0),
+              ("batch_size", ft.batch_size >= 2), ("lr", ft.lr > 0),
               ("backbone_lr_scale", ft.backbone_lr_scale >= 0), ("weight_decay", ft.weight_decay >= 0)]
     for key, ok in checks:
         if not ok:

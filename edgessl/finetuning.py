@@ -34,6 +34,9 @@ from edgessl.schedule import lr_at
 FINETUNE_AUGMENT = AugmentConfig(crop_scale=(0.35, 1.0), jitter_prob=0.0, grayscale_prob=0.0)
 FIELDS = ["epoch", "step", "loss", "lr_head", "seconds", "test_top1"]
 RUN_ONLY = ("device", "precision")  # settings a resume may change: where it runs, not what it learns
+LABELLED_EPOCHS = 30  # epochs over the labelled images alone (--unlabelled none)
+SEMI_EPOCHS = 6  # epochs over the unlabelled images: about 5 minutes for 3,000 at 96 px on 2 cores
+UNLABELLED_WEIGHT = 1.0  # the pseudo-labelled loss against the labelled one
 
 
 def stratified_subset(labels: torch.Tensor, seed: int, fraction: Optional[float] = None,
@@ -77,8 +80,11 @@ class Tuning:
     identity: dict
     device: torch.device
     precision: str
-    batch: int
+    batch: int  # labelled images a step
     steps_per_epoch: int
+    epochs: int  # ft.epochs resolved
+    unlabelled: Optional[data_lib.ImageData] = None  # their labels stripped: never read
+    unlabelled_batch: int = 0
 
 
 def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str = "", out: str | Path = "",
@@ -139,6 +145,7 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     if state is not None and _digest(subset) != state["config"]["finetune"]["subset_sha256"]:
         raise EdgesslError(f"{ft.train or 'the pretraining run split'} no longer gives the labelled subset this run "
                            "started with; cannot resume")
+    unlabelled = unlabelled_pool(ft, source.config, train, subset)
     train, test = train.subset(subset).to(dev), test.to(dev)
     classes = train.classes or [str(c) for c in range(int(train.labels.max()) + 1)]
     model = (build_classifier(state) if state is not None else Classifier(encoder, len(classes))).to(dev).train()
@@ -149,13 +156,18 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     stored = {k: v for k, v in dataclasses.asdict(ft).items() if k not in RUN_ONLY}
     bs = min(ft.batch_size, len(train))
     prec = resolve_precision(ft.precision, dev)
+    semi = unlabelled is not None
+    ub = min(ft.batch_size, len(unlabelled)) if semi else 0
+    epochs = ft.epochs if ft.epochs != "auto" else SEMI_EPOCHS if semi else LABELLED_EPOCHS
     return Tuning(ft, model, torch.optim.SGD(groups, lr=ft.lr, momentum=0.9, weight_decay=ft.weight_decay,
                                              nesterov=True), grad_scaler(dev, prec),
                   BatchAugment(FINETUNE_AUGMENT, source.backbone["image_size"], *_norm(source.config)),
                   train, test, classes,
                   {**source.config, "finetune": {"source": source.path, **stored, "n_labelled": len(train),
                                                  "subset_sha256": _digest(subset)}},
-                  source.backbone, identity, dev, prec, bs, max(1, len(train) // bs))
+                  source.backbone, identity, dev, prec, bs,
+                  max(1, len(unlabelled) // ub if semi else len(train) // bs), epochs,
+                  unlabelled.to(dev) if semi else None, ub)
 
 
 def _norm(config: dict) -> tuple:
@@ -166,25 +178,31 @@ def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_epoch,
     from tqdm import tqdm
 
     metrics = CsvLog(out / "metrics.csv", FIELDS)
-    pos = {"epoch": 0, "step": 0, "seconds": 0.0, "test_top1": 0.0}
+    pos = {"epoch": 0, "step": 0, "seconds": 0.0, "test_top1": 0.0, "planned": t.epochs}
     if state is None:
         out.mkdir(parents=True, exist_ok=True)
         metrics.create()
     else:
         checkpoint.restore_training(state, t.model, t.optimizer, t.scaler)
-        pos = {k: state["position"][k] for k in pos}
+        pos = {k: state["position"].get(k, v) for k, v in pos.items()}
         metrics.keep(pos["epoch"])  # exactly the epochs its checkpoint covers (a kill may have added one)
     done = pos["epoch"]
+    planned = state["position"].get("planned", t.epochs) if state is not None else t.epochs
     log(f"edgessl finetune: {len(t.train)} labelled images ({t.config['finetune']['n_labelled']} of the train set, "
-        f"seed {t.ft.seed}), {len(t.classes)} classes, init {t.ft.init}, {t.ft.epochs} epochs"
+        f"seed {t.ft.seed}), {len(t.classes)} classes, init {t.ft.init}, {unlabelled_line(t)}, {planned} epochs"
         f"{f' (from epoch {done})' if done else ''}, {t.device} {t.precision}")
-    total = t.ft.epochs * t.steps_per_epoch
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=total, initial=pos["step"], disable=not show, leave=False, unit="step", desc="finetune")
+    bar = tqdm(total=planned * t.steps_per_epoch, initial=pos["step"], disable=not show, leave=False, unit="step",
+               desc="finetune")
     start = time.perf_counter() - pos["seconds"]
-    for epoch in range(done + 1, t.ft.epochs + 1):
-        pos["step"], loss, lr = run_epoch(t, pos["step"], total, bar)
-        pos.update(epoch=epoch, seconds=time.perf_counter() - start,
+    epoch = done
+    while epoch < planned:
+        epoch += 1
+        pos["step"], loss, lr = run_epoch(t, pos["step"], planned * t.steps_per_epoch, bar)
+        if epoch == 1 and t.ft.minutes:  # the budget's epochs, from the first epoch's speed (calibration included)
+            planned = max(1, min(t.epochs, int(t.ft.minutes * 60 / (time.perf_counter() - start))))
+            bar.total = planned * t.steps_per_epoch
+        pos.update(epoch=epoch, planned=planned, seconds=time.perf_counter() - start,
                    test_top1=evaluate(t.model, t.test, *_norm(t.config), t.device, t.precision))
         metrics.append({"epoch": epoch, "step": pos["step"], "loss": f"{loss:.6f}", "lr_head": f"{lr:.6g}",
                         "seconds": f"{pos['seconds']:.2f}", "test_top1": f"{pos['test_top1']:.2f}"})
@@ -196,23 +214,37 @@ def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_epoch,
             break
     bar.close()
     top1 = pos["test_top1"]
-    log(f"test top-1 {top1:.2f} % after {t.ft.epochs} epochs on {len(t.train)} labels ({out}/checkpoint.pt)")
-    return {"run_dir": str(out), "test_top1": top1, "n_labelled": len(t.train), "epochs": t.ft.epochs,
+    log(f"test top-1 {top1:.2f} % after {pos['epoch']} epochs on {len(t.train)} labels and "
+        f"{unlabelled_line(t)} ({out}/checkpoint.pt)")
+    return {"run_dir": str(out), "test_top1": top1, "n_labelled": len(t.train), "epochs": pos["epoch"],
+            "n_unlabelled": len(t.unlabelled) if t.unlabelled is not None else 0,
+            "unlabelled": "label propagation" if t.unlabelled is not None else "none",
             "init": t.ft.init, "seed": t.ft.seed, "seconds": round(time.perf_counter() - start, 2)}
 
 
+def unlabelled_line(t: Tuning) -> str:
+    if t.unlabelled is None:
+        return "no unlabelled images"
+    return f"{len(t.unlabelled)} unlabelled images (pseudo-labelled by label propagation each epoch)"
+
+
 def run_epoch(t: Tuning, step: int, total: int, bar) -> tuple[int, float, float]:
-    """One epoch of cross-entropy on augmented labelled batches: (steps done, mean loss, last head lr).
-    The losses are read from the device once, at the end, before anything is saved."""
+    """One epoch: (steps done, mean loss, last head lr). Labelled batches only, or with unlabelled
+    images a pass over them, each step a labelled batch (drawn at random) beside an unlabelled one
+    with its pseudo-labels (propagated from the current features at the epoch's start). The losses
+    are read from the device once, at the end, before anything is saved."""
+    pseudo = propagate_labels(t) if t.unlabelled is not None else None
     t.model.train()
-    perm = torch.randperm(len(t.train), device=t.device)
+    order = torch.randperm(len(t.train if pseudo is None else t.unlabelled), device=t.device)
     losses = []
     for i in range(t.steps_per_epoch):
-        idx = perm[i * t.batch:(i + 1) * t.batch]
         lr = lr_at(step, total, min(t.steps_per_epoch, total // 10), t.ft.lr)
         set_lr(t.optimizer, lr)
-        with autocast(t.device, t.precision):
-            loss = F.cross_entropy(t.model(t.augment(t.train.images[idx])).float(), t.train.labels[idx])
+        if pseudo is None:
+            loss = batch_loss(t, t.train.images, t.train.labels, order[i * t.batch:(i + 1) * t.batch])
+        else:
+            loss = semi_loss(t, pseudo, torch.randint(0, len(t.train), (t.batch,), device=t.device),
+                             order[i * t.unlabelled_batch:(i + 1) * t.unlabelled_batch])
         losses.append(loss.detach())
         guarded_step(loss, t.optimizer, t.scaler, step, t.device, read=t.device.type == "cpu")
         step += 1
@@ -221,6 +253,57 @@ def run_epoch(t: Tuning, step: int, total: int, bar) -> tuple[int, float, float]
     for i, value in enumerate(values):
         check_finite(value, step - len(values) + i, t.device)
     return step, sum(values) / len(values), lr
+
+
+def batch_loss(t: Tuning, images, labels, idx, weight=None) -> torch.Tensor:
+    """Cross-entropy of the augmented batch `idx` (per image `weight`s: their weighted mean)."""
+    with autocast(t.device, t.precision):
+        logits = t.model(t.augment(images[idx])).float()
+    if weight is None:
+        return F.cross_entropy(logits, labels[idx])
+    return (F.cross_entropy(logits, labels[idx], reduction="none") * weight[idx]).mean()
+
+
+def semi_loss(t: Tuning, pseudo: tuple, labelled_idx, unlabelled_idx) -> torch.Tensor:
+    labels, weight = pseudo
+    return batch_loss(t, t.train.images, t.train.labels, labelled_idx) + UNLABELLED_WEIGHT * batch_loss(
+        t, t.unlabelled.images, labels, unlabelled_idx, weight)
+
+
+@torch.no_grad()
+def propagate_labels(t: Tuning) -> tuple:
+    """(pseudo-labels, weights) of the unlabelled images: label propagation over the kNN graph of the
+    model's features of the labelled and unlabelled images together (edgessl.semi)."""
+    from edgessl.semi import propagate
+
+    t.model.eval()
+    mean, std = _norm(t.config)
+    with autocast(t.device, t.precision):
+        feats = torch.cat([t.model.backbone(normalize(c, mean, std)).float().cpu()
+                           for d in (t.train, t.unlabelled) for c in d.images.split(256)])
+    n = len(t.train)
+    labels = torch.cat([t.train.labels.cpu(), torch.zeros(len(t.unlabelled), dtype=torch.long)])
+    labelled = torch.arange(len(feats)) < n
+    pseudo, weight = propagate(feats, labels, labelled, len(t.classes))
+    return pseudo[n:].to(t.device), weight[n:].to(t.device)
+
+
+def unlabelled_pool(ft: FinetuneConfig, src: dict, train: data_lib.ImageData,
+                    subset: torch.Tensor) -> Optional[data_lib.ImageData]:
+    """The images that train without their labels (their labels stripped here, never read): with the
+    run's own split, its training images beyond the labelled subset; with --train, the pretraining
+    run's own training images. None with --unlabelled none."""
+    if ft.unlabelled == "none":
+        return None
+    if ft.train:
+        pool, _ = data_lib.load_split(run_config({"config": src}).data)
+    else:
+        rest = torch.ones(len(train), dtype=torch.bool)
+        rest[subset] = False
+        pool = train.subset(rest.nonzero().flatten())
+    if len(pool) == 0:
+        return None
+    return data_lib.ImageData(pool.images, None, [], pool.spec, files=pool.files)
 
 
 def labelled_sets(ft: FinetuneConfig, src: dict, size: int) -> tuple[data_lib.ImageData, data_lib.ImageData]:

@@ -90,12 +90,15 @@ def _rows_without_seconds(path):
 
 
 @pytest.mark.slow
-def test_finetune_resume_is_bit_exact(pretrained, tmp_path):
-    """Stopped after epoch 2 of 4 and resumed: the metrics (but wall-clock seconds)
-    and the final weights equal an uninterrupted run's."""
+@pytest.mark.parametrize("unlabelled", ["auto", "none"])
+def test_finetune_resume_is_bit_exact(pretrained, tmp_path, unlabelled):
+    """Stopped after epoch 2 of 4 and resumed: the metrics (but wall-clock seconds) and the final
+    weights equal an uninterrupted run's, with the unlabelled images (pseudo-labels propagated
+    again from the restored weights) and without."""
     root, train, test = pretrained
-    kw = dict(labels_per_class=6, epochs=4, batch_size=6, seed=1, log=lambda *_: None)
+    kw = dict(labels_per_class=6, epochs=4, batch_size=6, seed=1, unlabelled=unlabelled, log=lambda *_: None)
     full = finetune(root / "run", train, test, tmp_path / "full", **kw)
+    assert full["n_unlabelled"] == (45 if unlabelled == "auto" else 0)  # the run's 60 - 25% held out
     finetune(root / "run", train, test, tmp_path / "part", stop_at_epoch=2, **kw)
     assert len((tmp_path / "part" / "metrics.csv").read_text().splitlines()) == 3
     with open(tmp_path / "part" / "metrics.csv", "a") as f:
@@ -126,3 +129,25 @@ def test_finetune_holds_the_run_lock_while_it_trains(pretrained, tmp_path):
              log=lambda line: seen.append(lock_holder(tmp_path / "ft")))
     assert seen and all(h == f"edgessl pid {os.getpid()}" for h in seen)
     assert lock_holder(tmp_path / "ft") is None
+
+
+@pytest.mark.slow
+def test_the_unlabelled_images_labels_never_enter(tmp_path):
+    """The pool of unlabelled images is the pretraining run's own data: rewriting that data's labels
+    (the same pixels, every label wrong) changes nothing of a fine-tuning run, weight for weight."""
+    from conftest import make_npz, tiny_config
+    from edgessl.train import pretrain
+
+    data = make_npz(tmp_path / "pool.npz", n=48, size=32, seed=0)
+    pretrain(tiny_config(f"npz:{data}", optim={"epochs": 1}), tmp_path / "run", log=lambda *_: None)
+    train = make_npz(tmp_path / "train.npz", n=30, size=32, seed=2)
+    test = make_npz(tmp_path / "test.npz", n=15, size=32, seed=1)
+    kw = dict(labels_per_class=3, epochs=2, batch_size=6, log=lambda *_: None)
+    clean = finetune(tmp_path / "run", f"npz:{train}", f"npz:{test}", tmp_path / "clean", **kw)
+    with np.load(data) as f:
+        x, y = f["x_train"], f["y_train"]
+    np.savez(data, x_train=x, y_train=(y + 1) % 3)  # every label of the pool wrong
+    poisoned = finetune(tmp_path / "run", f"npz:{train}", f"npz:{test}", tmp_path / "poisoned", **kw)
+    assert clean["n_unlabelled"] == poisoned["n_unlabelled"] == 36 and clean["test_top1"] == poisoned["test_top1"]
+    a, b = (checkpoint.load(tmp_path / d / "checkpoint.pt")["model"] for d in ("clean", "poisoned"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
