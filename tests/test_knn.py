@@ -1,7 +1,6 @@
 """kNN against a naive loop, and an exact hand-worked answer."""
 import math
 
-import pytest
 import torch
 
 from edgessl.knn import knn_accuracy, knn_predict, pixels_margin
