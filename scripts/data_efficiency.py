@@ -1,6 +1,8 @@
 """Data efficiency: fine-tune a pretrained run with 1%, 10% and 100% of the labels (or N labels
-per class), the same network from scratch, and a linear probe on the run's frozen features of
-the same labelled images, over seeds; JSON plus a PNG (accuracy vs label fraction).
+per class) with the unlabelled images (`semi`, the default of `edgessl finetune`) and without
+(`pretrained`), the same network from scratch (`random`), and a linear probe on the run's
+frozen features of the same labelled images (`linear`), over seeds; JSON plus a PNG (accuracy
+vs label fraction).
 
     .venv/bin/python scripts/data_efficiency.py RUN_DIR [--train SPEC --test SPEC] --out runs/data_eff.json
     .venv/bin/python scripts/data_efficiency.py RUN_DIR --per-class 10 --out runs/few_labels.json
@@ -21,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from benchlib import load_results, markdown, mean_sd, save_results
-from edgessl.config import FinetuneConfig
 from edgessl.data import load, load_split
 from edgessl.finetuning import finetune, stratified_subset
 from edgessl.probe import linear_probe, run_features
@@ -48,7 +49,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for init, style in (("pretrained", "o-"), ("random", "s--"), ("linear", "^:")):
+    for init, style in (("semi", "D-"), ("pretrained", "o-"), ("random", "s--"), ("linear", "^:")):
         counts = sorted({r["n_labelled"] for r in results.values() if r["init"] == init})
         if not counts:
             continue
@@ -68,27 +69,21 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    """Mean +- stdev over seeds per (labels, init), the gain of pretraining, and the linear probe."""
+    """Mean +- stdev over seeds per (labels, arm), and the gain of the unlabelled images over the
+    labelled ones alone."""
     def cell(labels, init):
         a = [r["test_top1"] for r in results.values() if r["labels"] == labels and r["init"] == init]
-        if not a:
-            return None, "-"
-        return statistics.mean(a), mean_sd(a)
+        return (statistics.mean(a), mean_sd(a), len(a)) if a else (None, "-", 0)
 
-    for r in results.values():
-        if "labels" not in r:  # results written before per-class counts existed
-            r["labels"] = f"{100 * r['fraction']:g}%"
     rows = []
     for labels in dict.fromkeys(r["labels"] for r in results.values()):
-        any_r = next(r for r in results.values() if r["labels"] == labels and r["init"] != "linear")
-        n, bs = any_r["n_labelled"], FinetuneConfig().batch_size
-        steps = any_r["epochs"] * max(1, n // min(bs, n))
-        (mp, p), (mr, r), (_, lin) = cell(labels, "pretrained"), cell(labels, "random"), cell(labels, "linear")
-        gain = f"{mp - mr:+.2f}" if mp is not None and mr is not None else "-"
-        seeds = sum(1 for x in results.values() if x["labels"] == labels and x["init"] == "pretrained")
-        rows.append([labels, any_r["n_labelled"], steps, p, r, gain, lin, seeds])
-    return markdown(["labels", "labelled images", "fine-tuning steps", "fine-tuned", "from scratch", "gain",
-                     "linear probe (frozen)", "seeds"], rows, "rrrllrlr")
+        n = next(r["n_labelled"] for r in results.values() if r["labels"] == labels)
+        (ms, s, seeds), (mp, p, _), (_, rnd, _), (_, lin, _) = (cell(labels, a) for a in
+                                                                ("semi", "pretrained", "random", "linear"))
+        gain = f"{ms - mp:+.2f}" if ms is not None and mp is not None else "-"
+        rows.append([labels, n, s, p, gain, rnd, lin, seeds])
+    return markdown(["labels", "labelled images", "with the unlabelled images", "labelled alone", "gain",
+                     "from scratch", "linear probe (frozen)", "seeds"], rows, "rrllrllr")
 
 
 def linear_on_subset(run_dir: str, train_spec: str, test_spec: str, seed: int, fraction, per_class) -> dict:
@@ -110,7 +105,9 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.01,0.1,1.0")
     ap.add_argument("--per-class", help="labels per class instead of fractions, e.g. 10 or 5,10")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, help="fine-tuning epochs (default: each arm's, edgessl finetune's auto)")
+    ap.add_argument("--arms", default="semi,pretrained,random,linear", help="which of semi, pretrained, random, "
+                    "linear to run")
     ap.add_argument("--out", default="runs/data_efficiency.json")
     args = ap.parse_args()
     if args.table:
@@ -126,7 +123,7 @@ def main() -> None:
         amounts = ([(None, int(k), f"{k}/class") for k in args.per_class.split(",")] if args.per_class else
                    [(float(f), None, f"{100 * float(f):g}%") for f in args.fractions.split(",")])
         for fraction, per_class, labels in amounts:
-            for init in ("pretrained", "random", "linear"):
+            for init in args.arms.split(","):
                 for seed in map(int, args.seeds.split(",")):
                     key = f"{labels}/{init}/{seed}" if per_class else f"{fraction}/{init}/{seed}"
                     if key in results:
@@ -134,9 +131,12 @@ def main() -> None:
                     if init == "linear":
                         r = linear_on_subset(args.run_dir, args.train, args.test, seed, fraction, per_class)
                     else:
+                        epochs = {"epochs": args.epochs} if args.epochs else {}
                         r = finetune(args.run_dir, args.train, args.test, Path(tmp) / key.replace("/", "_"),
-                                     label_fraction=fraction, labels_per_class=per_class, epochs=args.epochs,
-                                     seed=seed, init=init, log=lambda *_: None)
+                                     label_fraction=fraction, labels_per_class=per_class, seed=seed,
+                                     init="random" if init == "random" else "pretrained",
+                                     unlabelled="auto" if init == "semi" else "none", log=lambda *_: None,
+                                     **epochs)
                     results[key] = {**r, "fraction": fraction, "labels": labels, "init": init}
                     save_results(out, results)
                     print(f"{key:22s} test top-1 {r['test_top1']:.2f} % ({r['n_labelled']} labels)", flush=True)

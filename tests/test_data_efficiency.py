@@ -25,8 +25,8 @@ def test_data_efficiency_runs_its_grid_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     mod.main()
     results = json.loads(out.read_text())
-    assert sorted(results) == sorted(f"{f}/{i}/{s}" for f in (0.5, 1.0) for i in ("pretrained", "random", "linear")
-                                    for s in (0, 1))
+    assert sorted(results) == sorted(f"{f}/{i}/{s}" for f in (0.5, 1.0)
+                                    for i in ("semi", "pretrained", "random", "linear") for s in (0, 1))
     # the run's own split: 60 images, 25% held out -> 45 labelled, 15 test
     assert {r["n_labelled"] for r in results.values() if r["fraction"] == 1.0} == {45}
     assert all(r["test_top1"] * 15 / 100 == pytest.approx(round(r["test_top1"] * 15 / 100))  # k of 15 right
@@ -36,9 +36,11 @@ def test_data_efficiency_runs_its_grid_and_resumes(tmp_path, monkeypatch):
     mod.main()  # everything is in the JSON: nothing runs again
     assert json.loads(out.read_text()) == results and out.stat().st_mtime_ns == mtime
     lines = mod.table(results).splitlines()
-    assert len(lines) == 4 and lines[3].startswith("| 100% | 45 | 1 |")
-    pre = [r["test_top1"] for r in results.values() if r["fraction"] == 1.0 and r["init"] == "pretrained"]
-    assert f"{sum(pre) / 2:.2f} ±" in lines[3]
+    assert len(lines) == 4 and lines[3].startswith("| 100% | 45 | ")
+    semi, pre = ([r["test_top1"] for r in results.values() if r["fraction"] == 1.0 and r["init"] == arm]
+                 for arm in ("semi", "pretrained"))
+    assert f"{sum(semi) / 2:.2f} ±" in lines[3] and f"{sum(pre) / 2:.2f} ±" in lines[3]
+    assert f"| {(sum(semi) - sum(pre)) / 2:+.2f} |" in lines[3]  # the gain of the unlabelled images
     lin = [r["test_top1"] for r in results.values() if r["fraction"] == 1.0 and r["init"] == "linear"]
     assert f"{sum(lin) / 2:.2f} ±" in lines[3]  # the linear probe on the same labelled images
 
@@ -51,6 +53,8 @@ def test_data_efficiency_per_class_counts(tmp_path, monkeypatch):
                                       "--epochs", "1", "--out", str(out)])
     mod.main()
     results = json.loads(out.read_text())
-    assert sorted(results) == ["4/class/linear/0", "4/class/pretrained/0", "4/class/random/0"]
+    assert sorted(results) == ["4/class/linear/0", "4/class/pretrained/0", "4/class/random/0", "4/class/semi/0"]
     assert {r["n_labelled"] for r in results.values()} == {12}  # 3 classes x 4
-    assert mod.table(results).splitlines()[2].startswith("| 4/class | 12 | 1 |")
+    assert mod.table(results).splitlines()[2].startswith("| 4/class | 12 | ")
+    semi = results["4/class/semi/0"]
+    assert semi["n_unlabelled"] == 45 and semi["unlabelled"] == "label propagation"  # the run's training images
