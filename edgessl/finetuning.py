@@ -37,6 +37,8 @@ RUN_ONLY = ("device", "precision")  # settings a resume may change: where it run
 LABELLED_EPOCHS = 30  # epochs over the labelled images alone (--unlabelled none)
 SEMI_EPOCHS = 6  # epochs over the unlabelled images: about 5 minutes for 3,000 at 96 px on 2 cores
 UNLABELLED_WEIGHT = 1.0  # the pseudo-labelled loss against the labelled one
+AGREE = False  # (measured: docs/benchmarks.md)
+SOFT_TARGETS = False  # the unlabelled images learn the propagated distribution (True) or its argmax, weighted
 
 
 def stratified_subset(labels: torch.Tensor, seed: int, fraction: Optional[float] = None,
@@ -265,9 +267,21 @@ def batch_loss(t: Tuning, images, labels, idx, weight=None) -> torch.Tensor:
 
 
 def semi_loss(t: Tuning, pseudo: tuple, labelled_idx, unlabelled_idx) -> torch.Tensor:
-    labels, weight = pseudo
-    return batch_loss(t, t.train.images, t.train.labels, labelled_idx) + UNLABELLED_WEIGHT * batch_loss(
-        t, t.unlabelled.images, labels, unlabelled_idx, weight)
+    labels, weight, scores = pseudo
+    if SOFT_TARGETS:  # cross-entropy with the propagated distribution itself
+        with autocast(t.device, t.precision):
+            logits = t.model(t.augment(t.unlabelled.images[unlabelled_idx])).float()
+        unlabelled = -(scores[unlabelled_idx] * logits.log_softmax(1)).sum(1).mean()
+    elif AGREE:  # only where the model's own prediction on the clean image agrees with the propagated label
+        mean, std = _norm(t.config)
+        with torch.no_grad(), autocast(t.device, t.precision):
+            own = t.model(normalize(t.unlabelled.images[unlabelled_idx], mean, std)).argmax(1)
+        mask = torch.zeros_like(weight)
+        mask[unlabelled_idx] = (own == labels[unlabelled_idx]).float()
+        unlabelled = batch_loss(t, t.unlabelled.images, labels, unlabelled_idx, weight * mask)
+    else:
+        unlabelled = batch_loss(t, t.unlabelled.images, labels, unlabelled_idx, weight)
+    return batch_loss(t, t.train.images, t.train.labels, labelled_idx) + UNLABELLED_WEIGHT * unlabelled
 
 
 @torch.no_grad()
@@ -284,8 +298,8 @@ def propagate_labels(t: Tuning) -> tuple:
     n = len(t.train)
     labels = torch.cat([t.train.labels.cpu(), torch.zeros(len(t.unlabelled), dtype=torch.long)])
     labelled = torch.arange(len(feats)) < n
-    pseudo, weight = propagate(feats, labels, labelled, len(t.classes))
-    return pseudo[n:].to(t.device), weight[n:].to(t.device)
+    pseudo, weight, scores = propagate(feats, labels, labelled, len(t.classes))
+    return pseudo[n:].to(t.device), weight[n:].to(t.device), scores[n:].to(t.device)
 
 
 def unlabelled_pool(ft: FinetuneConfig, src: dict, train: data_lib.ImageData,

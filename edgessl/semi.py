@@ -49,8 +49,10 @@ def knn_graph(features: torch.Tensor, k: int = K, gamma: float = GAMMA, chunk: i
 @torch.no_grad()
 def propagate(features: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor, num_classes: int,
               k: int = K, alpha: float = ALPHA, gamma: float = GAMMA, iters: int = ITERS) -> tuple:
-    """(pseudo-labels (N,) int64, weights (N,) float) for every image from the labels of the
-    `labelled` ones (bool (N,)); `labels` is read only where `labelled` is true."""
+    """(pseudo-labels (N,) int64, weights (N,) float, scores (N, C) rows summing to 1 or 0) for every
+    image from the labels of the `labelled` ones (bool (N,)); `labels` is read only where `labelled`
+    is true. An image the diffusion never reached (no labelled image in its component) has zero
+    scores and weight 0."""
     n = features.shape[0]
     s = knn_graph(features, k, gamma)
     y = torch.zeros(n, num_classes)
@@ -64,7 +66,8 @@ def propagate(features: torch.Tensor, labels: torch.Tensor, labelled: torch.Tens
     p = p / p.sum(1, keepdim=True).clamp(min=1e-12)
     entropy = -(p * p.clamp(min=1e-12).log()).sum(1)
     weight = 1.0 - entropy / math.log(num_classes) if num_classes > 1 else torch.ones(n)
+    weight[p.sum(1) == 0] = 0.0
     pseudo = p.argmax(1)
     pseudo[labelled], weight[labelled] = known, 1.0
-    weight[p.sum(1) == 0] = 0.0  # an image the diffusion never reached (no labelled image in its component)
-    return pseudo, weight.clamp(0, 1)
+    p[labelled] = F.one_hot(known, num_classes).float()
+    return pseudo, weight.clamp(0, 1), p

@@ -42,7 +42,7 @@ def test_propagation_matches_a_dense_solve():
     s_ref, pseudo_ref, weight_ref = naive(feats, labels, labelled, 3, k=5, alpha=0.9, gamma=3.0)
     s = knn_graph(feats, k=5, gamma=3.0).to_dense().double().numpy()
     np.testing.assert_allclose(s, s_ref, atol=1e-6)
-    pseudo, weight = propagate(feats, labels, labelled, 3, k=5, alpha=0.9, gamma=3.0, iters=400)
+    pseudo, weight, _ = propagate(feats, labels, labelled, 3, k=5, alpha=0.9, gamma=3.0, iters=400)
     expect = torch.from_numpy(pseudo_ref)
     expect[labelled] = labels[labelled]
     assert torch.equal(pseudo, expect)
@@ -62,12 +62,12 @@ def test_two_clusters_take_their_one_label_each():
     poisoned = truth.clone()
     poisoned[~labelled] = 1 - poisoned[~labelled]  # wrong on every unlabelled image
     for given in (truth, poisoned):
-        pseudo, weight = propagate(feats, given, labelled, 2, k=4)
+        pseudo, weight, _ = propagate(feats, given, labelled, 2, k=4)
         assert torch.equal(pseudo, truth) and bool((weight > 0.9).all())
 
 
 def test_an_unreached_component_gets_no_weight():
     feats = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])
     labelled = torch.tensor([True, False, False, False])
-    _, weight = propagate(feats, torch.tensor([0, 0, 0, 0]), labelled, 2, k=1, gamma=3.0)
+    _, weight, _ = propagate(feats, torch.tensor([0, 0, 0, 0]), labelled, 2, k=1, gamma=3.0)
     assert weight[1] > 0.5 and weight[2] == 0 and weight[3] == 0  # k=1: {0, 1} and {2, 3} are apart
