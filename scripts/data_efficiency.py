@@ -1,6 +1,6 @@
 """Data efficiency: fine-tune a pretrained run with 1%, 10% and 100% of the labels (or N labels
-per class) with the unlabelled images (`semi`, the default of `edgessl finetune`) and without
-(`pretrained`), the same network from scratch (`random`), and a linear probe on the run's
+per class) with the unlabelled images (`semi`: `edgessl finetune --unlabelled propagate`) and
+without (`pretrained`, the default), the same network from scratch (`random`), and a linear probe on the run's
 frozen features of the same labelled images (`linear`), over seeds; JSON plus a PNG (accuracy
 vs label fraction).
 
@@ -135,7 +135,7 @@ def main() -> None:
                         r = finetune(args.run_dir, args.train, args.test, Path(tmp) / key.replace("/", "_"),
                                      label_fraction=fraction, labels_per_class=per_class, seed=seed,
                                      init="random" if init == "random" else "pretrained",
-                                     unlabelled="auto" if init == "semi" else "none", log=lambda *_: None,
+                                     unlabelled="propagate" if init == "semi" else "none", log=lambda *_: None,
                                      **epochs)
                     results[key] = {**r, "fraction": fraction, "labels": labels, "init": init}
                     save_results(out, results)

@@ -90,7 +90,7 @@ def _rows_without_seconds(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("unlabelled", ["auto", "none"])
+@pytest.mark.parametrize("unlabelled", ["propagate", "none"])
 def test_finetune_resume_is_bit_exact(pretrained, tmp_path, unlabelled):
     """Stopped after epoch 2 of 4 and resumed: the metrics (but wall-clock seconds) and the final
     weights equal an uninterrupted run's, with the unlabelled images (pseudo-labels propagated
@@ -98,7 +98,7 @@ def test_finetune_resume_is_bit_exact(pretrained, tmp_path, unlabelled):
     root, train, test = pretrained
     kw = dict(labels_per_class=6, epochs=4, batch_size=6, seed=1, unlabelled=unlabelled, log=lambda *_: None)
     full = finetune(root / "run", train, test, tmp_path / "full", **kw)
-    assert full["n_unlabelled"] == (45 if unlabelled == "auto" else 0)  # the run's 60 - 25% held out
+    assert full["n_unlabelled"] == (45 if unlabelled == "propagate" else 0)  # the run's 60 - 25% held out
     finetune(root / "run", train, test, tmp_path / "part", stop_at_epoch=2, **kw)
     assert len((tmp_path / "part" / "metrics.csv").read_text().splitlines()) == 3
     with open(tmp_path / "part" / "metrics.csv", "a") as f:
@@ -142,7 +142,7 @@ def test_the_unlabelled_images_labels_never_enter(tmp_path):
     pretrain(tiny_config(f"npz:{data}", optim={"epochs": 1}), tmp_path / "run", log=lambda *_: None)
     train = make_npz(tmp_path / "train.npz", n=30, size=32, seed=2)
     test = make_npz(tmp_path / "test.npz", n=15, size=32, seed=1)
-    kw = dict(labels_per_class=3, epochs=2, batch_size=6, log=lambda *_: None)
+    kw = dict(labels_per_class=3, epochs=2, batch_size=6, unlabelled="propagate", log=lambda *_: None)
     clean = finetune(tmp_path / "run", f"npz:{train}", f"npz:{test}", tmp_path / "clean", **kw)
     with np.load(data) as f:
         x, y = f["x_train"], f["y_train"]
