@@ -24,7 +24,7 @@ LAYERS = [
     {"edgessl.methods.heads", "edgessl.losses", "edgessl.losses.instance", "edgessl.losses.sqrtkl",
      "edgessl.losses.ntxent", "edgessl.losses.byol"},
     {"edgessl.optim", "edgessl.device", "edgessl.schedule", "edgessl.checkpoint", "edgessl.onnxrt", "edgessl.knn",
-     "edgessl.depthwise", "edgessl.augment", "edgessl.backbones", "edgessl.data"},
+     "edgessl.depthwise", "edgessl.augment", "edgessl.backbones", "edgessl.data", "edgessl.semi"},
     {"edgessl.distributed", "edgessl.cache", "edgessl.config"},
     {"edgessl.runfiles", "edgessl.version", "edgessl.errors"},
 ]
