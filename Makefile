@@ -36,8 +36,9 @@ demo: venv
 	$(BIN)/edgessl finetune $(DEMO) --labels-per-class 10 --out $(DEMO)/finetune
 	@echo "== 5/6 export the classifier"
 	$(BIN)/edgessl export $(DEMO)/finetune --out $(DEMO)/classifier.onnx
-	@echo "== 6/6 report: open it in a browser"
+	@echo "== 6/6 reports: open them in a browser"
 	$(BIN)/edgessl report $(DEMO)
+	$(BIN)/edgessl report $(DEMO)/finetune
 
 # -n 2: two pytest workers (tests pin torch to one thread each), about 1.5x faster on 2 cores
 test: venv

@@ -263,7 +263,8 @@ def embed(source, spec, out, bad_images):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="HTML file (default: RUN_DIR/report.html).")
 def report(run_dir, out):
-    """One self-contained HTML page about a pretraining run: config, curves, neighbours, exports."""
+    """One self-contained HTML page about a run: config, curves, neighbours, exports (a fine-tuned
+    classifier: its labels, test curve and exports)."""
     from edgessl import api
 
     click.echo(f"wrote {api.Run(run_dir).report(out)}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
 from edgessl import data as data_lib
 from edgessl.errors import EdgesslError
@@ -24,13 +25,26 @@ from edgessl.runs import check_run_data, is_classifier, read_state, run_config
 
 
 def write_report(run_dir: str | Path, out: Optional[str | Path] = None, grid: bool = True) -> Path:
-    """Write RUN_DIR/report.html (or `out`) and return its path."""
+    """Write RUN_DIR/report.html (or `out`) and return its path: a pretraining run's page, or a
+    fine-tuned classifier's (its labels, its curve, its test top-1)."""
     run_dir = Path(run_dir)
     state = read_state(run_dir)
-    if is_classifier(state):
-        raise EdgesslError(f"{run_dir} is a fine-tuning run; `edgessl report` takes a pretraining run")
-    cfg = run_config(state)
     out = Path(out) if out else run_dir / "report.html"
+    parts = _classifier_parts(run_dir, state) if is_classifier(state) else _pretraining_parts(run_dir, state, grid)
+    parts += _exports(run_dir)
+    config_yaml = ((run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else
+                   yaml.safe_dump(state["config"], sort_keys=False))  # a classifier: the checkpoint's
+    parts += ["<h2>Resolved config</h2>", f"<pre>{html.escape(config_yaml)}</pre>"]
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>edgessl report</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%}"
+            "pre{background:#f4f4f4;padding:1em}</style></head><body>" + "\n".join(parts) + "</body></html>")
+    atomic_write(out, page)
+    return out
+
+
+def _pretraining_parts(run_dir: Path, state: dict, grid: bool) -> list[str]:
+    cfg = run_config(state)
     metrics = _rows(run_dir / "metrics.csv")
     pos = state["position"]
     base = pos.get("baselines", {})
@@ -50,15 +64,43 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, grid: bo
         if png:
             parts += ["<h2>Nearest neighbours</h2><p>Held-out images (first column), then their nearest "
                       "training images by the backbone's features; wrong labels in red.</p>", _img(png)]
-    parts += _exports(run_dir)
-    config_yaml = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
-    parts += ["<h2>Resolved config</h2>", f"<pre>{html.escape(config_yaml)}</pre>"]
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>edgessl report</title><style>"
-            "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%}"
-            "pre{background:#f4f4f4;padding:1em}</style></head><body>" + "\n".join(parts) + "</body></html>")
-    atomic_write(out, page)
-    return out
+    return parts
+
+
+def _classifier_parts(run_dir: Path, state: dict) -> list[str]:
+    """A fine-tuned classifier: where it came from, what it learned from, its test curve."""
+    ft, pos = state["config"]["finetune"], state["position"]
+    rows = _rows(run_dir / "metrics.csv")
+    parts = [f"<h1>edgessl classifier {html.escape(str(run_dir))}</h1>",
+             _table(["", ""], [["pretraining run", html.escape(str(ft["source"]))],
+                               ["backbone", state["backbone"]["timm_name"]], ["classes", len(state["classes"])],
+                               ["labelled images", ft["n_labelled"]],
+                               ["unlabelled images", html.escape(str(ft.get("unlabelled", "none")))],
+                               ["init", ft["init"]], ["epochs / steps", f"{pos['epoch']} / {pos['step']}"],
+                               ["test top-1", _pct(pos["test_top1"])]])]
+    if rows:
+        parts += ["<h2>Fine-tuning</h2>", _img(_finetune_curves(rows))]
+    return parts
+
+
+def _finetune_curves(rows: list[dict]) -> bytes:
+    """Training loss and test top-1 against epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
+    ax[0].plot(epochs, [float(r["loss"]) for r in rows], marker=".")
+    ax[0].set(xlabel="epoch", ylabel="training loss")
+    ax[1].plot(epochs, [float(r["test_top1"]) for r in rows], marker="o")
+    ax[1].set(xlabel="epoch", ylabel="test top-1 %")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def _rows(path: Path) -> list[dict]:

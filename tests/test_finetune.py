@@ -51,6 +51,11 @@ def test_finetune_end_to_end_and_classifier_export(pretrained, tmp_path):
     data = load(test, 32)
     assert evaluate(clf, data, cfg.data.mean, cfg.data.std, torch.device("cpu"), "fp32") == pytest.approx(
         r["test_top1"])
+    from edgessl.report import write_report
+
+    page = write_report(tmp_path / "ft").read_text()  # the classifier's page: its numbers and its curve
+    assert "edgessl classifier" in page and f"{r['test_top1']:.2f} %" in page and "<td>labelled images</td><td>24" in page
+    assert page.count("data:image/png;base64,") == 1 and "labels_per_class: 8" in page  # the stored settings
     out = tmp_path / "clf.onnx"
     report = export_onnx(tmp_path / "ft", out)
     assert report["max_abs_diff"] <= 1e-4
