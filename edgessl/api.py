@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from edgessl import config as config_lib
 from edgessl.config import Config
@@ -151,6 +150,8 @@ class Trainer:
     def step(self, indices=None, lr: Optional[float] = None, step: int = 0, total: int = 10**9) -> dict:
         """One training step on `indices` (default: a random batch of the configured size) at `lr`
         (default the config's), `step` of `total`; returns the method's output, the loss on the device."""
+        import torch
+
         from edgessl.train import train_step
 
         s = self._s

@@ -217,7 +217,8 @@ class FinetuneConfig:
                                    "encoder's features.")
     epochs: Union[str, int] = setting(AUTO, flag="--epochs", parse=int, help="Epochs: passes over the unlabelled "
                                       "images (over the labelled ones with --unlabelled none).",
-                                      auto="30 over the labelled images alone; 6 over the unlabelled ones with --unlabelled propagate")
+                                      auto="30 over the labelled images alone; 6 over the unlabelled ones with "
+                                           "--unlabelled propagate")
     minutes: Optional[float] = setting(None, flag="--minutes", parse=float,
                                        help="Budget: as many epochs as fit in this many minutes (at most --epochs).")
     seed: int = setting(0, flag="--seed", parse=int, help="Seed of the label draw, the head and the order.")
@@ -343,7 +344,7 @@ def _check_choices(obj, cls, prefix: str = "") -> None:
             shown = (*allowed, AUTO) if f.metadata["auto"] else allowed
             raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, shown))}, got {value!r}")
         if f.metadata.get("auto") and not allowed and isinstance(value, str) and value != AUTO \
-                and key != "method.negatives":
+                and key != "method.negatives":  # (which also takes "all": validate checks it)
             raise ConfigError(f"config key '{key}' must be auto or a value, got {value!r}")
 
 

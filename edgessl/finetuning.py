@@ -20,7 +20,7 @@ from torch import nn
 
 from edgessl import checkpoint, data as data_lib
 from edgessl.augment import BatchAugment, normalize
-from edgessl.config import AugmentConfig, FinetuneConfig, finetune_config, to_dict
+from edgessl.config import AUTO, AugmentConfig, FinetuneConfig, finetune_config, to_dict
 from edgessl.depthwise import fast_depthwise
 from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
@@ -158,7 +158,7 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     prec = resolve_precision(ft.precision, dev)
     semi = unlabelled is not None
     ub = min(ft.batch_size, len(unlabelled)) if semi else 0
-    epochs = ft.epochs if ft.epochs != "auto" else SEMI_EPOCHS if semi else LABELLED_EPOCHS
+    epochs = ft.epochs if ft.epochs != AUTO else SEMI_EPOCHS if semi else LABELLED_EPOCHS
     return Tuning(ft, model, torch.optim.SGD(groups, lr=ft.lr, momentum=0.9, weight_decay=ft.weight_decay,
                                              nesterov=True), grad_scaler(dev, prec),
                   BatchAugment(FINETUNE_AUGMENT, source.backbone["image_size"], *_norm(source.config)),
@@ -186,8 +186,7 @@ def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_epoch,
         checkpoint.restore_training(state, t.model, t.optimizer, t.scaler)
         pos = {k: state["position"].get(k, v) for k, v in pos.items()}
         metrics.keep(pos["epoch"])  # exactly the epochs its checkpoint covers (a kill may have added one)
-    done = pos["epoch"]
-    planned = state["position"].get("planned", t.epochs) if state is not None else t.epochs
+    done, planned = pos["epoch"], pos["planned"]
     log(f"edgessl finetune: {len(t.train)} labelled images ({t.config['finetune']['n_labelled']} of the train set, "
         f"seed {t.ft.seed}), {len(t.classes)} classes, init {t.ft.init}, {unlabelled_line(t)}, {planned} epochs"
         f"{f' (from epoch {done})' if done else ''}, {t.device} {t.precision}")
@@ -265,7 +264,7 @@ def batch_loss(t: Tuning, images, labels, idx, weight=None) -> torch.Tensor:
 
 
 def semi_loss(t: Tuning, pseudo: tuple, labelled_idx, unlabelled_idx) -> torch.Tensor:
-    labels, weight, _ = pseudo
+    labels, weight = pseudo
     return batch_loss(t, t.train.images, t.train.labels, labelled_idx) + UNLABELLED_WEIGHT * batch_loss(
         t, t.unlabelled.images, labels, unlabelled_idx, weight)
 
@@ -284,8 +283,8 @@ def propagate_labels(t: Tuning) -> tuple:
     n = len(t.train)
     labels = torch.cat([t.train.labels.cpu(), torch.zeros(len(t.unlabelled), dtype=torch.long)])
     labelled = torch.arange(len(feats)) < n
-    pseudo, weight, scores = propagate(feats, labels, labelled, len(t.classes))
-    return pseudo[n:].to(t.device), weight[n:].to(t.device), scores[n:].to(t.device)
+    pseudo, weight, _ = propagate(feats, labels, labelled, len(t.classes))
+    return pseudo[n:].to(t.device), weight[n:].to(t.device)
 
 
 def unlabelled_pool(ft: FinetuneConfig, src: dict, train: data_lib.ImageData,

@@ -41,13 +41,13 @@ from typing import Optional
 
 import torch
 
+from edgessl import data as data_lib
 from edgessl.config import AUTO, auto_settings, settings
-from edgessl.data import AUTO_FIT
 
 SMALL_SIDE = 64  # images this small train at their own size
 PHOTO_SIZE = 96  # larger images on a CPU (output stride 32: cheaper than 64 px at stride 16, and learned more)
 GPU_PHOTO_SIZE = 128  # larger images on a GPU (not measured on one: docs/usage.md)
-FIT = AUTO_FIT  # squash | crop (edgessl.data: what "auto" loads as)
+FIT = data_lib.AUTO_FIT  # squash | crop (edgessl.data: what "auto" loads as)
 SURVEY_FILES = 512  # header reads to estimate a folder's native sizes
 CROP_SCALE = (0.2, 1.0)  # docs/method.md's crops ...
 BACKGROUND_TOL = 8  # ... unless pixels this close (0-255) to the border's colour ...
@@ -204,8 +204,6 @@ def resolve(cfg, device: torch.device, world: int = 1, decide: bool = True):
     `decide` (a new run, not a resumed one) every auto value picked from them, written into cfg
     in place. An array data set is read at its own size first; one larger than the rule's size is
     read again at that size (its rows' identity is the one the run trains on)."""
-    from edgessl import data as data_lib
-
     choices = input_choices(cfg, device) if decide else []
     apply(cfg, choices)
     train, val = data_lib.load_split(cfg.data)
