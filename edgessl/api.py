@@ -96,9 +96,9 @@ class Run:
 
     def export(self, out: str | Path, precision: str = "fp32", **kwargs) -> dict:
         """`edgessl export RUN --out OUT`: an ONNX file checked through onnxruntime; its report."""
-        from edgessl.export import export_onnx
+        from edgessl.export import export_model
 
-        return export_onnx(self.path, out, precision, **kwargs)
+        return export_model(self.path, out, precision, **kwargs)
 
     def probe(self, train: str, test: str, knn_k: int = 200, linear: bool = False,
               grid: Optional[str] = None) -> dict:

@@ -95,21 +95,26 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=True), help="MODEL.onnx, or a folder with --format timm.")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "timm"]), default="onnx")
+@click.option("--out", required=True, type=click.Path(dir_okay=True),
+              help="MODEL.onnx, MODEL.xml (openvino), MODEL.tflite (litert), MODEL.pte (executorch), or a folder "
+                   "with --format timm.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "openvino", "litert", "executorch", "timm"]),
+              default="onnx", help="The runtime the file is for; each is checked in that runtime.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32")
 @click.option("--calib", help="Calibration images for int8 (dataset spec; default: the run's own data).")
 @click.option("--calib-count", type=int, default=256)
-@click.option("--batch", default="dynamic", help="'dynamic' or a fixed batch size (NNAPI, CoreML).")
+@click.option("--batch", default="dynamic", help="'dynamic' or a fixed batch size (NNAPI, CoreML); LiteRT and "
+              "ExecuTorch files have one batch size: 1 unless given.")
 @click.option("--opset", type=int, default=18)
 @click.option("--with-head", is_flag=True, help="Export the projection head too (unit-norm z).")
-@click.option("--adapt/--no-adapt", default=True, help="int8 of a hard-swish network (MobileNetV3): export a ReLU "
-              "student distilled from it, which onnxruntime runs in int8 throughout.")
+@click.option("--adapt/--no-adapt", default=True, help="int8 ONNX of a hard-swish network (MobileNetV3): export a "
+              "ReLU student distilled from it, which onnxruntime runs in int8 throughout.")
 @click.option("--adapt-seconds", type=float, default=120.0, help="Distillation time for --adapt.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
 def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_head, adapt, adapt_seconds, as_json):
-    """Export a run's encoder to ONNX (checked through onnxruntime) or to timm weights."""
+    """Export a run's encoder or classifier for a runtime (checked in that runtime) or as timm weights."""
     from edgessl import export as export_lib
+    from edgessl.formats import FORMATS
 
     if fmt == "timm":
         report = export_lib.export_timm(run_dir, out)
@@ -119,9 +124,11 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
             raise EdgesslError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}")
         if adapt_seconds <= 0:
             raise EdgesslError("--adapt-seconds must be positive")
-        report = export_lib.export_onnx(run_dir, out, precision, calib, calib_count,
-                                        batch if batch == "dynamic" else int(batch), opset, with_head,
-                                        adapt=adapt, adapt_seconds=adapt_seconds)
+        report = export_lib.export_model(run_dir, out, precision, calib, calib_count,
+                                         batch if batch == "dynamic" else int(batch), opset, with_head,
+                                         adapt=adapt, adapt_seconds=adapt_seconds, fmt=fmt)
+        if report.get("int8_network") == "as_trained":
+            click.echo(f"int8: {FORMATS[fmt].why}")
         if "adapted" in report:
             a = report["adapted"]
             click.echo(f"int8: onnxruntime runs hard-swish and squeeze-excite in float, so {a['swapped']} hard-swish "
@@ -129,8 +136,8 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
                        f"next conv; the student was distilled from the run for {a['seconds']:.0f} s ({a['steps']} "
                        f"steps, feature cosine to the original {a['feature_cosine_to_original']:.3f}); "
                        "--no-adapt exports the network as it is")
-        knn = (f", kNN {report['knn_onnx']:.2f} % ({report['knn_change']:+.2f} vs torch fp32)"
-               if "knn_onnx" in report else "")
+        knn = (f", kNN {report['knn_export']:.2f} % ({report['knn_change']:+.2f} vs torch fp32)"
+               if "knn_export" in report else "")
         if "top1_agreement" in report:
             knn = (f", top-1 agrees with torch fp32 on {100 * report['top1_agreement']:.1f} % of "
                    f"{report['agreement_images']} held-out images")
@@ -138,7 +145,7 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
                    f"max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} vs torch, "
                    f"latency {report['latency_ms_p50']:.2f} ms at batch {report['latency_batch']}{knn}")
         if "speedup_vs_fp32" in report:
-            click.echo(f"speed-up  {speedup_line(report['speedup_vs_fp32'])} against the run's fp32 export, "
+            click.echo(f"speed-up  {speedup_line(report['speedup_vs_fp32'])} against the run's fp32 {fmt} file, "
                        "timed side by side on this CPU")
         if advice := export_lib.export_advice(report):
             click.echo(advice)
@@ -150,7 +157,7 @@ def speedup_line(up: dict) -> str:
     """'1.62x / 1.55x at batch 1 / 32 on 1 thread, ... on onnxruntime's default threads'."""
     sizes = " / ".join(str(b) for b in next(iter(up.values())))
     return ", ".join(" / ".join(f"{x:.2f}x" for x in per_b.values()) + f" at batch {sizes} on "
-                     + ("onnxruntime's default threads" if str(t) == "0" else f"{t} thread{'s' * (str(t) != '1')}")
+                     + ("the runtime's default threads" if str(t) == "0" else f"{t} thread{'s' * (str(t) != '1')}")
                      for t, per_b in up.items())
 
 

@@ -1,7 +1,10 @@
-"""Encoder -> ONNX (fp32 / fp16 / int8) or timm weights, each export checked through onnxruntime.
+"""Encoder or classifier -> a model file for onnxruntime, OpenVINO, LiteRT or ExecuTorch (fp32 /
+fp16 / int8; edgessl.formats), or timm weights; each file checked in its own runtime.
 
-What ships is the ONNX file, so what a user is told about it (parity, latency, kNN) is
-measured on that file through onnxruntime. Preprocessing travels in its metadata.
+What ships is the file, so what a user is told about it (parity, latency, kNN) is measured on
+that file through the runtime that will run it (edgessl_edge.backends, the same code the
+device runs). Preprocessing travels in its metadata (in the file where the format has a place
+for it, and in MODEL.json beside it).
 """
 from __future__ import annotations
 
@@ -19,12 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgessl import data as data_lib
+from edgessl import formats
 from edgessl.adapt import distill, is_squeeze_excite, needs_adapting, se_gate, swap_modules
 from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.errors import EdgesslError
 from edgessl.onnxrt import (META_KEY, batch_of, latency, latency_side_by_side, ort_features, parity, read_metadata,
                             session, speedups)
+from edgessl_edge.backends import Backend, open_model
+from edgessl_edge.backends import latency as backend_latency
 from edgessl.runfiles import atomic_write, record_export
 from edgessl.runs import Classifier, check_run_data, is_classifier, load_run
 from edgessl.version import __version__
@@ -143,7 +149,7 @@ def metadata(cfg: Config, state: dict, encoder: Encoder, precision: str, ckpt: P
     dim = len(state["classes"]) if classifier else head[-1].out_features if head is not None \
         else state["backbone"]["feature_dim"]
     extra = {"kind": "classifier", "classes": state["classes"]} if classifier else {"kind": "encoder"}
-    return {"format": "edgessl-onnx", "input": "images", "output": output_name(state), **extra,
+    return {"format": "edgessl", "input": "images", "output": output_name(state), **extra,
             "input_size": [3, size, size], "layout": "NCHW", "channel_order": "RGB", "scale": 1 / 255,
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "resize": {"fit": cfg.data.fit, "rule": FIT_RULES[cfg.data.fit], "interpolation": "bicubic"},
@@ -248,35 +254,44 @@ def topological_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "fp32", calib: Optional[str] = None,
-                calib_count: int = 256, batch: str | int = "dynamic", opset: int = 18,
-                with_head: bool = False, knn: bool = True, adapt: bool = True, adapt_seconds: float = 120.0,
-                progress: Optional[bool] = None) -> dict:
-    """Write MODEL.onnx (+ MODEL.json sidecar), check it against torch, and return the report.
+def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", calib: Optional[str] = None,
+                 calib_count: int = 256, batch: str | int = "dynamic", opset: int = 18,
+                 with_head: bool = False, knn: bool = True, adapt: bool = True, adapt_seconds: float = 120.0,
+                 progress: Optional[bool] = None, fmt: str = "onnx") -> dict:
+    """Write MODEL (+ MODEL.json sidecar) for the runtime `fmt` names, check it against torch in
+    that runtime, and return the report.
 
     int8 of a pretraining run whose backbone has hard-swish or squeeze-excite blocks
-    (MobileNetV3), with `adapt`: the exported network is a student without them (ReLU, mean
-    gates folded) distilled from it for `adapt_seconds` (edgessl.adapt), since onnxruntime runs
-    them in float; the kNN change is then measured against the original network in torch fp32,
-    so it states what the adaptation and int8 cost together. fp16 and int8 files are timed
-    against the run's fp32 export side by side (`speedup_vs_fp32`)."""
-    if precision not in ("fp32", "fp16", "int8"):
-        raise EdgesslError(f"unknown precision {precision!r} (fp32, fp16, int8)")
+    (MobileNetV3), with `adapt`, for a runtime that runs them in float (onnxruntime): the
+    exported network is a student without them (ReLU, mean gates folded) distilled from it for
+    `adapt_seconds` (edgessl.adapt); the kNN change is then measured against the original
+    network in torch fp32, so it states what the adaptation and int8 cost together. fp16 and
+    int8 files are timed against the same runtime's fp32 file of the run, side by side
+    (`speedup_vs_fp32`). A format with one batch size per file (LiteRT, ExecuTorch) writes
+    batch 1 unless `batch` says otherwise."""
+    spec = formats.get(fmt)
+    formats.check_precision(spec, precision)
     model, cfg, state = load_run(run_dir)
     out = Path(out)
     if not out.parent.exists():
         raise EdgesslError(f"folder {out.parent} does not exist")
+    if out.suffix.lower() != spec.suffix:
+        raise EdgesslError(f"a {fmt} file is MODEL{spec.suffix}, not {out.name}")
+    formats.require(spec)
+    batch = 1 if batch == "dynamic" and not spec.dynamic_batch else batch
     knn = knn and not is_classifier(state)
-    job = _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, adapt, adapt_seconds, progress)
+    job = _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn,
+                   adapt and spec.int8_student, adapt_seconds, progress)
     meta = metadata(cfg, state, job.encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
+    meta["runtime"] = fmt
     if precision == "int8":
-        meta["int8_weight_bits"] = int8_weight_bits()
+        meta["int8_weight_bits"] = int8_weight_bits() if fmt == "onnx" else 8
+        meta["int8_network"] = "relu_student" if job.adapted else "as_trained"
     if job.adapted:
         a = job.adapted
         meta["adapted"] = {"hard_swish_to_relu": a["swapped"], "squeeze_excite_folded": a["se_folded"],
                            "distilled_seconds": a["seconds"], "distilled_steps": a["steps"]}
-    report = _write_checked(job, out, cfg, state, precision, meta, batch, opset, knn)
-    atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=1))
+    report = _write_checked(job, out, cfg, state, spec, precision, meta, batch, opset, knn)
     record_export(run_dir, out, report)
     return report
 
@@ -315,50 +330,84 @@ def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, a
     return _Job(encoder, original, adapted, images, own, size)
 
 
-def _write_checked(job: _Job, out: Path, cfg, state, precision, meta, batch, opset, knn) -> dict:
+def write_file(module: nn.Module, spec: formats.Format, precision: str, folder: Path, name: str, meta: dict,
+               images: np.ndarray, batch, opset: int, output: str) -> Path:
+    """Write `module` as FOLDER/NAME.SUFFIX (+ NAME.json) in `spec`'s format; return the model path."""
+    path = folder / f"{name}{spec.suffix}"
+    onnx_fp32 = folder / f"{name}.fp32.onnx"
+    if spec.name == "onnx" and precision == "int8":
+        rewrite_hard_activations(module)  # onnxruntime's int8 ops: the relu6 forms, gates folded
+    if spec.name in ("onnx", "openvino"):
+        torch_export(module, onnx_fp32, images.shape[-1], batch, opset, output)
+    if spec.name == "onnx":
+        if precision == "int8":
+            quantize_int8(onnx_fp32, path, images, meta["int8_weight_bits"])
+        elif precision == "fp16":
+            convert_fp16(onnx_fp32, path)
+        else:
+            onnx_fp32.rename(path)
+        _write_onnx_metadata(path, meta)
+    elif spec.name == "openvino":
+        formats.write_openvino(onnx_fp32, path, precision, images, meta)
+    else:
+        writer = formats.write_litert if spec.name == "litert" else formats.write_executorch
+        writer(module, path, precision, images, int(batch))
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def _write_checked(job: _Job, out: Path, cfg, state, spec: formats.Format, precision, meta, batch, opset,
+                   knn) -> dict:
     """Export, convert and check in a temporary folder; only a file that passed replaces `out`."""
     with torch.no_grad():
         reference = job.encoder(torch.from_numpy(job.images[:16])).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         baseline = None  # the run's network as the fp32 export writes it: what fp16 / int8 are timed against
         if precision != "fp32":
-            baseline = Path(tmp) / "baseline.onnx"
-            torch_export(job.original, baseline, job.size, batch, opset, output_name(state))
-        if precision == "int8":
-            rewrite_hard_activations(job.encoder)
-        final = fp32 = Path(tmp) / "fp32.onnx"
-        torch_export(job.encoder, fp32, job.size, batch, opset, output_name(state))
-        if precision != "fp32":
-            final = Path(tmp) / f"{precision}.onnx"
-            quantize_int8(fp32, final, job.images, meta["int8_weight_bits"]) if precision == "int8" \
-                else convert_fp16(fp32, final)
-        _write_onnx_metadata(final, meta)
-        sess = session(final)
-        report = {"path": str(out), "size_bytes": final.stat().st_size, "precision": precision,
-                  **parity(reference, ort_features(sess, job.images[:16])),
-                  "latency_batch": 1 if batch == "dynamic" else int(batch)}
-        report["latency_ms_p50"] = latency(sess, batch_of(job.images, report["latency_batch"]), 20)["p50"]
+            baseline = write_file(job.original, spec, "fp32", Path(tmp), "baseline", {**meta, "precision": "fp32"},
+                                  job.images, batch, opset, output_name(state))
+        final = write_file(job.encoder, spec, precision, Path(tmp), precision, meta, job.images, batch, opset,
+                           output_name(state))
+        model = open_model(final)
+        report = {"path": str(out), "format": spec.name, "size_bytes": _size(final), "precision": precision,
+                  **parity(reference, model.features(job.images[:16])),
+                  "latency_batch": model.fixed_batch or 1}
+        report["latency_ms_p50"] = backend_latency(model, batch_of(job.images, report["latency_batch"]), 20)["p50"]
         if precision == "fp32" and (report["max_rel_diff"] > FP32_MAX_ABS or report["min_cosine"] < FP32_MIN_COS):
             raise EdgesslError(f"fp32 export failed its parity check (max abs diff {report['max_abs_diff']:.2e}, "
                                f"{report['max_rel_diff']:.2e} of the feature scale, "
                                f"min cosine {report['min_cosine']:.6f}); nothing written")
+        if precision == "int8":
+            report["int8_network"] = meta["int8_network"]
         if job.adapted:
             report["adapted"] = job.adapted
         if baseline is not None:
-            report["speedup_vs_fp32"] = speedup_vs_fp32(baseline, final, job.images, batch)
+            report["speedup_vs_fp32"] = speedup_vs_fp32(baseline, final, job.images, batch, spec.threads)
         if knn:
-            report.update(knn_change(job.original, sess, cfg, *job.own))
+            report.update(knn_change(job.original, model, cfg, *job.own))
         if is_classifier(state):
-            report.update(top1_agreement(job.encoder, sess, cfg))
-        atomic_write(out, final.read_bytes())
+            report.update(top1_agreement(job.encoder, model, cfg))
+        _move(final, out)
     return report
 
 
-def speedup_vs_fp32(fp32: Path, other: Path, images: np.ndarray, batch) -> dict:
-    """{threads: {batch size: fp32's p50 / other's p50}} for 1 thread and onnxruntime's default
+def _size(path: Path) -> int:
+    return path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
+
+
+def _move(final: Path, out: Path) -> None:
+    """The checked file to `out`, each part written whole (OpenVINO's weights before its .xml)."""
+    if final.suffix == ".xml":
+        atomic_write(out.with_suffix(".bin"), final.with_suffix(".bin").read_bytes())
+    atomic_write(out, final.read_bytes())
+    atomic_write(out.with_suffix(".json"), final.with_suffix(".json").read_bytes())
+
+
+def speedup_vs_fp32(fp32: Path, other: Path, images: np.ndarray, batch, threads=(1, 0)) -> dict:
+    """{threads: {batch size: fp32's p50 / other's p50}} for 1 thread and the runtime's default
     (key 0), at batch 1 and 32 (or the file's fixed batch), the two files taking turns."""
     sizes = (1, 32) if batch == "dynamic" else (int(batch),)
-    p50 = latency_side_by_side({"fp32": fp32, "other": other}, images, sizes, threads=(1, 0))
+    p50 = latency_side_by_side({"fp32": fp32, "other": other}, images, sizes, threads=threads)
     return speedups(p50, "fp32")["other"]
 
 
@@ -382,7 +431,7 @@ def export_advice(report: dict) -> Optional[str]:
             f"--no-adapt exports the network as it is (closer to it, and slower in int8)")
 
 
-def top1_agreement(classifier: nn.Module, sess, cfg: Config, most: int = 1024) -> dict:
+def top1_agreement(classifier: nn.Module, model: Backend, cfg: Config, most: int = 1024) -> dict:
     """How often the exported classifier's top-1 class is torch fp32's, on up to `most` held-out
     images of the pretraining run's data (its training images when it held none out)."""
     train, val = data_lib.load_split(cfg.data)
@@ -390,11 +439,11 @@ def top1_agreement(classifier: nn.Module, sess, cfg: Config, most: int = 1024) -
     x = run_images(data, most, cfg)
     with torch.no_grad():
         ref = classifier(torch.from_numpy(x)).argmax(1).numpy()
-    got = ort_features(sess, x).argmax(1)
+    got = model.features(x).argmax(1)
     return {"top1_agreement": float((ref == got).mean()), "agreement_images": len(x)}
 
 
-def knn_change(encoder: nn.Module, sess, cfg: Config, train: data_lib.ImageData,
+def knn_change(encoder: nn.Module, model: Backend, cfg: Config, train: data_lib.ImageData,
                val: Optional[data_lib.ImageData]) -> dict:
     """kNN top-1 of torch fp32 features and of the exported file's, on the run's held-out split."""
     from edgessl.knn import heldout_knn
@@ -403,15 +452,15 @@ def knn_change(encoder: nn.Module, sess, cfg: Config, train: data_lib.ImageData,
         return {}
     acc = {}
     for name, fn in (("torch_fp32", lambda x: encoder(torch.from_numpy(x)).numpy()),
-                     ("onnx", lambda x: ort_features(sess, x))):
+                     ("export", model.features)):
         def features(images, fn=fn):
             with torch.no_grad():
                 return torch.from_numpy(np.concatenate([fn(normalize(c, cfg.data.mean, cfg.data.std).numpy())
                                                         for c in images.split(256)]))
 
         acc[name] = heldout_knn(features, train, val, cfg.run.knn_k)
-    return {"knn_torch_fp32": acc["torch_fp32"], "knn_onnx": acc["onnx"],
-            "knn_change": acc["onnx"] - acc["torch_fp32"]}
+    return {"knn_torch_fp32": acc["torch_fp32"], "knn_export": acc["export"],
+            "knn_change": acc["export"] - acc["torch_fp32"]}
 
 
 def torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int, output: str = "features") -> None:

@@ -92,17 +92,25 @@ def latency(sess, batch: np.ndarray, iters: int, warmup: int = 3) -> dict:
 
 def latency_side_by_side(paths: dict, images: np.ndarray, batch_sizes=(1, 32), threads=(1, 0),
                          rounds: int = 5, calls: int = 10) -> dict:
-    """p50 milliseconds {name: {threads: {batch: ms}}} of every file in `paths` ({name: path}), the
-    files taking turns in `rounds` rounds of `calls` calls each (median of the rounds' p50s), so
-    a slow spell of a shared machine hits them all alike. threads 0: onnxruntime's default."""
-    sessions = {(name, t): session(path, t or None) for name, path in paths.items() for t in threads}
-    p50 = {key: {b: [] for b in batch_sizes} for key in sessions}
-    for _ in range(rounds):
-        for key, sess in sessions.items():
-            for b in batch_sizes:
-                p50[key][b].append(latency(sess, batch_of(images, b), calls, warmup=1)["p50"])
-    return {name: {t: {b: round(float(np.median(p50[name, t][b])), 4) for b in batch_sizes} for t in threads}
-            for name in paths}
+    """p50 milliseconds {name: {threads: {batch: ms}}} of every model file in `paths` ({name: path},
+    each in the runtime its suffix names), the files taking turns in `rounds` rounds of `calls`
+    calls each (median of the rounds' p50s), so a slow spell of a shared machine hits them all
+    alike. threads 0: the runtime's default."""
+    from edgessl_edge.backends import latency as backend_latency
+    from edgessl_edge.backends import open_model
+
+    p50: dict = {name: {} for name in paths}
+    for t in threads:  # one thread count at a time: ExecuTorch's thread pool is one per process
+        models = {name: open_model(path, t) for name, path in paths.items()}
+        times = {name: {b: [] for b in batch_sizes} for name in paths}
+        for _ in range(rounds):
+            for name, model in models.items():
+                for b in batch_sizes:
+                    times[name][b].append(backend_latency(model, batch_of(images, b), calls, warmup=1)["p50"])
+        for name in paths:
+            p50[name][t] = {b: round(float(np.median(times[name][b])), 4) for b in batch_sizes}
+        del models
+    return p50
 
 
 def speedups(p50: dict, base: str) -> dict:

@@ -198,7 +198,7 @@ def _exports(run_dir: Path) -> list[str]:
             speed = " / ".join(f"b{b} {ref['check']['latency_ms'][b]['p50'] / lat[b]['p50']:.2f}x"
                                for b in lat if b in ref["check"]["latency_ms"])
         rows.append([html.escape(Path(model).name), r.get("precision", ""), f"{r.get('size_bytes', 0) / 2**20:.2f}",
-                     f"{r.get('min_cosine', float('nan')):.5f}", _pct(r.get("knn_onnx")),
+                     f"{r.get('min_cosine', float('nan')):.5f}", _pct(r.get("knn_export")),
                      f"{r['knn_change']:+.2f}" if "knn_change" in r else "",
                      " / ".join(f"b{b} {v['p50']:.2f} ms" for b, v in lat.items()) or
                      (f"b{r['latency_batch']} {r['latency_ms_p50']:.2f} ms" if "latency_ms_p50" in r else ""), speed])

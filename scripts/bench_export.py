@@ -22,7 +22,7 @@ from pathlib import Path
 import onnxruntime
 
 from benchlib import SHARED_CIFAR, markdown
-from edgessl.export import check, export_onnx
+from edgessl.export import check, export_model
 from edgessl.runs import load_run
 import edgessl
 
@@ -41,10 +41,10 @@ def bench_model(run: Path, name: str, size: int, work: Path, threads: int, iters
     rows = {}
     for precision in ("fp32", "fp16", "int8"):
         path = work / f"{run.name}-{precision}.onnx"
-        exp = export_onnx(run, path, precision=precision)
+        exp = export_model(run, path, precision=precision)
         chk = check(path, batch_sizes=(1, 32), threads=threads, iters=iters)
         rows[precision] = {"size_mb": round(exp["size_bytes"] / 2**20, 2), "max_abs_diff": exp["max_abs_diff"],
-                           "min_cosine": exp["min_cosine"], "knn_top1": exp.get("knn_onnx"),
+                           "min_cosine": exp["min_cosine"], "knn_top1": exp.get("knn_export"),
                            "knn_change": exp.get("knn_change"), "adapted": exp.get("adapted"),
                            "p50_ms": {b: chk["latency_ms"][b]["p50"] for b in ("1", "32")}}
         if "speedup_vs_fp32" in exp:  # {threads: {batch: x}}, threads 0: onnxruntime's default

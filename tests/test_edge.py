@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import REPO, make_npz, tiny_config
 from edgessl.augment import normalize
 from edgessl.data import load
-from edgessl.export import export_onnx
+from edgessl.export import export_model
 from edgessl.train import pretrain
 
 sys.path.insert(0, str(REPO / "export"))
@@ -37,7 +37,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("edge")
     npz = make_npz(root / "tiny.npz", n=48, size=32)
     pretrain(tiny_config(f"npz:{npz}", optim={"epochs": 1}), root / "run", log=lambda *_: None)
-    export_onnx(root / "run", root / "m.onnx", knn=False)
+    export_model(root / "run", root / "m.onnx", knn=False)
     arrays = np.load(npz)
     return root, root / "m.onnx", arrays["x_train"], arrays["y_train"]
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_npz, tiny_config
 from edgessl import EdgesslError, load_backbone
-from edgessl.export import Encoder, check, export_onnx, export_timm, int8_weight_bits
+from edgessl.export import Encoder, check, export_model, export_timm, int8_weight_bits
 from edgessl.onnxrt import read_metadata, session
 from edgessl.runs import load_run
 from edgessl.train import pretrain
@@ -35,7 +35,7 @@ def torch_features(run_dir, x, with_head=False):
 
 def test_fp32_parity_dynamic_batch(run_dir, tmp_path):
     out = tmp_path / "m.onnx"
-    report = export_onnx(run_dir, out)
+    report = export_model(run_dir, out)
     assert report["max_abs_diff"] <= 1e-4 and report["min_cosine"] >= 0.99999
     onnx.checker.check_model(onnx.load(str(out)))
     sess = session(out)
@@ -49,7 +49,7 @@ def test_fp32_parity_dynamic_batch(run_dir, tmp_path):
 
 def test_fixed_batch_and_head(run_dir, tmp_path):
     out = tmp_path / "fixed.onnx"
-    export_onnx(run_dir, out, batch=4, with_head=True, knn=False)
+    export_model(run_dir, out, batch=4, with_head=True, knn=False)
     sess = session(out)
     assert sess.get_inputs()[0].shape == [4, 3, 32, 32]
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
@@ -61,7 +61,7 @@ def test_fixed_batch_and_head(run_dir, tmp_path):
 
 def test_metadata_round_trip(run_dir, tmp_path):
     out = tmp_path / "m.onnx"
-    export_onnx(run_dir, out, knn=False)
+    export_model(run_dir, out, knn=False)
     meta = read_metadata(out)
     assert meta == json.loads(out.with_suffix(".json").read_text())
     assert meta["input_size"] == [3, 32, 32] and meta["channel_order"] == "RGB" and meta["feature_dim"] == 1024
@@ -73,14 +73,14 @@ def test_metadata_round_trip(run_dir, tmp_path):
 @pytest.mark.parametrize("precision,min_cos", [("fp16", 0.999), ("int8", 0.8)])
 def test_reduced_precision(run_dir, tmp_path, precision, min_cos):
     out = tmp_path / f"{precision}.onnx"
-    report = export_onnx(run_dir, out, precision=precision, calib_count=32, adapt_seconds=3)
+    report = export_model(run_dir, out, precision=precision, calib_count=32, adapt_seconds=3)
     assert report["min_cosine"] >= min_cos
     assert read_metadata(out)["precision"] == precision
     # the torch fp32 kNN the change is measured from is the run's own last monitor point
     final_knn = float((run_dir / "metrics.csv").read_text().splitlines()[-1].split(",")[-1])
     assert report["knn_torch_fp32"] == pytest.approx(final_knn, abs=0.01)
-    assert report["knn_change"] == pytest.approx(report["knn_onnx"] - report["knn_torch_fp32"])
-    assert report["knn_onnx"] * 16 / 100 == pytest.approx(round(report["knn_onnx"] * 16 / 100))  # of 16 queries
+    assert report["knn_change"] == pytest.approx(report["knn_export"] - report["knn_torch_fp32"])
+    assert report["knn_export"] * 16 / 100 == pytest.approx(round(report["knn_export"] * 16 / 100))  # of 16 queries
     if precision == "int8":
         ops = {n.op_type for n in onnx.load(str(out)).graph.node}
         assert "QuantizeLinear" in ops and "HardSwish" not in ops and "HardSigmoid" not in ops
@@ -101,7 +101,7 @@ def test_reduced_precision(run_dir, tmp_path, precision, min_cos):
 
 def test_check_reports_parity_and_latency(run_dir, tmp_path):
     out = tmp_path / "m.onnx"
-    export_onnx(run_dir, out, knn=False)
+    export_model(run_dir, out, knn=False)
     report = check(out, against=str(run_dir), batch_sizes=(1, 3), iters=3)
     assert report["max_abs_diff"] <= 1e-4 and report["min_cosine"] >= 0.99999
     assert set(report["latency_ms"]) == {"1", "3"} and report["latency_ms"]["3"]["p50"] > 0
@@ -159,8 +159,8 @@ def test_timm_export_of_an_alias_with_model_args(tmp_path):
 
 def test_check_profile_names_the_float_islands_of_an_int8_graph(run_dir, tmp_path):
     fp32, int8 = tmp_path / "m.onnx", tmp_path / "q.onnx"
-    export_onnx(run_dir, fp32, knn=False)
-    export_onnx(run_dir, int8, precision="int8", calib_count=16, knn=False, adapt=False)
+    export_model(run_dir, fp32, knn=False)
+    export_model(run_dir, int8, precision="int8", calib_count=16, knn=False, adapt=False)
     p = check(int8, batch_sizes=(2,), iters=3, profile=True)["profile"]
     ops = {r["op"] for r in p["ops"]}
     assert "QLinearConv" in ops and p["batch"] == 2 and p["iters"] == 3
@@ -312,7 +312,7 @@ def test_int8_weights_keep_eight_bits_unless_x86_lacks_vnni(monkeypatch):
 
 def test_int8_export_with_a_fixed_batch_calibrates_in_that_batch(run_dir, tmp_path):
     out = tmp_path / "b2.onnx"
-    report = export_onnx(run_dir, out, precision="int8", calib_count=5, batch=2, knn=False, adapt_seconds=1)
+    report = export_model(run_dir, out, precision="int8", calib_count=5, batch=2, knn=False, adapt_seconds=1)
     sess = session(out)
     assert sess.get_inputs()[0].shape[0] == 2 and read_metadata(out)["batch"] == 2
     assert report["min_cosine"] > 0.9 and set(report["speedup_vs_fp32"][1]) == {2}

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_pretrained_run
 from edgessl import EdgesslError, checkpoint
-from edgessl.export import check, export_onnx
+from edgessl.export import check, export_model
 from edgessl.onnxrt import read_metadata, session
 from edgessl.runs import load_run
 from edgessl.finetuning import finetune, stratified_subset
@@ -57,7 +57,7 @@ def test_finetune_end_to_end_and_classifier_export(pretrained, tmp_path):
     assert "edgessl classifier" in page and f"{r['test_top1']:.2f} %" in page and "<td>labelled images</td><td>24" in page
     assert page.count("data:image/png;base64,") == 1 and "labels_per_class: 8" in page  # the stored settings
     out = tmp_path / "clf.onnx"
-    report = export_onnx(tmp_path / "ft", out)
+    report = export_model(tmp_path / "ft", out)
     assert report["max_abs_diff"] <= 1e-4
     meta = read_metadata(out)
     assert meta["kind"] == "classifier" and meta["classes"] == ["0", "1", "2"] and meta["output"] == "logits"
@@ -68,7 +68,7 @@ def test_finetune_end_to_end_and_classifier_export(pretrained, tmp_path):
         assert np.abs(logits - model(torch.from_numpy(x)).numpy()).max() <= 1e-4
     assert logits.shape == (5, 3)
     assert check(out, against=str(tmp_path / "ft"), batch_sizes=(1,), iters=2)["max_abs_diff"] <= 1e-4
-    q = export_onnx(tmp_path / "ft", tmp_path / "clf8.onnx", precision="int8", calib_count=16)
+    q = export_model(tmp_path / "ft", tmp_path / "clf8.onnx", precision="int8", calib_count=16)
     # agreement of int8 and torch fp32 top-1 on the pretraining run's 15 held-out images (25% of 60)
     assert q["agreement_images"] == 15 and q["top1_agreement"] * 15 == pytest.approx(round(q["top1_agreement"] * 15))
 

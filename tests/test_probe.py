@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_pretrained_run
 from edgessl import EdgesslError
-from edgessl.export import export_onnx
+from edgessl.export import export_model
 from edgessl.probe import linear_probe, probe
 
 
@@ -26,7 +26,7 @@ def test_linear_probe_separates_a_separable_set():
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     train, test = tiny_pretrained_run(root)
-    export_onnx(root / "run", root / "m.onnx", knn=False)
+    export_model(root / "run", root / "m.onnx", knn=False)
     return root, train, test
 
 

@@ -155,14 +155,14 @@ def test_one_photo_is_the_same_tensor_in_training_probe_onnx_and_the_runtime(tmp
     """The rule that makes a photo square is stored with the run and travels into the ONNX
     metadata: training, `probe`, onnxruntime through edgessl and the edge runtime see one tensor."""
     from edgessl.augment import normalize
-    from edgessl.export import export_onnx
+    from edgessl.export import export_model
     from edgessl.probe import featurizer
     from edgessl.train import pretrain
 
     folder = photo_folder(tmp_path / "p", n=16)
     pretrain(tiny_config(f"folder:{folder}", data={"image_size": 24, "fit": fit}, optim={"epochs": 1}),
              tmp_path / "run", log=lambda *_: None)
-    export_onnx(tmp_path / "run", tmp_path / "m.onnx", knn=False)
+    export_model(tmp_path / "run", tmp_path / "m.onnx", knn=False)
     files = edgessl_edge.list_images(folder)
     photo = files[3]
     training = load(f"folder:{folder}", 24, fit=fit).images[3]  # what the run trained on

@@ -288,12 +288,12 @@ def test_edge_gallery_and_model_loading_fail_with_exit_2(edge_files, key, how):
 
 @pytest.fixture(scope="module")
 def edge_files(tmp_path_factory):
-    from edgessl.export import export_onnx
+    from edgessl.export import export_model
 
     tmp = tmp_path_factory.mktemp("edge_fuzz")
     npz = make_npz(tmp / "d.npz", n=24, size=16)
     pretrain(tiny_config(f"npz:{npz}", optim={"epochs": 1}), tmp / "run", log=lambda *_: None)
-    export_onnx(tmp / "run", tmp / "m.onnx", knn=False)
+    export_model(tmp / "run", tmp / "m.onnx", knn=False)
     folder = photos(tmp / "labelled", n=6)
     assert edge_main(["build-gallery", str(tmp / "m.onnx"), str(folder), "--out", str(tmp / "g.npz")]) == 0
     (tmp / "garbage.onnx").write_bytes(os.urandom(200))

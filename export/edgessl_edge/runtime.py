@@ -1,4 +1,5 @@
-"""The runtime proper: an exported model in onnxruntime, galleries, kNN and classifier predictions."""
+"""The runtime proper: an exported model in its runtime (edgessl_edge.backends), galleries, kNN and
+classifier predictions."""
 from __future__ import annotations
 
 import hashlib
@@ -6,8 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from edgessl_edge.backends import open_model
 from edgessl_edge.image import EdgeError, decode, list_images
 
 
@@ -17,22 +18,12 @@ class Encoder:
 
     def __init__(self, model_path, threads: int = 0):
         self.path = Path(model_path)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise EdgeError(f"{model_path} is not a valid ONNX model ({type(e).__name__})") from None
-        raw = self.session.get_modelmeta().custom_metadata_map.get("edgessl")
-        if raw is None:
-            raise EdgeError(f"{model_path} has no edgessl metadata")
-        self.meta = json.loads(raw)
+        self.backend = open_model(model_path, threads)
+        self.meta = self.backend.meta
         self.size = self.meta["input_size"][-1]
         self.fit = self.meta.get("resize", {}).get("fit", "squash")  # how training made its images square
         self.mean = np.asarray(self.meta["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(self.meta["std"], dtype=np.float32).reshape(1, 3, 1, 1)
-        self.fixed_batch = self.session.get_inputs()[0].shape[0]
         self.kind = self.meta.get("kind", "encoder")
 
     @property
@@ -56,14 +47,8 @@ class Encoder:
         return (x - self.mean) / self.std
 
     def embed_arrays(self, images_uint8: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        bs = self.fixed_batch if isinstance(self.fixed_batch, int) else batch_size
-        out = []
-        for i in range(0, len(images_uint8), bs):
-            x = self.preprocess(images_uint8[i:i + bs])
-            n = len(x)
-            if n < bs and isinstance(self.fixed_batch, int):
-                x = np.concatenate([x, np.repeat(x[-1:], bs - n, 0)])
-            out.append(self.session.run(None, {"images": x})[0][:n])
+        bs = self.backend.fixed_batch or batch_size
+        out = [self.backend.features(self.preprocess(images_uint8[i:i + bs])) for i in range(0, len(images_uint8), bs)]
         return np.concatenate(out) if out else np.zeros((0, self.meta["feature_dim"]), np.float32)
 
     def embed(self, paths) -> np.ndarray:

@@ -1,0 +1,166 @@
+"""The runtimes an encoder or classifier ships to, and each one's own converter and int8 quantiser.
+
+    onnx        onnxruntime   torch.onnx (edgessl.export), onnxruntime quantize_static
+    openvino    OpenVINO IR   openvino.convert_model of the checked fp32 ONNX file, NNCF quantize
+    litert      LiteRT        litert_torch.convert, its PT2E quantizer
+    executorch  ExecuTorch    torch.export + the XNNPACK delegate, XNNPACKQuantizer (PT2E)
+
+Every writer here gets the network in torch and real calibration images (normalised float32),
+and writes one file; edgessl.export checks that file in its own runtime (edgessl_edge.backends)
+before it replaces anything at --out.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgessl.errors import EdgesslError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    suffix: str
+    precisions: tuple[str, ...]
+    dynamic_batch: bool  # False: the file has one batch size (1 unless --batch says otherwise)
+    int8_student: bool  # int8 of a hard-swish / squeeze-excite network exports the ReLU student
+    packages: tuple[str, ...]  # what the writer imports (the pip extra of the same name installs them)
+    why: str  # the int8 choice, in one line
+    threads: tuple[int, ...] = (1, 0)  # thread counts it is timed at (0: the runtime's default)
+
+
+FORMATS = {
+    "onnx": Format("onnx", ".onnx", ("fp32", "fp16", "int8"), True, True, ("onnxruntime",),
+                   "onnxruntime's CPU provider runs hard-swish and squeeze-excite in float between "
+                   "Quantize/Dequantize pairs, so int8 exports a ReLU student distilled from the run"),
+    "openvino": Format("openvino", ".xml", ("fp32", "fp16", "int8"), True, False, ("openvino", "nncf"),
+                       "OpenVINO's CPU plugin fuses hard-swish into its int8 convolutions, so int8 "
+                       "quantises the network as trained"),
+    "litert": Format("litert", ".tflite", ("fp32", "int8"), False, False, ("litert_torch", "ai_edge_litert"),
+                     "LiteRT has int8 HardSwish kernels, so int8 quantises the network as trained"),
+    "executorch": Format("executorch", ".pte", ("fp32", "int8"), False, False, ("executorch",),
+                         "XNNPACK runs the quantised network as trained (its hard-swish stays float between "
+                         "quantised convolutions)", threads=(0,)),
+}
+NO_FP16 = ("XNNPACK has no fp16 arithmetic on an x86 CPU without AVX512-FP16, so an fp16 file could "
+           "not be checked or timed here")
+
+
+def get(name: str) -> Format:
+    if name not in FORMATS:
+        raise EdgesslError(f"unknown format {name!r} ({', '.join(FORMATS)}, timm)")
+    return FORMATS[name]
+
+
+def require(fmt: Format) -> None:
+    """Import what the format's writer needs, or one line naming the extra that installs it."""
+    for package in fmt.packages:
+        try:
+            importlib.import_module(package)
+        except ImportError as e:
+            raise EdgesslError(f"{fmt.name} export needs {package} ({e}); pip install 'edgessl[{fmt.name}]'") from None
+
+
+def check_precision(fmt: Format, precision: str) -> None:
+    if precision not in fmt.precisions:
+        reason = NO_FP16 if precision == "fp16" else "not offered"
+        raise EdgesslError(f"{fmt.name} {precision}: {reason} ({fmt.name} writes {', '.join(fmt.precisions)})")
+
+
+@contextlib.contextmanager
+def quiet():
+    """The converters print their progress and native logs on stdout and stderr; keep them off
+    the user's terminal (an error still arrives as an exception)."""
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def batches(images: np.ndarray, size: int) -> list[torch.Tensor]:
+    """Calibration batches of exactly `size` images (the last one filled up by repeating)."""
+    return [torch.from_numpy(np.ascontiguousarray(np.resize(images[i:i + size], (size, *images.shape[1:]))))
+            for i in range(0, len(images), size)]
+
+
+def write_openvino(onnx_fp32: Path, out: Path, precision: str, images: np.ndarray, meta: dict) -> None:
+    """OpenVINO IR (out = MODEL.xml, its weights in MODEL.bin) from the checked fp32 ONNX file; int8
+    by NNCF post-training quantisation on `images`, fp16 as fp16 weights (compress_to_fp16)."""
+    import openvino as ov
+
+    with quiet():
+        model = ov.convert_model(str(onnx_fp32))
+        if precision == "int8":
+            import nncf
+
+            fixed = model.inputs[0].partial_shape[0]
+            size = fixed.get_length() if fixed.is_static else 32
+            data = nncf.Dataset([b.numpy() for b in batches(images, size)])
+            model = nncf.quantize(model, data, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED)
+        model.set_rt_info(json.dumps(meta), ["edgessl"])
+        ov.save_model(model, str(out), compress_to_fp16=precision == "fp16")
+
+
+def pt2e_quantize(module: nn.Module, example: torch.Tensor, quantizer, images: np.ndarray,
+                  fold: bool) -> nn.Module:
+    """torch.export, PT2E observers from `quantizer`, calibration on `images`, convert (`fold`: the
+    weights stored quantised; litert_torch wants them as float + quantize ops)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(torch.export.export(module, (example,)).module(), quantizer)
+    with torch.no_grad():
+        for b in batches(images, example.shape[0]):
+            prepared(b)
+    return convert_pt2e(prepared, fold_quantize=fold)
+
+
+def write_litert(module: nn.Module, out: Path, precision: str, images: np.ndarray, batch: int) -> None:
+    """A .tflite of batch `batch` by litert_torch.convert; int8: its PT2E quantizer, symmetric
+    per-channel weights, static activations calibrated on `images`."""
+    import litert_torch
+    from litert_torch.quantize import pt2e_quantizer, quant_config
+
+    example = torch.from_numpy(np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:]))))
+    with quiet(), torch.no_grad():
+        if precision == "int8":
+            quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+                pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True))
+            module = pt2e_quantize(module, example, quantizer, images, fold=False)
+            model = litert_torch.convert(module, (example,), quant_config=quant_config.QuantConfig(
+                pt2e_quantizer=quantizer))
+        else:
+            model = litert_torch.convert(module, (example,))
+        model.export(str(out))
+
+
+def write_executorch(module: nn.Module, out: Path, precision: str, images: np.ndarray, batch: int) -> None:
+    """A .pte of batch `batch`, lowered to the XNNPACK delegate; int8: XNNPACKQuantizer (PT2E),
+    symmetric per-channel weights, static activations calibrated on `images`."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    example = torch.from_numpy(np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:]))))
+    with quiet(), torch.no_grad():
+        if precision == "int8":
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer, get_symmetric_quantization_config)
+
+            quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            module = pt2e_quantize(module, example, quantizer, images, fold=True)
+        program = to_edge_transform_and_lower(torch.export.export(module, (example,)),
+                                              partitioner=[XnnpackPartitioner()]).to_executorch()
+    out.write_bytes(program.buffer)
