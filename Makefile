@@ -22,6 +22,11 @@ $(BIN)/edgessl: pyproject.toml
 
 venv: $(BIN)/edgessl
 
+# the other runtimes (OpenVINO, LiteRT, ExecuTorch), for their tests; torch stays at the pin
+$(VENV)/.runtimes: $(BIN)/edgessl
+	$(BIN)/pip install -q $(TORCH) -e '.[test,all]'
+	touch $@
+
 demo: venv
 	rm -rf $(DEMO)
 	@echo "== 1/6 pretrain: 5 minutes, MobileNetV3-small, 20% of the images held out"
@@ -41,7 +46,7 @@ demo: venv
 	$(BIN)/edgessl report $(DEMO)/finetune
 
 # -n 2: two pytest workers (tests pin torch to one thread each), about 1.5x faster on 2 cores
-test: venv
+test: venv $(VENV)/.runtimes
 	$(BIN)/python -m pytest -q -n 2
 
 # On a machine with a CUDA GPU: tests, step throughput and memory, an equal-budget kNN; about 8 minutes.

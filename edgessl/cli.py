@@ -153,6 +153,31 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
         click.echo(json.dumps(report))
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--formats", "fmts", default="onnx,openvino,litert,executorch", help="Comma-separated runtimes.")
+@click.option("--precisions", default="fp32,fp16,int8", help="Comma-separated precisions.")
+@click.option("--adapt-seconds", type=float, default=120.0, help="Distillation time of the ONNX int8 ReLU student.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON as the last line of stdout.")
+def benchmark(run_dir, fmts, precisions, adapt_seconds, as_json):
+    """Every runtime x precision of a run (encoder or classifier) in one table: status, MB, kNN or
+    top-1 agreement, ms at batch 1 and 32, speed-up over ONNX fp32. Files go to RUN_DIR/benchmark/."""
+    from edgessl import benchmark as bench
+    from edgessl.formats import FORMATS
+    from edgessl.runs import load_run
+
+    fmts, precisions = [f for f in fmts.split(",") if f], [p for p in precisions.split(",") if p]
+    bad = [f for f in fmts if f not in FORMATS] + [p for p in precisions if p not in ("fp32", "fp16", "int8")]
+    if bad or not fmts or not precisions:
+        raise EdgesslError(f"unknown format or precision {', '.join(bad) or '(none given)'} "
+                           f"(formats: {', '.join(FORMATS)}; precisions: fp32, fp16, int8)")
+    load_run(run_dir)  # a wrong run directory is one line before anything is written
+    rows = bench.benchmark(run_dir, fmts, precisions, adapt_seconds)
+    click.echo(bench.markdown(rows))
+    if as_json:
+        click.echo(json.dumps(rows))
+
+
 def speedup_line(up: dict) -> str:
     """'1.62x / 1.55x at batch 1 / 32 on 1 thread, ... on onnxruntime's default threads'."""
     sizes = " / ".join(str(b) for b in next(iter(up.values())))

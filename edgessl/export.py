@@ -257,7 +257,7 @@ def topological_sort(graph) -> None:
 def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", calib: Optional[str] = None,
                  calib_count: int = 256, batch: str | int = "dynamic", opset: int = 18,
                  with_head: bool = False, knn: bool = True, adapt: bool = True, adapt_seconds: float = 120.0,
-                 progress: Optional[bool] = None, fmt: str = "onnx") -> dict:
+                 progress: Optional[bool] = None, fmt: str = "onnx", timing: bool = True) -> dict:
     """Write MODEL (+ MODEL.json sidecar) for the runtime `fmt` names, check it against torch in
     that runtime, and return the report.
 
@@ -268,7 +268,8 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
     network in torch fp32, so it states what the adaptation and int8 cost together. fp16 and
     int8 files are timed against the same runtime's fp32 file of the run, side by side
     (`speedup_vs_fp32`). A format with one batch size per file (LiteRT, ExecuTorch) writes
-    batch 1 unless `batch` says otherwise."""
+    batch 1 unless `batch` says otherwise. `timing=False` skips the side-by-side timing (and the
+    fp32 file it needs)."""
     spec = formats.get(fmt)
     formats.check_precision(spec, precision)
     model, cfg, state = load_run(run_dir)
@@ -291,7 +292,7 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
         a = job.adapted
         meta["adapted"] = {"hard_swish_to_relu": a["swapped"], "squeeze_excite_folded": a["se_folded"],
                            "distilled_seconds": a["seconds"], "distilled_steps": a["steps"]}
-    report = _write_checked(job, out, cfg, state, spec, precision, meta, batch, opset, knn)
+    report = _write_checked(job, out, cfg, state, spec, precision, meta, batch, opset, knn, timing)
     record_export(run_dir, out, report)
     return report
 
@@ -357,13 +358,13 @@ def write_file(module: nn.Module, spec: formats.Format, precision: str, folder: 
 
 
 def _write_checked(job: _Job, out: Path, cfg, state, spec: formats.Format, precision, meta, batch, opset,
-                   knn) -> dict:
+                   knn, timing) -> dict:
     """Export, convert and check in a temporary folder; only a file that passed replaces `out`."""
     with torch.no_grad():
         reference = job.encoder(torch.from_numpy(job.images[:16])).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         baseline = None  # the run's network as the fp32 export writes it: what fp16 / int8 are timed against
-        if precision != "fp32":
+        if precision != "fp32" and timing:
             baseline = write_file(job.original, spec, "fp32", Path(tmp), "baseline", {**meta, "precision": "fp32"},
                                   job.images, batch, opset, output_name(state))
         final = write_file(job.encoder, spec, precision, Path(tmp), precision, meta, job.images, batch, opset,

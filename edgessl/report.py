@@ -19,7 +19,7 @@ import yaml
 
 from edgessl import data as data_lib
 from edgessl.errors import EdgesslError
-from edgessl.runfiles import EXPORTS, atomic_write
+from edgessl.runfiles import BENCHMARK, EXPORTS, atomic_write
 from edgessl.runs import check_run_data, is_classifier, read_state, run_config
 
 
@@ -31,7 +31,7 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, grid: bo
     state = read_state(run_dir)
     out = Path(out) if out else run_dir / "report.html"
     parts = _classifier_parts(run_dir, state) if is_classifier(state) else _pretraining_parts(run_dir, state, grid)
-    parts += _exports(run_dir)
+    parts += _exports(run_dir) + _benchmark(run_dir)
     config_yaml = ((run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else
                    yaml.safe_dump(state["config"], sort_keys=False))  # a classifier: the checkpoint's
     parts += ["<h2>Resolved config</h2>", f"<pre>{html.escape(config_yaml)}</pre>"]
@@ -101,6 +101,28 @@ def _finetune_curves(rows: list[dict]) -> bytes:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
+
+
+BENCHMARK_COLUMNS = ["format", "precision", "status", "MB", "kNN (change) / top-1 agreement", "ms b1, 1 thread",
+                     "ms b32, 1 thread", "x ONNX fp32 b1 / b32", "int8 network"]
+
+
+def benchmark_cells(r: dict) -> list[str]:
+    """One row of `edgessl benchmark`'s table as text cells (BENCHMARK_COLUMNS)."""
+    quality = (f"{r['knn_export']:.2f} % ({r['knn_change']:+.2f})" if "knn_export" in r else
+               f"{100 * r['top1_agreement']:.1f} %" if "top1_agreement" in r else "")
+    return [r["format"], r["precision"], r["status"] + (f": {r['reason']}" if r.get("reason") else ""),
+            str(r.get("mb", "")), quality, *(f"{r[k]:.3f}" if k in r else "" for k in ("ms_b1", "ms_b32")),
+            " / ".join(f"{r[k]:.2f}x" for k in ("speedup_b1", "speedup_b32") if k in r), r.get("int8_network") or ""]
+
+
+def _benchmark(run_dir: Path) -> list[str]:
+    """`edgessl benchmark`'s table: every runtime x precision, timed side by side on one thread."""
+    path = run_dir / BENCHMARK
+    if not path.exists():
+        return []
+    rows = [[html.escape(c) for c in benchmark_cells(r)] for r in json.loads(path.read_text())]
+    return ["<h2>Which file to ship (edgessl benchmark)</h2>", _table(BENCHMARK_COLUMNS, rows)]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -202,5 +224,5 @@ def _exports(run_dir: Path) -> list[str]:
                      f"{r['knn_change']:+.2f}" if "knn_change" in r else "",
                      " / ".join(f"b{b} {v['p50']:.2f} ms" for b, v in lat.items()) or
                      (f"b{r['latency_batch']} {r['latency_ms_p50']:.2f} ms" if "latency_ms_p50" in r else ""), speed])
-    return ["<h2>Exports</h2>", _table(["file", "precision", "MB", "min cosine vs torch", "kNN (onnxruntime)",
+    return ["<h2>Exports</h2>", _table(["file", "precision", "MB", "min cosine vs torch", "kNN (its runtime)",
                                         "kNN change", "latency p50", "speed-up vs fp32"], rows)]

@@ -22,6 +22,7 @@ MIN_FREE_BYTES = 200 * 2**20
 _UMASK = os.umask(0o022)  # read the process umask (and put it back): atomic writes get the usual mode
 os.umask(_UMASK)
 EXPORTS = "exports.json"  # what export and check measured of a run's exported files
+BENCHMARK = "benchmark.json"  # `edgessl benchmark`: every runtime x precision, timed side by side
 
 
 def atomic_write(path: Path, data: Union[bytes, str, Callable]) -> None:

@@ -14,7 +14,7 @@ LAYERS = [
     {"edgessl", "edgessl.__main__"},  # the package facade (lazy edgessl.pretrain & co.) and `python -m edgessl`
     {"edgessl.cli"},
     {"edgessl.api"},
-    {"edgessl.train"},
+    {"edgessl.train", "edgessl.benchmark"},
     {"edgessl.finetuning", "edgessl.export"},
     {"edgessl.report", "edgessl.embed"},
     {"edgessl.probe", "edgessl.adapt", "edgessl.recipe"},
@@ -23,7 +23,7 @@ LAYERS = [
      "edgessl.methods.supervised"},
     {"edgessl.methods.heads", "edgessl.losses", "edgessl.losses.instance", "edgessl.losses.sqrtkl",
      "edgessl.losses.ntxent", "edgessl.losses.byol"},
-    {"edgessl.optim", "edgessl.device", "edgessl.schedule", "edgessl.checkpoint", "edgessl.onnxrt", "edgessl.knn",
+    {"edgessl.optim", "edgessl.device", "edgessl.schedule", "edgessl.checkpoint", "edgessl.onnxrt", "edgessl.formats", "edgessl.knn",
      "edgessl.depthwise", "edgessl.augment", "edgessl.backbones", "edgessl.data", "edgessl.semi"},
     {"edgessl.distributed", "edgessl.cache", "edgessl.config"},
     {"edgessl.runfiles", "edgessl.version", "edgessl.errors"},

@@ -9,6 +9,8 @@ evaluates with (edgessl_edge.image.decode, which edgessl's folder loader also us
 """
 from edgessl_edge.image import IMAGE_SUFFIXES, EdgeError, decode, list_images
 
+__version__ = "0.1.0"
+
 _RUNTIME = {"Encoder", "build_gallery", "check_gallery", "classify", "predict"}
 _BACKENDS = {"open_model", "RUNTIMES"}
 

@@ -170,10 +170,11 @@ class ExecuTorchBackend(Backend):
 
     def __init__(self, path: Path, threads: int):
         runtime = import_runtime("executorch")
-        from executorch.extension.pybindings import portable_lib
-
         self.meta = sidecar_metadata(path)
-        pool = portable_lib._threadpool_get_thread_count()
+        with quiet_stderr():  # its cpuinfo lines, printed when the thread pool starts
+            from executorch.extension.pybindings import portable_lib
+
+            pool = portable_lib._threadpool_get_thread_count()
         if threads and threads != pool:
             if ExecuTorchBackend.pool_in_use:
                 raise EdgeError(f"ExecuTorch's thread pool of this process runs {pool} threads and cannot be "

@@ -1,0 +1,102 @@
+"""Which file to ship: every runtime x precision of one run, written, checked and timed side by side.
+
+Each (format, precision) is a real export (edgessl.export.export_model) into RUN/benchmark/, so
+its parity, kNN change (an encoder) or top-1 agreement (a classifier) are measured in its own
+runtime. Then every file that was written is timed at batch 1 and 32 on one thread, all files
+taking turns (edgessl.onnxrt.latency_side_by_side), and compared with ONNX fp32. LiteRT and
+ExecuTorch files have one batch size, so a batch-32 copy of each is written for the b32 column.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from edgessl import formats
+from edgessl.errors import EdgesslError
+from edgessl.export import ADAPT_MAX_KNN_LOSS, MIN_TOP1_AGREEMENT, export_model
+from edgessl.runfiles import BENCHMARK, atomic_write
+
+
+def benchmark(run_dir: str | Path, fmts=tuple(formats.FORMATS), precisions=("fp32", "fp16", "int8"),
+              adapt_seconds: float = 120.0, progress: Optional[bool] = None) -> list[dict]:
+    """One row per format x precision (status ok / check failed / failed, with its reason);
+    written to RUN/benchmark.json as well."""
+    from tqdm import tqdm
+
+    run_dir = Path(run_dir)
+    folder = run_dir / "benchmark"
+    folder.mkdir(exist_ok=True)
+    jobs = [(f, p) for f in fmts for p in precisions]
+    rows, b32 = [], {}
+    for fmt, precision in tqdm(jobs, desc="benchmark", unit="file", disable=progress is False):
+        row = {"format": fmt, "precision": precision}
+        rows.append(row)
+        try:
+            spec = formats.get(fmt)
+            path = folder / f"{precision}{spec.suffix}"
+            report = export_model(run_dir, path, precision, adapt_seconds=adapt_seconds, fmt=fmt, timing=False,
+                                  progress=False)
+            if not spec.dynamic_batch:  # the b32 column needs a batch-32 file of the same network
+                b32[fmt, precision] = folder / f"{precision}-b32{spec.suffix}"
+                export_model(run_dir, b32[fmt, precision], precision, batch=32, knn=False, timing=False,
+                             adapt_seconds=adapt_seconds, fmt=fmt, progress=False)
+        except EdgesslError as e:
+            row.update(status="failed", reason=str(e))
+            continue
+        except Exception as e:  # a converter's own crash: its line, not ours
+            row.update(status="failed", reason=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+            continue
+        row.update(_checked(report), path=str(path))
+    _time(rows, b32)
+    atomic_write(run_dir / BENCHMARK, json.dumps(rows, indent=1))
+    return rows
+
+
+def _checked(report: dict) -> dict:
+    """The row's status and numbers from an export report: 'check failed' when int8 lost more
+    than the export's own bars (kNN points, top-1 agreement)."""
+    row = {"status": "ok", "mb": round(report["size_bytes"] / 2**20, 2), "min_cosine": report["min_cosine"],
+           "int8_network": report.get("int8_network")}
+    for key in ("knn_export", "knn_change", "top1_agreement"):
+        if key in report:
+            row[key] = report[key]
+    if report.get("knn_change", 0) < -ADAPT_MAX_KNN_LOSS:
+        row.update(status="check failed", reason=f"kNN {report['knn_change']:+.2f} points against torch fp32")
+    if report.get("top1_agreement", 1) < MIN_TOP1_AGREEMENT:
+        row.update(status="check failed", reason=f"top-1 agrees with torch fp32 on "
+                                                 f"{100 * report['top1_agreement']:.1f} % of held-out images")
+    return row
+
+
+def _time(rows: list[dict], b32: dict) -> None:
+    """ms at batch 1 and 32 on one thread, every written file taking turns; the speed-up over ONNX fp32."""
+    import numpy as np
+
+    from edgessl.onnxrt import latency_side_by_side
+    from edgessl_edge.backends import open_model
+
+    written = [r for r in rows if "path" in r]
+    if not written:
+        return
+    size = open_model(written[0]["path"]).meta["input_size"][-1]
+    images = np.random.default_rng(0).standard_normal((32, 3, size, size)).astype(np.float32)
+    for batch in (1, 32):
+        paths = {(r["format"], r["precision"]): (b32.get((r["format"], r["precision"]), r["path"]) if batch == 32
+                                                 else r["path"]) for r in written}
+        p50 = latency_side_by_side(paths, images, (batch,), threads=(1,))
+        for r in written:
+            r[f"ms_b{batch}"] = p50[r["format"], r["precision"]][1][batch]
+        base = p50.get(("onnx", "fp32"))
+        for r in written:
+            if base:
+                r[f"speedup_b{batch}"] = round(base[1][batch] / r[f"ms_b{batch}"], 2)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table as Markdown: format, precision, status, MB, kNN or agreement, ms at b1 / b32 on 1
+    thread, x ONNX fp32, which network int8 quantised."""
+    from edgessl.report import BENCHMARK_COLUMNS, benchmark_cells
+
+    lines = ["| " + " | ".join(BENCHMARK_COLUMNS) + " |", "|" + "---|" * len(BENCHMARK_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "/") for c in benchmark_cells(r)) + " |" for r in rows])
