@@ -16,6 +16,8 @@ from edgessl import formats
 from edgessl.errors import EdgesslError
 from edgessl.export import ADAPT_MAX_KNN_LOSS, MIN_TOP1_AGREEMENT, export_model
 from edgessl.runfiles import BENCHMARK, atomic_write
+from edgessl_edge.backends import set_executorch_threads
+from edgessl_edge.image import EdgeError
 
 
 def benchmark(run_dir: str | Path, fmts=tuple(formats.FORMATS), precisions=("fp32", "fp16", "int8"),
@@ -25,6 +27,11 @@ def benchmark(run_dir: str | Path, fmts=tuple(formats.FORMATS), precisions=("fp3
     from tqdm import tqdm
 
     run_dir = Path(run_dir)
+    if "executorch" in fmts:  # its one thread pool per process: 1 thread, as every row is timed
+        try:
+            set_executorch_threads(1)
+        except EdgeError:
+            pass  # not installed: its rows fail with the line that says so
     folder = run_dir / "benchmark"
     folder.mkdir(exist_ok=True)
     jobs = [(f, p) for f in fmts for p in precisions]
@@ -41,7 +48,7 @@ def benchmark(run_dir: str | Path, fmts=tuple(formats.FORMATS), precisions=("fp3
                 b32[fmt, precision] = folder / f"{precision}-b32{spec.suffix}"
                 export_model(run_dir, b32[fmt, precision], precision, batch=32, knn=False, timing=False,
                              adapt_seconds=adapt_seconds, fmt=fmt, progress=False)
-        except EdgesslError as e:
+        except (EdgesslError, EdgeError) as e:
             row.update(status="failed", reason=str(e))
             continue
         except Exception as e:  # a converter's own crash: its line, not ours

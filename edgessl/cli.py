@@ -11,6 +11,7 @@ from click.core import ParameterSource
 
 from edgessl.config import Config, FinetuneConfig, flagged, shortcut
 from edgessl.errors import EdgesslError
+from edgessl_edge.image import EdgeError
 from edgessl.version import __version__
 
 
@@ -347,7 +348,7 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except EdgesslError as e:
+    except (EdgesslError, EdgeError) as e:  # EdgeError: a file the edge runtime could not open or run
         if debug:
             raise
         click.echo(f"error: {e}", err=True)

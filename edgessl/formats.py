@@ -64,7 +64,8 @@ def require(fmt: Format) -> None:
     """Import what the format's writer needs, or one line naming the extra that installs it."""
     for package in fmt.packages:
         try:
-            importlib.import_module(package)
+            with quiet():  # TensorFlow's oneDNN banner, torchao's registration warnings
+                importlib.import_module(package)
         except ImportError as e:
             raise EdgesslError(f"{fmt.name} export needs {package} ({e}); pip install 'edgessl[{fmt.name}]'") from None
 

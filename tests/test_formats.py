@@ -244,3 +244,27 @@ def test_benchmark_table(run_dir, tmp_path):
     assert r.exit_code == 0 and "| litert | fp16 | failed: litert fp16: XNNPACK has no fp16" in r.output
     r = CliRunner().invoke(cli, ["benchmark", str(run_dir), "--formats", "tensorrt"])
     assert isinstance(r.exception, EdgesslError) and "unknown format or precision tensorrt" in str(r.exception)
+
+
+def test_edge_package_builds_without_torch(tmp_path):
+    """export/ is a package of its own: its wheel names its version, the console script and the
+    runtime extras, and depends on no torch."""
+    import zipfile
+
+    import edgessl_edge
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(REPO / "export")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("edgessl_edge-*.whl")
+    assert wheel.name.startswith(f"edgessl_edge-{edgessl_edge.__version__}-")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
+        scripts = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "edgessl-edge = edgessl_edge.__main__:main" in scripts
+    assert "edgessl_edge/backends.py" in names and "edgessl_edge/image.py" in names
+    requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    assert any("onnxruntime" in x for x in requires) and not any(x.split()[1] == "torch" for x in requires)
+    for extra in ("openvino", "litert", "executorch"):
+        assert f"Provides-Extra: {extra}" in meta

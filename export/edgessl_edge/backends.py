@@ -171,16 +171,7 @@ class ExecuTorchBackend(Backend):
     def __init__(self, path: Path, threads: int):
         runtime = import_runtime("executorch")
         self.meta = sidecar_metadata(path)
-        with quiet_stderr():  # its cpuinfo lines, printed when the thread pool starts
-            from executorch.extension.pybindings import portable_lib
-
-            pool = portable_lib._threadpool_get_thread_count()
-        if threads and threads != pool:
-            if ExecuTorchBackend.pool_in_use:
-                raise EdgeError(f"ExecuTorch's thread pool of this process runs {pool} threads and cannot be "
-                                f"resized to {threads}; load {path.name} in a new process")
-            with quiet_stderr():
-                portable_lib._unsafe_reset_threadpool(threads)
+        set_executorch_threads(threads, path.name)
         with quiet_stderr():
             self.method = runtime.Runtime.get().load_program(str(path)).load_method("forward")
         ExecuTorchBackend.pool_in_use = True
@@ -191,6 +182,22 @@ class ExecuTorchBackend(Backend):
         import torch
 
         return self.method.execute([torch.from_numpy(x)])[0].numpy()
+
+
+def set_executorch_threads(threads: int, name: str = "a .pte file") -> None:
+    """Size ExecuTorch's process-wide thread pool (0: leave it); only before a .pte has loaded."""
+    if not threads:
+        return
+    import_runtime("executorch")
+    with quiet_stderr():  # its cpuinfo lines, printed when the thread pool starts
+        from executorch.extension.pybindings import portable_lib
+
+        pool = portable_lib._threadpool_get_thread_count()
+        if threads != pool and not ExecuTorchBackend.pool_in_use:
+            portable_lib._unsafe_reset_threadpool(threads)
+    if threads != pool and ExecuTorchBackend.pool_in_use:
+        raise EdgeError(f"ExecuTorch's thread pool of this process runs {pool} threads and cannot be "
+                        f"resized to {threads}; load {name} in a new process")
 
 
 BACKENDS = {"onnxruntime": OnnxBackend, "openvino": OpenVinoBackend, "litert": LiteRtBackend,
