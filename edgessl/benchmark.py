@@ -21,9 +21,11 @@ from edgessl_edge.image import EdgeError
 
 
 def benchmark(run_dir: str | Path, fmts=tuple(formats.FORMATS), precisions=("fp32", "fp16", "int8"),
-              adapt_seconds: float = 120.0, progress: Optional[bool] = None) -> list[dict]:
+              adapt_seconds: float = 120.0, progress: Optional[bool] = None, both_int8: bool = False) -> list[dict]:
     """One row per format x precision (status ok / check failed / failed, with its reason);
-    written to RUN/benchmark.json as well."""
+    written to RUN/benchmark.json as well. `both_int8`: a second int8 row per format with the
+    other network (the ReLU student where the runtime quantises the network as trained, and
+    the reverse), so the choice can be measured."""
     from tqdm import tqdm
 
     run_dir = Path(run_dir)
@@ -34,19 +36,22 @@ def benchmark(run_dir: str | Path, fmts=tuple(formats.FORMATS), precisions=("fp3
             pass  # not installed: its rows fail with the line that says so
     folder = run_dir / "benchmark"
     folder.mkdir(exist_ok=True)
-    jobs = [(f, p) for f in fmts for p in precisions]
+    jobs = [(f, p, None) for f in fmts for p in precisions]
+    if both_int8 and "int8" in precisions:
+        jobs += [(f, "int8", not formats.FORMATS[f].int8_student) for f in fmts if f in formats.FORMATS]
     rows, b32 = [], {}
-    for fmt, precision in tqdm(jobs, desc="benchmark", unit="file", disable=progress is False):
+    for fmt, precision, adapt in tqdm(jobs, desc="benchmark", unit="file", disable=progress is False):
         row = {"format": fmt, "precision": precision}
         rows.append(row)
         try:
             spec = formats.get(fmt)
-            path = folder / f"{precision}{spec.suffix}"
-            report = export_model(run_dir, path, precision, adapt_seconds=adapt_seconds, fmt=fmt, timing=False,
-                                  progress=False)
+            name = precision if adapt is None else f"{precision}-{'student' if adapt else 'as-trained'}"
+            path = folder / f"{name}{spec.suffix}"
+            report = export_model(run_dir, path, precision, adapt=adapt, adapt_seconds=adapt_seconds, fmt=fmt,
+                                  timing=False, progress=False)
             if not spec.dynamic_batch:  # the b32 column needs a batch-32 file of the same network
-                b32[fmt, precision] = folder / f"{precision}-b32{spec.suffix}"
-                export_model(run_dir, b32[fmt, precision], precision, batch=32, knn=False, timing=False,
+                b32[id(row)] = folder / f"{name}-b32{spec.suffix}"
+                export_model(run_dir, b32[id(row)], precision, batch=32, knn=False, timing=False, adapt=adapt,
                              adapt_seconds=adapt_seconds, fmt=fmt, progress=False)
         except (EdgesslError, EdgeError) as e:
             row.update(status="failed", reason=str(e))
@@ -88,16 +93,14 @@ def _time(rows: list[dict], b32: dict) -> None:
         return
     size = open_model(written[0]["path"]).meta["input_size"][-1]
     images = np.random.default_rng(0).standard_normal((32, 3, size, size)).astype(np.float32)
+    base = next((i for i, r in enumerate(written) if (r["format"], r["precision"]) == ("onnx", "fp32")), None)
     for batch in (1, 32):
-        paths = {(r["format"], r["precision"]): (b32.get((r["format"], r["precision"]), r["path"]) if batch == 32
-                                                 else r["path"]) for r in written}
+        paths = {i: b32.get(id(r), r["path"]) if batch == 32 else r["path"] for i, r in enumerate(written)}
         p50 = latency_side_by_side(paths, images, (batch,), threads=(1,))
-        for r in written:
-            r[f"ms_b{batch}"] = p50[r["format"], r["precision"]][1][batch]
-        base = p50.get(("onnx", "fp32"))
-        for r in written:
-            if base:
-                r[f"speedup_b{batch}"] = round(base[1][batch] / r[f"ms_b{batch}"], 2)
+        for i, r in enumerate(written):
+            r[f"ms_b{batch}"] = p50[i][1][batch]
+            if base is not None:
+                r[f"speedup_b{batch}"] = round(p50[base][1][batch] / r[f"ms_b{batch}"], 2)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -108,14 +108,13 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
               "ExecuTorch files have one batch size: 1 unless given.")
 @click.option("--opset", type=int, default=18)
 @click.option("--with-head", is_flag=True, help="Export the projection head too (unit-norm z).")
-@click.option("--adapt/--no-adapt", default=True, help="int8 ONNX of a hard-swish network (MobileNetV3): export a "
-              "ReLU student distilled from it, which onnxruntime runs in int8 throughout.")
+@click.option("--adapt/--no-adapt", default=None, help="int8 of a hard-swish network (MobileNetV3): export a ReLU "
+              "student distilled from it [default: the runtime's choice, printed by the export].")
 @click.option("--adapt-seconds", type=float, default=120.0, help="Distillation time for --adapt.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
 def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_head, adapt, adapt_seconds, as_json):
     """Export a run's encoder or classifier for a runtime (checked in that runtime) or as timm weights."""
     from edgessl import export as export_lib
-    from edgessl.formats import FORMATS
 
     if fmt == "timm":
         report = export_lib.export_timm(run_dir, out)
@@ -128,30 +127,37 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
         report = export_lib.export_model(run_dir, out, precision, calib, calib_count,
                                          batch if batch == "dynamic" else int(batch), opset, with_head,
                                          adapt=adapt, adapt_seconds=adapt_seconds, fmt=fmt)
-        if report.get("int8_network") == "as_trained":
-            click.echo(f"int8: {FORMATS[fmt].why}")
-        if "adapted" in report:
-            a = report["adapted"]
-            click.echo(f"int8: onnxruntime runs hard-swish and squeeze-excite in float, so {a['swapped']} hard-swish "
-                       f"became ReLU and {a['se_folded']} squeeze-excite blocks their mean gates, folded into the "
-                       f"next conv; the student was distilled from the run for {a['seconds']:.0f} s ({a['steps']} "
-                       f"steps, feature cosine to the original {a['feature_cosine_to_original']:.3f}); "
-                       "--no-adapt exports the network as it is")
-        knn = (f", kNN {report['knn_export']:.2f} % ({report['knn_change']:+.2f} vs torch fp32)"
-               if "knn_export" in report else "")
-        if "top1_agreement" in report:
-            knn = (f", top-1 agrees with torch fp32 on {100 * report['top1_agreement']:.1f} % of "
-                   f"{report['agreement_images']} held-out images")
-        click.echo(f"wrote {report['path']} ({report['size_bytes'] / 2**20:.2f} MB, {precision}): "
-                   f"max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} vs torch, "
-                   f"latency {report['latency_ms_p50']:.2f} ms at batch {report['latency_batch']}{knn}")
-        if "speedup_vs_fp32" in report:
-            click.echo(f"speed-up  {speedup_line(report['speedup_vs_fp32'])} against the run's fp32 {fmt} file, "
-                       "timed side by side on this CPU")
+        _print_export(report, fmt, precision)
         if advice := export_lib.export_advice(report):
             click.echo(advice)
     if as_json:
         click.echo(json.dumps(report))
+
+
+def _print_export(report: dict, fmt: str, precision: str) -> None:
+    """What an export wrote and measured, and why int8 quantised the network it did."""
+    from edgessl.formats import FORMATS
+
+    spec = FORMATS[fmt]
+    if report.get("int8_network") and (report["int8_network"] == "relu_student") == spec.int8_student:
+        click.echo(f"int8: {spec.why}")
+    if "adapted" in report:
+        a = report["adapted"]
+        click.echo(f"int8 student: {a['swapped']} hard-swish became ReLU and {a['se_folded']} squeeze-excite "
+                   f"blocks their mean gates, folded into the next conv; the student was distilled from the run "
+                   f"for {a['seconds']:.0f} s ({a['steps']} steps, feature cosine to the original {a['feature_cosine_to_original']:.3f}); "
+                   "--no-adapt exports the network as it is")
+    knn = (f", kNN {report['knn_export']:.2f} % ({report['knn_change']:+.2f} vs torch fp32)"
+           if "knn_export" in report else "")
+    if "top1_agreement" in report:
+        knn = (f", top-1 agrees with torch fp32 on {100 * report['top1_agreement']:.1f} % of "
+               f"{report['agreement_images']} held-out images")
+    click.echo(f"wrote {report['path']} ({report['size_bytes'] / 2**20:.2f} MB, {precision}): "
+               f"max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} vs torch, "
+               f"latency {report['latency_ms_p50']:.2f} ms at batch {report['latency_batch']}{knn}")
+    if "speedup_vs_fp32" in report:
+        click.echo(f"speed-up  {speedup_line(report['speedup_vs_fp32'])} against the run's fp32 {fmt} file, "
+                   "timed side by side on this CPU")
 
 
 @cli.command()
@@ -159,8 +165,10 @@ def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_
 @click.option("--formats", "fmts", default="onnx,openvino,litert,executorch", help="Comma-separated runtimes.")
 @click.option("--precisions", default="fp32,fp16,int8", help="Comma-separated precisions.")
 @click.option("--adapt-seconds", type=float, default=120.0, help="Distillation time of the ONNX int8 ReLU student.")
+@click.option("--both-int8", is_flag=True, help="A second int8 row per runtime with the other network (ReLU student "
+              "or as trained), to measure the choice.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON as the last line of stdout.")
-def benchmark(run_dir, fmts, precisions, adapt_seconds, as_json):
+def benchmark(run_dir, fmts, precisions, adapt_seconds, both_int8, as_json):
     """Every runtime x precision of a run (encoder or classifier) in one table: status, MB, kNN or
     top-1 agreement, ms at batch 1 and 32, speed-up over ONNX fp32. Files go to RUN_DIR/benchmark/."""
     from edgessl import benchmark as bench
@@ -173,7 +181,7 @@ def benchmark(run_dir, fmts, precisions, adapt_seconds, as_json):
         raise EdgesslError(f"unknown format or precision {', '.join(bad) or '(none given)'} "
                            f"(formats: {', '.join(FORMATS)}; precisions: fp32, fp16, int8)")
     load_run(run_dir)  # a wrong run directory is one line before anything is written
-    rows = bench.benchmark(run_dir, fmts, precisions, adapt_seconds)
+    rows = bench.benchmark(run_dir, fmts, precisions, adapt_seconds, both_int8=both_int8)
     click.echo(bench.markdown(rows))
     if as_json:
         click.echo(json.dumps(rows))

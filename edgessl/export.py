@@ -256,13 +256,14 @@ def topological_sort(graph) -> None:
 
 def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", calib: Optional[str] = None,
                  calib_count: int = 256, batch: str | int = "dynamic", opset: int = 18,
-                 with_head: bool = False, knn: bool = True, adapt: bool = True, adapt_seconds: float = 120.0,
-                 progress: Optional[bool] = None, fmt: str = "onnx", timing: bool = True) -> dict:
+                 with_head: bool = False, knn: bool = True, adapt: Optional[bool] = None,
+                 adapt_seconds: float = 120.0, progress: Optional[bool] = None, fmt: str = "onnx",
+                 timing: bool = True) -> dict:
     """Write MODEL (+ MODEL.json sidecar) for the runtime `fmt` names, check it against torch in
     that runtime, and return the report.
 
     int8 of a pretraining run whose backbone has hard-swish or squeeze-excite blocks
-    (MobileNetV3), with `adapt`, for a runtime that runs them in float (onnxruntime): the
+    (MobileNetV3), with `adapt` (None: the format's choice, formats.Format.int8_student): the
     exported network is a student without them (ReLU, mean gates folded) distilled from it for
     `adapt_seconds` (edgessl.adapt); the kNN change is then measured against the original
     network in torch fp32, so it states what the adaptation and int8 cost together. fp16 and
@@ -282,7 +283,7 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
     batch = 1 if batch == "dynamic" and not spec.dynamic_batch else batch
     knn = knn and not is_classifier(state)
     job = _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn,
-                   adapt and spec.int8_student, adapt_seconds, progress)
+                   spec.int8_student if adapt is None else adapt, adapt_seconds, progress)
     meta = metadata(cfg, state, job.encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
     meta["runtime"] = fmt
     if precision == "int8":
