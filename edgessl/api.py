@@ -94,11 +94,19 @@ class Run:
 
         return run_config(self._state)
 
-    def export(self, out: str | Path, precision: str = "fp32", **kwargs) -> dict:
-        """`edgessl export RUN --out OUT`: an ONNX file checked through onnxruntime; its report."""
+    def export(self, out: str | Path, precision: str = "fp32", fmt: str = "onnx", **kwargs) -> dict:
+        """`edgessl export RUN --out OUT --format FMT`: a file for that runtime (onnx, openvino,
+        litert, executorch), checked in it; its report."""
         from edgessl.export import export_model
 
-        return export_model(self.path, out, precision, **kwargs)
+        return export_model(self.path, out, precision, fmt=fmt, **kwargs)
+
+    def benchmark(self, formats=("onnx", "openvino", "litert", "executorch"), precisions=("fp32", "fp16", "int8"),
+                  **kwargs) -> list[dict]:
+        """`edgessl benchmark RUN`: every runtime x precision, checked and timed; the table's rows."""
+        from edgessl.benchmark import benchmark
+
+        return benchmark(self.path, formats, precisions, **kwargs)
 
     def probe(self, train: str, test: str, knn_k: int = 200, linear: bool = False,
               grid: Optional[str] = None) -> dict:

@@ -278,7 +278,7 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
     if not out.parent.exists():
         raise EdgesslError(f"folder {out.parent} does not exist")
     if out.suffix.lower() != spec.suffix:
-        raise EdgesslError(f"a {fmt} file is MODEL{spec.suffix}, not {out.name}")
+        raise EdgesslError(f"--format {fmt} writes MODEL{spec.suffix}, not {out.name}")
     formats.require(spec)
     batch = 1 if batch == "dynamic" and not spec.dynamic_batch else batch
     knn = knn and not is_classifier(state)

@@ -112,7 +112,7 @@ def test_fp16_where_offered(fmt, run_dir, tmp_path):
 
 
 def test_wrong_suffix_and_unknown_format(run_dir, tmp_path):
-    with pytest.raises(EdgesslError, match=r"a litert file is MODEL\.tflite, not m\.onnx"):
+    with pytest.raises(EdgesslError, match=r"--format litert writes MODEL\.tflite, not m\.onnx"):
         export_model(run_dir, tmp_path / "m.onnx", fmt="litert")
     with pytest.raises(EdgesslError, match="unknown format 'coreml'"):
         export_model(run_dir, tmp_path / "m.mlpackage", fmt="coreml")
@@ -268,3 +268,13 @@ def test_edge_package_builds_without_torch(tmp_path):
     assert any("onnxruntime" in x for x in requires) and not any(x.split()[1] == "torch" for x in requires)
     for extra in ("openvino", "litert", "executorch"):
         assert f"Provides-Extra: {extra}" in meta
+
+
+def test_api_benchmark_and_export_format(run_dir, tmp_path):
+    import edgessl
+
+    run = edgessl.Run(run_dir)
+    (row,) = run.benchmark(formats=("onnx",), precisions=("fp32",), progress=False)
+    assert row["status"] == "ok" and row["speedup_b1"] == 1.0 and row["knn_change"] == 0.0
+    with pytest.raises(EdgesslError, match="--format openvino writes MODEL.xml"):
+        run.export(tmp_path / "m.onnx", fmt="openvino")
