@@ -1,7 +1,7 @@
 """The runtimes an encoder or classifier ships to, and each one's own converter and int8 quantiser.
 
     onnx        onnxruntime   torch.onnx (edgessl.export), onnxruntime quantize_static
-    openvino    OpenVINO IR   OpenVINO's ONNX frontend on the checked fp32 ONNX file, NNCF quantize
+    openvino    OpenVINO IR   openvino.convert_model of the checked fp32 ONNX file, NNCF quantize
     litert      LiteRT        litert_torch.convert, its PT2E quantizer
     executorch  ExecuTorch    torch.export + the XNNPACK delegate, XNNPACKQuantizer (PT2E)
 
@@ -99,14 +99,12 @@ def batches(images: np.ndarray, size: int) -> list[torch.Tensor]:
 
 
 def write_openvino(onnx_fp32: Path, out: Path, precision: str, images: np.ndarray, meta: dict) -> None:
-    """OpenVINO IR (out = MODEL.xml, its weights in MODEL.bin) from the checked fp32 ONNX file, read
-    by OpenVINO's own ONNX frontend (Core.read_model: the frontend convert_model uses, without
-    the converter's usage telemetry); int8 by NNCF post-training quantisation on `images`, fp16
-    as fp16 weights (compress_to_fp16)."""
+    """OpenVINO IR (out = MODEL.xml, its weights in MODEL.bin) from the checked fp32 ONNX file; int8
+    by NNCF post-training quantisation on `images`, fp16 as fp16 weights (compress_to_fp16)."""
     import openvino as ov
 
     with quiet():
-        model = ov.Core().read_model(str(onnx_fp32))
+        model = ov.convert_model(str(onnx_fp32))
         if precision == "int8":
             import nncf
 
