@@ -32,13 +32,13 @@ class Format:
     precisions: tuple[str, ...]
     dynamic_batch: bool  # False: the file has one batch size (1 unless --batch says otherwise)
     int8_student: bool  # int8 of a hard-swish / squeeze-excite network exports the ReLU student
-    packages: tuple[str, ...]  # what the writer imports (the pip extra of the same name installs them)
+    packages: tuple[str, ...]  # what the writer imports beyond the core (the extra of the same name has them)
     why: str  # the int8 choice, in one line
     threads: tuple[int, ...] = (1, 0)  # thread counts it is timed at (0: the runtime's default)
 
 
 FORMATS = {
-    "onnx": Format("onnx", ".onnx", ("fp32", "fp16", "int8"), True, True, ("onnxruntime",),
+    "onnx": Format("onnx", ".onnx", ("fp32", "fp16", "int8"), True, True, (),
                    "onnxruntime's CPU provider runs hard-swish and squeeze-excite in float between "
                    "Quantize/Dequantize pairs, so int8 exports a ReLU student distilled from the run"),
     "openvino": Format("openvino", ".xml", ("fp32", "fp16", "int8"), True, False, ("openvino", "nncf"),

@@ -24,7 +24,7 @@ from edgessl_edge.image import EdgeError
 RUNTIMES = {".onnx": "onnxruntime", ".xml": "openvino", ".tflite": "litert", ".pte": "executorch"}
 MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "litert": "ai_edge_litert.interpreter",
            "executorch": "executorch.runtime"}
-EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino", "litert": "litert", "executorch": "executorch"}
+EXTRAS = {"openvino": "openvino", "litert": "litert", "executorch": "executorch"}  # pip extras of both packages
 META_KEY = "edgessl"
 
 
@@ -42,8 +42,9 @@ def import_runtime(runtime: str):
         with quiet_stderr():  # ExecuTorch's cpuinfo lines on import
             return importlib.import_module(MODULES[runtime])
     except ImportError as e:
-        raise EdgeError(f"{runtime} is not installed ({e}); pip install 'edgessl-edge[{EXTRAS[runtime]}]' "
-                        f"(or 'edgessl[{EXTRAS[runtime]}]')") from None
+        hint = ("pip install onnxruntime" if runtime == "onnxruntime" else
+                f"pip install 'edgessl-edge[{EXTRAS[runtime]}]' (or 'edgessl[{EXTRAS[runtime]}]')")
+        raise EdgeError(f"{runtime} is not installed ({e}); {hint}") from None
 
 
 @contextlib.contextmanager
