@@ -86,16 +86,15 @@ def test_fp32_parity_in_its_runtime(fmt, run_dir, files):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_int8_is_quantised_and_close(fmt, run_dir, files):
+    """int8 MobileNetV3 is the ReLU student in every runtime; the report's parity is the file, run
+    in its runtime, against that student in torch, and its kNN change against the run's network."""
     path, report = files[fmt, "int8"]
     fp32_path, fp32 = files[fmt, "fp32"]
-    assert report["int8_network"] == "as_trained"  # these runtimes quantise hard-swish as it is
+    assert report["int8_network"] == "relu_student" and report["adapted"]["swapped"] > 0
+    assert open_model(path).meta["int8_network"] == "relu_student"
     assert report["size_bytes"] < 0.5 * fp32["size_bytes"]  # int8 weights, not fp32 ones
-    assert report["max_abs_diff"] > 1e-6 and report["min_cosine"] > 0.98  # quantised, and still the network
+    assert report["max_abs_diff"] > 1e-6 and report["min_cosine"] > 0.98  # quantised, and still the student
     assert "knn_change" in report and "speedup_vs_fp32" not in report  # timing=False
-    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
-    a, b = open_model(path).features(x), torch_features(run_dir, x)
-    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cos.min() > 0.98
 
 
 @pytest.mark.slow
@@ -235,8 +234,7 @@ def test_benchmark_table(run_dir, tmp_path):
     for x in rows:
         assert x["status"] in ("ok", "check failed") and x["ms_b1"] > 0 and x["ms_b32"] > x["ms_b1"]
         assert "knn_change" in x and x["mb"] > 0
-    assert rows[0]["speedup_b1"] == 1.0 and rows[1]["int8_network"] == "relu_student"
-    assert rows[3]["int8_network"] == "as_trained"
+    assert rows[0]["speedup_b1"] == 1.0 and rows[1]["int8_network"] == rows[3]["int8_network"] == "relu_student"
     assert r.output.count("\n| onnx |") == 2 and "| openvino | int8 |" in r.output
     assert json.loads((run_dir / "benchmark.json").read_text()) == rows
     assert "Which file to ship" in write_report(run_dir).read_text()
