@@ -8,6 +8,7 @@ for it, and in MODEL.json beside it).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import platform
@@ -258,7 +259,7 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
                  calib_count: int = 256, batch: str | int = "dynamic", opset: int = 18,
                  with_head: bool = False, knn: bool = True, adapt: Optional[bool] = None,
                  adapt_seconds: float = 120.0, progress: Optional[bool] = None, fmt: str = "onnx",
-                 timing: bool = True) -> dict:
+                 timing: bool = True, students: Optional[dict] = None) -> dict:
     """Write MODEL (+ MODEL.json sidecar) for the runtime `fmt` names, check it against torch in
     that runtime, and return the report.
 
@@ -270,7 +271,8 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
     int8 files are timed against the same runtime's fp32 file of the run, side by side
     (`speedup_vs_fp32`). A format with one batch size per file (LiteRT, ExecuTorch) writes
     batch 1 unless `batch` says otherwise. `timing=False` skips the side-by-side timing (and the
-    fp32 file it needs)."""
+    fp32 file it needs). `students`: a dict shared by several exports of one run, so that the
+    int8 student is distilled once for all of them (edgessl.benchmark)."""
     spec = formats.get(fmt)
     formats.check_precision(spec, precision)
     model, cfg, state = load_run(run_dir)
@@ -283,7 +285,7 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
     batch = 1 if batch == "dynamic" and not spec.dynamic_batch else batch
     knn = knn and not is_classifier(state)
     job = _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn,
-                   spec.int8_student if adapt is None else adapt, adapt_seconds, progress)
+                   spec.int8_student if adapt is None else adapt, adapt_seconds, progress, students)
     meta = metadata(cfg, state, job.encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
     meta["runtime"] = fmt
     if precision == "int8":
@@ -309,8 +311,9 @@ class _Job:
 
 
 def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, adapt, adapt_seconds,
-             progress) -> _Job:
-    """The images to calibrate and check with, and the network to export (the int8 student, distilled)."""
+             progress, students: Optional[dict] = None) -> _Job:
+    """The images to calibrate and check with, and the network to export (the int8 student,
+    distilled, or taken from `students` ({seconds: (student, report)}) where one was made before)."""
     size = state["backbone"]["image_size"]
     own = None  # a pretraining run's own (train, held-out) images: calibration and the kNN change
     if not is_classifier(state) and (calib is None or knn):
@@ -323,8 +326,12 @@ def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, a
     encoder = original = export_module(model, with_head)
     adapted = None
     if precision == "int8" and adapt and not is_classifier(state) and needs_adapting(model.backbone):
-        student, adapted = distill(model.backbone, own[0].images if own else source.images, cfg,
-                                   seconds=adapt_seconds, progress=progress)
+        if students is None or adapt_seconds not in students:
+            made = distill(model.backbone, own[0].images if own else source.images, cfg, seconds=adapt_seconds,
+                           progress=progress)
+            students = {adapt_seconds: made} if students is None else students
+            students.setdefault(adapt_seconds, made)
+        student, adapted = copy.deepcopy(students[adapt_seconds][0]), dict(students[adapt_seconds][1])
         encoder = Encoder(student, getattr(model, "head", None) if with_head else None).eval()
         with torch.no_grad():
             adapted["feature_cosine_to_original"] = float(torch.nn.functional.cosine_similarity(

@@ -237,6 +237,9 @@ def test_benchmark_table(run_dir, tmp_path):
     assert rows[0]["speedup_b1"] == 1.0 and rows[1]["int8_network"] == rows[3]["int8_network"] == "relu_student"
     assert r.output.count("\n| onnx |") == 2 and "| openvino | int8 |" in r.output
     assert json.loads((run_dir / "benchmark.json").read_text()) == rows
+    exports = json.loads((run_dir / "exports.json").read_text())
+    students = [exports[str((run_dir / "benchmark" / f).resolve())]["adapted"] for f in ("int8.onnx", "int8.xml")]
+    assert students[0] == students[1]  # one student, distilled once, in both runtimes
     assert "Which file to ship" in write_report(run_dir).read_text()
     r = CliRunner().invoke(cli, ["benchmark", str(run_dir), "--formats", "litert", "--precisions", "fp16"])
     assert r.exit_code == 0 and "| litert | fp16 | failed: litert fp16: XNNPACK has no fp16" in r.output
