@@ -11,10 +11,8 @@ before it replaces anything at --out.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from edgessl.errors import EdgesslError
+from edgessl_edge.backends import quiet_stderr
 
 
 @dataclass(frozen=True)
@@ -80,20 +79,10 @@ def check_precision(fmt: Format, precision: str) -> None:
         raise EdgesslError(f"{fmt.name} {precision}: {reason} ({fmt.name} writes {', '.join(fmt.precisions)})")
 
 
-@contextlib.contextmanager
 def quiet():
     """The converters print their progress and native logs on stdout and stderr; keep them off
     the user's terminal (an error still arrives as an exception)."""
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        for fd, copy in zip((1, 2), saved):
-            os.dup2(copy, fd)
-            os.close(copy)
+    return quiet_stderr((1, 2))
 
 
 def batches(images: np.ndarray, size: int) -> list[torch.Tensor]:

@@ -3,7 +3,6 @@ parity, latency and the edgessl metadata of a file."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -47,20 +46,20 @@ def session(path: str | Path, threads: Optional[int] = None, disabled_optimizers
                                 **({"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}))
 
 
+def _runner(sess):
+    """An onnxruntime session as an edge-runtime backend (edgessl_edge.backends.Backend): run(x), features(x)."""
+    from edgessl_edge.backends import Backend
+
+    first = sess.get_inputs()[0]
+    runner = Backend()
+    runner.run = lambda x: sess.run(None, {first.name: x})[0]
+    runner.fixed_batch = first.shape[0] if isinstance(first.shape[0], int) else None
+    return runner
+
+
 def ort_features(sess, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Run a float32 (N, 3, S, S) array through the session in batches: (N, D)."""
-    name = sess.get_inputs()[0].name
-    fixed = sess.get_inputs()[0].shape[0]
-    if isinstance(fixed, int):
-        batch_size = fixed
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        pad = batch_size - len(chunk) if isinstance(fixed, int) else 0
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        out.append(sess.run(None, {name: np.ascontiguousarray(chunk, dtype=np.float32)})[0][:len(chunk) - pad])
-    return np.concatenate(out)
+    return _runner(sess).features(images, batch_size)
 
 
 def parity(a: np.ndarray, b: np.ndarray) -> dict:
@@ -78,16 +77,9 @@ def batch_of(images: np.ndarray, b: int) -> np.ndarray:
 
 def latency(sess, batch: np.ndarray, iters: int, warmup: int = 3) -> dict:
     """Milliseconds per run of `batch` through `sess`: p50 / p90 / p99 over `iters` timed runs."""
-    name = sess.get_inputs()[0].name
-    for _ in range(warmup):
-        sess.run(None, {name: batch})
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        sess.run(None, {name: batch})
-        times.append((time.perf_counter() - t0) * 1e3)
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
+    from edgessl_edge.backends import latency as backend_latency
+
+    return backend_latency(_runner(sess), batch, iters, warmup)
 
 
 def latency_side_by_side(paths: dict, images: np.ndarray, batch_sizes=(1, 32), threads=(1, 0),

@@ -48,17 +48,20 @@ def import_runtime(runtime: str):
 
 
 @contextlib.contextmanager
-def quiet_stderr():
-    """Silence what native runtimes print on file descriptor 2 while they load (LiteRT's
-    "Created TensorFlow Lite XNNPACK delegate", ExecuTorch's cpuinfo lines)."""
-    saved = os.dup(2)
+def quiet_stderr(fds: tuple[int, ...] = (2,)):
+    """Silence what native code prints on file descriptors `fds` (stderr by default) meanwhile:
+    LiteRT's "Created TensorFlow Lite XNNPACK delegate", ExecuTorch's cpuinfo lines, the
+    converters' progress."""
+    saved = [os.dup(fd) for fd in fds]
     try:
         with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
+            for fd in fds:
+                os.dup2(null.fileno(), fd)
             yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in zip(fds, saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def sidecar_metadata(path: Path) -> dict:
