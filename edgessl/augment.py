@@ -18,6 +18,7 @@ from torchvision.ops import roi_align
 from edgessl.config import AugmentConfig
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
 @contextmanager
@@ -110,11 +111,17 @@ def color_jitter(x: torch.Tensor, strength, apply: torch.Tensor) -> torch.Tensor
         "hue": lambda x, f=torch.where(apply, torch.empty(b, device=x.device).uniform_(-hue, hue),
                                        torch.zeros(b, device=x.device)): _shift_hue(x, f),
     }
-    order = list(ops)
-    random.Random(int(torch.randint(0, 2**31, (1,)))).shuffle(order)  # drawn from torch's RNG: resumable
-    for name in order:
+    for name in jitter_order():
         x = ops[name](x)
     return x
+
+
+def jitter_order() -> list[str]:
+    """A batch's order of the four jitter operations, drawn on the host from torch's RNG (resumable;
+    a CUDA graph keeps the order it was recorded with: edgessl.capture)."""
+    order = list(JITTER_OPS)
+    random.Random(int(torch.randint(0, 2**31, (1,)))).shuffle(order)
+    return order
 
 
 def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

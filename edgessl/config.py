@@ -196,6 +196,12 @@ class RunConfig:
         auto="on for a CPU run planned for 3 minutes or more, or 100,000 images of 32 px (epochs x images x "
              "(side / 32)^2); off on a GPU, under torchrun, with progressive resolution (not measured there), or "
              "without a C++ compiler")
+    # the whole training step as one CUDA graph, replayed (edgessl.capture)
+    capture: Union[bool, str] = setting(
+        AUTO, flag="--capture", cli_choices=("on", "off"), parse=parse_on_off,
+        help="Record the training step as one CUDA graph and replay it (a GPU).",
+        auto="on on a CUDA device where the step can be recorded (fp32 or bf16, one input size, one process, no "
+             "CutMix, the fused optimizer); off on a CPU")
 
 
 @dataclass

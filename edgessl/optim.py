@@ -17,9 +17,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group gets `lr` times its own `lr_scale` (1 when the group sets none)."""
+    """Every group gets `lr` times its own `lr_scale` (1 when the group sets none); a group whose
+    learning rate is a tensor gets it in place (edgessl.capture's steps read it there)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr * g.get("lr_scale", 1.0))
+        else:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def check_finite(loss: float, step: int, device: torch.device) -> None:

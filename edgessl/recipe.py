@@ -25,6 +25,9 @@ is a config key (and a `pretrain` flag); a value given there is kept as given.
                         (docs/benchmarks.md); off on a GPU and under torchrun (not measured),
                         with progressive resolution (each size recompiles), and without a
                         C++ compiler (inductor needs one)
+    run.capture         the whole step as one CUDA graph on a GPU where the step can be one
+                        (edgessl.capture.why_not: fp32 or bf16, one input size, one process,
+                        no CutMix); off on a CPU, where a step is not launch-bound
 
 What the rule cannot see it leaves alone: the budget (--minutes) changes no learning choice
 (the sizes were compared at 15 minutes), only whether to compile, and nothing keys on a
@@ -158,6 +161,19 @@ def compile_choice(cfg, n: int, image_size_: int, device: torch.device, world: i
     return Choice("run.compile", True, f"{o.minutes:g} minutes" if images is None else "a long run")
 
 
+def capture_choice(cfg, device: torch.device, world: int) -> Choice:
+    """run.capture: the step as one CUDA graph wherever it can be one (edgessl.capture.why_not)."""
+    from edgessl.capture import why_not
+    from edgessl.device import resolve_precision
+
+    if cfg.run.capture != AUTO:
+        return Choice("run.capture", cfg.run.capture, "given", True)
+    if device.type != "cuda":
+        return Choice("run.capture", False, "a CPU")
+    off = why_not(cfg, device, resolve_precision(cfg.run.precision, device), world)
+    return Choice("run.capture", off is None, off or "a launch-bound GPU step")
+
+
 def training_choices(cfg, images: torch.Tensor, image_size_: int, device: torch.device,
                      world: int = 1) -> list[Choice]:
     """The choices that need the decoded training images: stride, crops, negatives, batch, compile."""
@@ -196,6 +212,7 @@ def training_choices(cfg, images: torch.Tensor, image_size_: int, device: torch.
     else:
         out.append(Choice("optim.batch_size", o.batch_size, "given", True))
     out.append(compile_choice(cfg, n, image_size_, device, world))
+    out.append(capture_choice(cfg, device, world))
     return out
 
 

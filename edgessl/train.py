@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from edgessl import checkpoint, data as data_lib, distributed, recipe
+from edgessl import capture, checkpoint, data as data_lib, distributed, recipe
 from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
 from edgessl.config import Config, auto_settings, dump_yaml, from_dict, to_dict
@@ -39,9 +39,9 @@ from edgessl.runs import check_run_data, data_record
 from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs, size_at
 
 # what --resume may change: the budget, where images live, whether a report is written, how the step is computed
-# (compilation, the depthwise kernel, the fused optimizer: float rounding only) and how often the loss is read
+# (compilation, the depthwise kernel, the fused optimizer, a CUDA graph: float rounding only) and how often the loss is read
 BUDGET_KEYS = {("optim", "minutes"), ("data", "storage"), ("run", "report"), ("run", "compile"), ("run", "sync_every"),
-               ("run", "fast_depthwise"), ("optim", "fused")}
+               ("run", "fast_depthwise"), ("optim", "fused"), ("run", "capture")}
 GPU_SYNC_EVERY = 32  # run.sync_every's auto value off the CPU
 
 
@@ -94,6 +94,8 @@ class Setup:
     data_identity: dict = field(default_factory=dict)  # {"train", "val"}: what the checkpoint records of the images
     choices: list = field(default_factory=list)  # what the recipe picked from the data (recipe.Choice)
     sync_every: int = 1  # steps between reads of the loss from the device (run.sync_every)
+    captured: Optional[capture.StaticStep] = None  # run.capture: the step as one CUDA graph
+    capture_note: str = ""  # why run.capture on steps eagerly here
 
 
 def build(cfg: Config, decide: bool = True) -> Setup:
@@ -116,13 +118,20 @@ def build(cfg: Config, decide: bool = True) -> Setup:
         torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
     if cfg.run.compile is True:
         compile_backbone(model, device, dynamic=cfg.augment.start_size is not None)
-    return Setup(cfg=cfg, device=device, precision=precision, train=train.to(device),
-                 val=val.to(device) if val is not None else None, image_size=size, model=model,
-                 optimizer=make_optimizer(cfg, model), scaler=grad_scaler(device, precision),
-                 augment=BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
-                 steps_per_epoch=len(train) // (cfg.optim.batch_size * world), rank=rank, world=world,
-                 forward=forward, data_identity=data_record(train, val), choices=choices,
-                 sync_every=cfg.run.sync_every or (1 if device.type == "cpu" else GPU_SYNC_EVERY))
+    note = capture.why_not(cfg, device, precision, world) if cfg.run.capture is True else None
+    graph = cfg.run.capture is True and note is None
+    s = Setup(cfg=cfg, device=device, precision=precision, train=train.to(device),
+              val=val.to(device) if val is not None else None, image_size=size, model=model,
+              optimizer=make_optimizer(cfg, model, capturable=graph), scaler=grad_scaler(device, precision),
+              augment=BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
+              steps_per_epoch=len(train) // (cfg.optim.batch_size * world), rank=rank, world=world,
+              forward=forward, data_identity=data_record(train, val), choices=choices,
+              sync_every=cfg.run.sync_every or (1 if device.type == "cpu" else GPU_SYNC_EVERY),
+              capture_note=f"capture    off: {note}; eager steps" if note else "")
+    if graph:
+        s.captured = capture.StaticStep(lambda idx, progress: graph_step(s, idx, progress), s.optimizer,
+                                        cfg.optim.batch_size, device)
+    return s
 
 
 def seed_everything(cfg: Config) -> None:
@@ -184,14 +193,15 @@ def method_args(cfg: Config, train: data_lib.ImageData) -> dict:
     return {"num_classes": len(train.classes)}
 
 
-def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, model: torch.nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
     """SGD (released recipe) or AdamW; no weight decay on biases and norm weights; torch's fused
-    kernel where it has one (optim.fused: CPU and CUDA), the for-loop elsewhere."""
+    kernel where it has one (optim.fused: CPU and CUDA), the for-loop elsewhere. `capturable`: AdamW's
+    step count stays on the device, so a CUDA graph can hold its step (SGD has none)."""
     groups = param_groups(model, cfg.optim.weight_decay)
     devices = {p.device.type for p in model.parameters()}
     fused = {"fused": True} if cfg.optim.fused and devices <= {"cpu", "cuda"} else {}
     if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr, **fused)
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, **fused, **({"capturable": True} if capturable else {}))
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, **fused)
 
 
@@ -311,6 +321,10 @@ def _pretrain(s: Setup, run_dir: Path, state: Optional[dict], progress, stop_at_
     bb = s.model.backbone
     if s.choices:
         log(recipe.summary(s.choices))
+    if s.capture_note:
+        log(s.capture_note)
+    if s.captured is not None:
+        s.captured.log = log
     log(f"edgessl pretrain: {data_lib.describe(s.train)} | {bb.timm_name} "
         f"(output stride {bb.output_stride}, {bb.feature_dim}-d) | {cfg.method.name} | {s.device} {s.precision}"
         + (f" | {s.world} processes x batch {cfg.optim.batch_size}" if s.world > 1 else ""))
@@ -396,6 +410,7 @@ def run_epoch(s: Setup, files: RunFiles, pos: Position, show: bool, stop, budget
     if pos.perm is None:  # seeded by (seed, epoch): the same order on every rank
         pos.perm = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(
             c.run.seed * 100_003 + pos.epoch))
+    perm = pos.perm.to(s.device)  # once an epoch: a step's indices are a slice on the device, not a copy to it
     t0 = t_epoch = time.perf_counter()
     done, step_log, unread = 0, [], []
     bar = tqdm(total=s.steps_per_epoch, initial=pos.epoch_step, disable=not show, leave=False,
@@ -406,7 +421,7 @@ def run_epoch(s: Setup, files: RunFiles, pos: Position, show: bool, stop, budget
             first_plan(s, pos, budget, time.perf_counter() - t0)
         total = (pos.planned_epochs or 10**9) * s.steps_per_epoch
         start = pos.epoch_step * bs * s.world + s.rank * bs  # this rank's slice of the global batch
-        idx = pos.perm[start:start + bs].to(s.device)
+        idx = perm[start:start + bs]
         out = train_step(s, idx, lr_at(pos.step, total, warmup, c.optim.lr), pos.step, total)
         unread.append((pos.step, ["loss", *out["parts"]], out["values"], out["skipped"]))
         pos.step, pos.epoch_step, done = pos.step + 1, pos.epoch_step + 1, done + 1
@@ -471,21 +486,42 @@ def replan(s: Setup, pos: Position, budget: Optional[float]) -> None:
 
 
 def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1) -> dict:
-    """One augmented batch forward, backward, optimizer step, then the method's no-grad update."""
+    """One augmented batch forward, backward, optimizer step, then the method's no-grad update
+    (run.capture: the same, as one CUDA graph)."""
+    progress = min(1.0, (step + 1) / total)
+    if s.captured is not None:
+        return s.captured(idx, lr, progress)
     set_lr(s.optimizer, lr)
-    raw = s.train.images[idx]
     a = s.cfg.augment
-    side = size_at(step, total, s.image_size, a.start_size, a.ramp)  # progressive resolution (off: the full size)
+    out = forward_step(s, idx, size_at(step, total, s.image_size, a.start_size, a.ramp))  # (progressive resolution)
+    # reading is free on the CPU (sync_every 1): a NaN stops the run before the weights or the bank take it in
+    out["skipped"] = guarded_step(out["loss"], s.optimizer, s.scaler, step, s.device, read=s.sync_every == 1)
+    s.model.update(out, progress)
+    return out
+
+
+def forward_step(s: Setup, idx: torch.Tensor, side: int = 0) -> dict:
+    """The method's output on the augmented batch `idx` (views x B images of `side` px, 0: the run's
+    size), with its loss and parts stacked in `values`, on the device: the loop reads them every
+    run.sync_every steps (read_steps)."""
+    raw = s.train.images[idx]
     images = torch.cat([s.augment(raw, side) for _ in range(s.model.num_views)])  # (views * B, 3, S, S)
     labels = s.train.labels[idx] if s.train.labels is not None else None
     with autocast(s.device, s.precision):
         out = (s.model if s.forward is None else s.forward)(images, idx, labels)
-    # the loss and its parts stay on the device: the loop reads them every run.sync_every steps (read_steps)
     out["values"] = torch.stack([out["loss"].detach().float(), *(v.detach().float() for v in out["parts"].values())])
-    # reading is free on the CPU (sync_every 1): a NaN stops the run before the weights or the bank take it in
-    out["skipped"] = guarded_step(out["loss"], s.optimizer, s.scaler, step, s.device, read=s.sync_every == 1)
-    s.model.update(out, min(1.0, (step + 1) / total))
     return out
+
+
+def graph_step(s: Setup, idx: torch.Tensor, progress: torch.Tensor) -> dict:
+    """The step a CUDA graph records (capture.StaticStep): forward_step, backward, the optimizer step
+    (its learning rate a tensor) and the method's update, with nothing read from the device. The
+    loop checks the loss when it reads it, every run.sync_every steps."""
+    out = forward_step(s, idx)
+    out["loss"].backward()
+    s.optimizer.step()
+    s.model.update(out, progress)
+    return {"values": out["values"], "parts": list(out["parts"])}
 
 
 def end_epoch(s: Setup, files: RunFiles, pos: Position, lr: float, step_log: list, images_per_s: float,

@@ -5,11 +5,14 @@
 
 1. the tests that build a model through conftest's tiny_config, with EDGESSL_TEST_DEVICE set to the
    device (they train on it); the rest of the suite (CLI, export, the edge runtime) runs on the CPU in CI;
-2. training-step throughput and peak memory: methods x backbones x input sizes x precisions x
-   torch.compile on and off, each on synthetic images of that size (only the step is timed;
-   the device is synchronised around the timed steps, not inside them);
-3. an equal-budget kNN: memdistill against SimCLR (their presets) for --minutes each on the
-   shared CIFAR-10 file, 20% held out (split_seed 1).
+2. training-step throughput and peak memory: methods x backbones x input sizes x precisions,
+   eager, torch.compile'd, and captured whole as one CUDA graph (run.capture), each on synthetic
+   images of that size (only the step is timed; the device is synchronised around the timed steps,
+   not inside them; a captured row's warm-up holds its capture);
+3. an equal-budget kNN: memdistill against SimCLR (the recipe's defaults, so captured where the
+   recipe captures) for --minutes each on the shared CIFAR-10 file and the flower photos, 20%
+   held out (split_seed 1).
+--parts runs some of the three (each writes its part of the JSON; a lent GPU's call is at most 10 minutes).
 Nothing here assumes a CPU count or a GPU model. A part that fails is recorded with its error
 and the script goes on.
 """
@@ -39,19 +42,21 @@ from edgessl.device import peak_mem_mb
 # so the whole check stays near 8 minutes (480 s on an H200); rows not run are recorded as skipped.
 FULL = {"methods": ["memdistill", "supervised", "simclr", "byol"], "backbones": ["mobilenetv3", "resnet18"],
         "sizes": [32, 224], "precisions": ["fp32", "bf16", "fp16"], "compiled": [("memdistill", "bf16"),
-        ("supervised", "bf16")], "batch": 128, "steps": 10, "warmup": 3,
-        "allowance": {"tests": 120, "eager": 150, "compiled": 80}}
+        ("supervised", "bf16")], "captured": [("memdistill", "fp32"), ("memdistill", "bf16"), ("supervised", "bf16"),
+        ("simclr", "bf16")], "batch": 128, "steps": 10, "warmup": 3,
+        "allowance": {"tests": 150, "eager": 150, "compiled": 80, "captured": 90}}
 # test files whose models train on EDGESSL_TEST_DEVICE (conftest.tiny_config); left out: torchrun's, and
 # test_export / test_edge, which train too but test onnxruntime and the edge runtime, both on the CPU
-DEVICE_TESTS = ["tests/test_train.py", "tests/test_baselines.py", "tests/test_reliability.py", "tests/test_recipe.py",
+DEVICE_TESTS = ["tests/test_capture.py", "tests/test_train.py", "tests/test_baselines.py", "tests/test_reliability.py", "tests/test_recipe.py",
                 "tests/test_bench.py", "tests/test_mmap.py", "tests/test_user_data.py"]
 DRY = {"methods": ["memdistill", "simclr"], "backbones": ["mobilenetv3_small_050"], "sizes": [16],
-       "precisions": ["fp32"], "compiled": [], "batch": 8, "steps": 2, "warmup": 1,
-       "allowance": {"tests": 120, "eager": 60, "compiled": 60}}
+       "precisions": ["fp32"], "compiled": [], "captured": [("memdistill", "fp32")], "batch": 8, "steps": 2,
+       "warmup": 1, "allowance": {"tests": 120, "eager": 60, "compiled": 60, "captured": 60}}
+MODES = ("eager", "compiled", "captured")
 
 
 def synthetic(root: Path, size: int, n: int) -> str:
-    path = root / f"synthetic{size}.npz"
+    path = root / f"synthetic{size}_{n}.npz"
     if not path.exists():
         rng = np.random.default_rng(0)
         np.savez(path, x=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), y=np.arange(n) % 10)
@@ -63,18 +68,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_rate(method: str, backbone: str, size: int, precision: str, compiled: bool, plan: dict, device: str,
+def step_rate(method: str, backbone: str, size: int, precision: str, mode: str, plan: dict, device: str,
               work: Path) -> dict:
+    from edgessl.capture import WARMUP_STEPS
+
     b, steps = plan["batch"], plan["steps"]
-    spec = synthetic(work, size, b * (steps + plan["warmup"] + 1))
+    warmup = max(plan["warmup"], WARMUP_STEPS + 2) if mode == "captured" else plan["warmup"]  # eager steps, capture
+    spec = synthetic(work, size, b * (steps + warmup + 1))
     t = edgessl.Trainer({"data": {"spec": spec, "image_size": size},  # pinned: auto trains 224 px photos at 128 px
                          "backbone": {"name": backbone}, "method": {"name": method},
                          "optim": {"batch_size": b, "epochs": 1},
-                         "run": {"device": device, "precision": precision, "compile": compiled, "monitor_every": 0,
-                                 "report": False}})
+                         "run": {"device": device, "precision": precision, "compile": mode == "compiled",
+                                 "capture": mode == "captured", "monitor_every": 0, "report": False}})
     batches = torch.arange(len(t.images), device=t.device).split(b)
     t0 = time.perf_counter()
-    for i in range(plan["warmup"]):  # compilation, allocator and kernel selection happen here
+    for i in range(warmup):  # compilation, capture, allocator and kernel selection happen here
         t.step(batches[i], 1e-3, i, 100)
     sync(t.device)
     warm_s = time.perf_counter() - t0
@@ -82,7 +90,7 @@ def step_rate(method: str, backbone: str, size: int, precision: str, compiled: b
         torch.cuda.reset_peak_memory_stats(t.device)
     t0 = time.perf_counter()
     for i in range(steps):
-        t.step(batches[plan["warmup"] + i], 1e-3, plan["warmup"] + i, 100)
+        t.step(batches[warmup + i], 1e-3, warmup + i, 100)
     sync(t.device)
     dt = time.perf_counter() - t0
     return {"trained_px": t.config.data.image_size, "images_per_s": round(b * steps / dt, 1),
@@ -91,20 +99,20 @@ def step_rate(method: str, backbone: str, size: int, precision: str, compiled: b
 
 
 def throughput(plan: dict, device: str, work: Path) -> list[dict]:
-    eager = [(m, b, s, p, False) for m, b, s, p in itertools.product(plan["methods"], plan["backbones"],
-                                                                      plan["sizes"], plan["precisions"])]
-    compiled = [(m, b, s, p, True) for (m, p), b, s in itertools.product(plan["compiled"], plan["backbones"],
-                                                                          plan["sizes"])]
-    rows, started = [], {False: None, True: None}
-    for method, backbone, size, precision, comp in eager + compiled:
-        row = {"method": method, "backbone": backbone, "size": size, "precision": precision, "compile": comp}
-        started[comp] = started[comp] or time.perf_counter()
-        if time.perf_counter() - started[comp] > plan["allowance"]["compiled" if comp else "eager"]:
+    todo = [(m, b, s, p, "eager") for m, b, s, p in itertools.product(plan["methods"], plan["backbones"],
+                                                                       plan["sizes"], plan["precisions"])]
+    for mode in ("compiled", "captured"):
+        todo += [(m, b, s, p, mode) for (m, p), b, s in itertools.product(plan[mode], plan["backbones"], plan["sizes"])]
+    rows, started = [], dict.fromkeys(MODES)
+    for method, backbone, size, precision, mode in todo:
+        row = {"method": method, "backbone": backbone, "size": size, "precision": precision, "mode": mode}
+        started[mode] = started[mode] or time.perf_counter()
+        if time.perf_counter() - started[mode] > plan["allowance"][mode]:
             row["error"] = "skipped: past this part's time allowance"
             rows.append(row)
             continue
         try:
-            row.update(step_rate(method, backbone, size, precision, comp, plan, device, work))
+            row.update(step_rate(method, backbone, size, precision, mode, plan, device, work))
         except Exception as e:  # a combination a device cannot run (fp16 on a CPU, memory): recorded, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         print(json.dumps(row), flush=True)
@@ -114,8 +122,11 @@ def throughput(plan: dict, device: str, work: Path) -> list[dict]:
 
 def equal_budget(minutes: float, dry: bool, device: str, work: Path) -> dict:
     out = {}
-    for method in ("memdistill", "simclr"):
-        data = f"npz:{SHARED_CIFAR}" if not dry else synthetic(work, 16, 64)
+    flowers = SHARED_CIFAR.parent / "flowers" / "train"
+    sets = {"cifar": f"npz:{SHARED_CIFAR}", **({"flowers": f"folder:{flowers}"} if flowers.is_dir() else {})}
+    for (name, spec), method in itertools.product(sets.items() if not dry else [("synthetic", "")],
+                                                  ("memdistill", "simclr")):
+        data = spec if not dry else synthetic(work, 16, 64)
         budget = {"epochs": 1} if dry else {"epochs": None, "minutes": minutes}
         extra = {"backbone": {"name": "mobilenetv3_small_050"}, "optim": {"batch_size": 8, **budget}} if dry else \
             {"optim": budget}
@@ -123,12 +134,15 @@ def equal_budget(minutes: float, dry: bool, device: str, work: Path) -> dict:
                   "run": {"device": device, "monitor_every": 10**6, "report": False,  # kNN at the end only
                           "knn_k": 5 if dry else 200}}
         try:
-            r = edgessl.pretrain(out=work / f"knn_{method}", config=config, progress=False,
-                                 log=lambda *_: None).summary
-            out[method] = {k: round(r[k], 2) if isinstance(r[k], float) else r[k] for k in (
-                "knn_top1", "knn_pixels", "knn_untrained", "epochs", "seconds", "images_per_s", "peak_mem_mb")}
+            lines = []
+            r = edgessl.pretrain(out=work / f"knn_{name}_{method}", config=config, progress=False,
+                                 log=lines.append).summary
+            out[f"{name} {method}"] = {**{k: round(r[k], 2) if isinstance(r[k], float) else r[k] for k in (
+                "knn_top1", "knn_pixels", "knn_untrained", "epochs", "seconds", "images_per_s", "peak_mem_mb")},
+                "recipe": next((x for x in lines if x.startswith("recipe:")), ""),
+                "capture_note": next((x for x in lines if x.startswith("capture ")), "")}
         except Exception as e:
-            out[method] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            out[f"{name} {method}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return out
 
 
@@ -147,18 +161,18 @@ def test_suite(dry: bool, device: str, allowance: float) -> dict:
 
 
 def table(result: dict) -> str:
-    rows = [[r["method"], r["backbone"], r["size"], r["precision"], "on" if r["compile"] else "off",
+    rows = [[r["method"], r["backbone"], r["size"], r["precision"], r["mode"],
              r.get("images_per_s", "-"), r.get("step_ms", "-"), r.get("peak_mem_mb", "-"), r.get("warmup_s", "-"),
-             r.get("error", "")] for r in result["throughput"]]
+             r.get("error", "")] for r in result.get("throughput", [])]
     text = [f"GPU check on {result['device_name']} ({result['device']}), torch {result['torch']}"
             f"{' (dry run)' if result['dry_run'] else ''}", "",
-            markdown(["method", "backbone", "px", "precision", "compile", "images/s", "step ms", "peak MB",
+            markdown(["method", "backbone", "px", "precision", "step", "images/s", "step ms", "peak MB",
                       "warm-up s", "error"], rows, "lllllrrrrl"), ""]
     knn = [[m, r.get("knn_top1", "-"), r.get("knn_pixels", "-"), r.get("knn_untrained", "-"), r.get("epochs", "-"),
-            r.get("images_per_s", "-"), r.get("error", "")] for m, r in result["equal_budget"].items()]
-    text += [markdown(["method", "kNN top-1", "raw pixels", "untrained", "epochs", "images/s", "error"], knn,
-                      "lrrrrrl"), "", f"test suite: {result['tests']['summary']} "
-             f"(exit {result['tests']['returncode']}, {result['tests']['seconds']} s)"]
+            r.get("images_per_s", "-"), r.get("error", "")] for m, r in result.get("equal_budget", {}).items()]
+    tests = result.get("tests", {"summary": "not run", "returncode": "-", "seconds": "-"})
+    text += [markdown(["data and method", "kNN top-1", "raw pixels", "untrained", "epochs", "images/s", "error"], knn,
+                      "lrrrrrl"), "", f"test suite: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)"]
     return "\n".join(text)
 
 
@@ -166,9 +180,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_check")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script itself")
-    ap.add_argument("--minutes", type=float, default=1.5,
-                    help="budget of each of the two equal-budget runs (3 minutes in all)")
+    ap.add_argument("--minutes", type=float, default=1.0,
+                    help="budget of each equal-budget run (2 methods x 2 data sets)")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
+    ap.add_argument("--parts", default="tests,throughput,equal_budget", help="which parts to run (comma-separated)")
     args = ap.parse_args()
     device = args.device or ("cpu" if args.dry_run else "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -178,11 +193,16 @@ def main() -> None:
     result = {"dry_run": args.dry_run, "device": device, "torch": torch.__version__, "machine": platform.platform(),
               "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor()
               or "cpu", "cpus": os.cpu_count()}
-    started, result["part_seconds"] = time.perf_counter(), {}
+    previous = args.out / "gpu_check.json"  # with --parts, the parts an earlier call ran are kept
+    if previous.exists() and args.parts != ap.get_default("parts"):
+        result = {**json.loads(previous.read_text()), **result}
+    started, result["part_seconds"] = time.perf_counter(), result.get("part_seconds", {})
     with tempfile.TemporaryDirectory() as tmp:
         for part, fn in (("tests", lambda: test_suite(args.dry_run, device, plan["allowance"]["tests"])),
                          ("throughput", lambda: throughput(plan, device, Path(tmp))),
                          ("equal_budget", lambda: equal_budget(args.minutes, args.dry_run, device, Path(tmp)))):
+            if part not in args.parts.split(","):
+                continue
             t0 = time.perf_counter()
             try:
                 result[part] = fn()

@@ -56,7 +56,7 @@ def test_arrays_get_today_s_default_and_plain_backgrounds_bigger_crops(tmp_path)
     natural = resolved(f"npz:{make_npz(tmp_path / 'n.npz', n=2048, size=32)}")
     assert natural == {"data.image_size": 32, "data.fit": recipe.FIT, "backbone.downsample": 16,
                        "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64,
-                       "run.compile": False}  # 30 epochs of 2,048 images: too short to compile
+                       "run.compile": False, "run.capture": False}  # 30 epochs of 2,048 images: too short to compile
     x = np.zeros((300, 28, 28), np.uint8)
     x[:, 8:20, 8:20] = 200  # an object in the middle of a black field
     np.savez(tmp_path / "plain.npz", x_train=x)
@@ -73,7 +73,7 @@ def test_the_shared_data_gets_its_hand_made_recipes():
     compiler = shutil.which(os.environ.get("CXX", "g++")) is not None
     assert cifar == {"data.image_size": 32, "data.fit": recipe.FIT, "backbone.downsample": 16,
                      "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64,
-                     "run.compile": compiler}
+                     "run.compile": compiler, "run.capture": False}
     fmnist = resolved("fashion-mnist")
     hand = load_yaml(REPO / "configs" / "fmnist.yaml")
     assert fmnist["augment.crop_scale"] == tuple(hand["augment"]["crop_scale"])
@@ -85,7 +85,7 @@ def test_the_shared_data_gets_its_hand_made_recipes():
             "data.image_size": recipe.PHOTO_SIZE, "data.fit": recipe.FIT,
             "backbone.downsample": auto_downsample("mobilenetv3_small_100", recipe.PHOTO_SIZE),
             "augment.crop_scale": (0.2, 1.0), "method.negatives": "all", "optim.batch_size": 64,
-            "run.compile": compiler}
+            "run.compile": compiler, "run.capture": False}
 
 
 def test_compile_is_picked_for_cpu_runs_long_enough_to_earn_it_back(monkeypatch):
@@ -125,7 +125,7 @@ def test_a_folder_is_surveyed_from_headers_and_given_values_win(tmp_path):
     assert got["data.image_size"] == recipe.PHOTO_SIZE and got["optim.batch_size"] == 8
     cfg = from_dict({"data": {"spec": f"folder:{folder}", "image_size": 24, "fit": "crop"},
                      "augment": {"crop_scale": [0.3, 1.0]}, "method": {"negatives": 7}, "optim": {"batch_size": 4},
-                     "run": {"compile": False}})
+                     "run": {"compile": False, "capture": False}})
     choices = recipe.input_choices(cfg, CPU)
     recipe.apply(cfg, choices)
     choices += recipe.training_choices(cfg, load(f"folder:{folder}", 24).images, 24, CPU)
@@ -180,3 +180,15 @@ def test_one_photo_is_the_same_tensor_in_training_probe_onnx_and_the_runtime(tmp
     assert np.allclose(enc.embed([photo]), onnx_f.fn(training[None]).numpy(), atol=1e-5)
     assert np.allclose(enc.embed([photo]), torch_feats.numpy(), atol=1e-4)
     assert np.allclose(enc.preprocess(edge_side[None]), normalize(training[None], mean, std).numpy(), atol=1e-6)
+
+
+def test_capture_is_picked_where_a_cuda_graph_can_hold_the_step():
+    def pick(device=torch.device("cuda"), world=1, **sections):
+        return recipe.capture_choice(from_dict({"data": {"spec": "npz:x"}, **sections}), device, world)
+
+    assert pick(run={"precision": "bf16"}) == recipe.Choice("run.capture", True, "a launch-bound GPU step")
+    assert pick(run={"precision": "fp32"}).value is True
+    assert pick(device=torch.device("cpu")) == recipe.Choice("run.capture", False, "a CPU")
+    assert pick(run={"precision": "fp16"}).value is False and "GradScaler" in pick(run={"precision": "fp16"}).why
+    assert pick(world=2).value is False and pick(method={"cutmix_prob": 0.5}).value is False
+    assert pick(run={"capture": False}) == recipe.Choice("run.capture", False, "given", True)

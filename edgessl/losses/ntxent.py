@@ -14,5 +14,5 @@ def ntxent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch
     b = z1.shape[0]
     logits = z @ z.T / temperature  # (2B, 2B)
     logits.fill_diagonal_(float("-inf"))  # a view is not its own negative
-    targets = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    targets = torch.cat([torch.arange(b, 2 * b, device=z.device), torch.arange(0, b, device=z.device)])
     return F.cross_entropy(logits, targets)

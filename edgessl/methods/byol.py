@@ -38,16 +38,18 @@ class BYOL(nn.Module):
             loss = 0.5 * (byol_loss(p1, t2) + byol_loss(p2, t1))
         return {"loss": loss, "parts": {}}
 
-    def momentum(self, progress: float) -> float:
-        """tau = 1 - (1 - tau_base) (cos(pi progress) + 1) / 2 (BYOL, section 3.2)."""
-        return 1 - (1 - self.cfg.byol_momentum) * (math.cos(math.pi * progress) + 1) / 2
+    def momentum(self, progress):
+        """tau = 1 - (1 - tau_base) (cos(pi progress) + 1) / 2 (BYOL, section 3.2); a tensor for a
+        float64 tensor `progress` (a CUDA graph's step: its progress changes in place)."""
+        cos = torch.cos(math.pi * progress) if isinstance(progress, torch.Tensor) else math.cos(math.pi * progress)
+        return 1 - (1 - self.cfg.byol_momentum) * (cos + 1) / 2
 
     @torch.no_grad()
-    def update(self, out: dict, progress: float) -> None:
+    def update(self, out: dict, progress) -> None:
         """EMA of the online weights into the target; BatchNorm statistics are copied."""
         tau = self.momentum(progress)
         for online, target in ((self.backbone, self.target_backbone), (self.head, self.target_head)):
             for po, pt in zip(online.parameters(), target.parameters()):
-                pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
+                pt.mul_(tau).add_(po.detach() * (1 - tau))  # (alpha= would read a tensor tau on the host)
             for bo, bt in zip(online.buffers(), target.buffers()):
                 bt.copy_(bo)
