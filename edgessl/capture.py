@@ -21,12 +21,14 @@ import torch
 WARMUP_STEPS = 3  # eager steps before the capture, on a side stream (cuDNN's choices, the allocator, optimizer state)
 
 
-def why_not(cfg, device: torch.device, precision: str, world: int) -> Optional[str]:
-    """Why this run's step cannot be one CUDA graph, or None when it can."""
+def why_not(cfg, device: torch.device, precision: str, world: int, mapped: bool = False) -> Optional[str]:
+    """Why this run's step cannot be one CUDA graph, or None when it can (`mapped`: the training
+    images are a memory-mapped file on the host, read each step)."""
     m = cfg.method
     return ("CUDA graphs need a CUDA device" if device.type != "cuda" else
             "fp16's GradScaler decides on the host whether a step is skipped" if precision == "fp16" else
             "torchrun: the bank's collectives run outside a graph" if world > 1 else
+            "the images are memory-mapped on the host" if mapped else
             "progressive resolution changes the input size" if cfg.augment.start_size is not None else
             "CutMix draws its box on the host" if m.name == "memdistill" and m.cutmix_prob > 0 else
             "optim.fused false: the for-each optimizer reads a tensor learning rate on the host"

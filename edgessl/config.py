@@ -201,7 +201,7 @@ class RunConfig:
         AUTO, flag="--capture", cli_choices=("on", "off"), parse=parse_on_off,
         help="Record the training step as one CUDA graph and replay it (a GPU).",
         auto="on on a CUDA device where the step can be recorded (fp32 or bf16, one input size, one process, no "
-             "CutMix, the fused optimizer); off on a CPU")
+             "CutMix, the fused optimizer, the images in memory); off on a CPU")
 
 
 @dataclass

@@ -27,7 +27,8 @@ is a config key (and a `pretrain` flag); a value given there is kept as given.
                         C++ compiler (inductor needs one)
     run.capture         the whole step as one CUDA graph on a GPU where the step can be one
                         (edgessl.capture.why_not: fp32 or bf16, one input size, one process,
-                        no CutMix); off on a CPU, where a step is not launch-bound
+                        no CutMix, images in memory); off on a CPU, where a step is not
+                        launch-bound
 
 What the rule cannot see it leaves alone: the budget (--minutes) changes no learning choice
 (the sizes were compared at 15 minutes), only whether to compile, and nothing keys on a
@@ -161,7 +162,7 @@ def compile_choice(cfg, n: int, image_size_: int, device: torch.device, world: i
     return Choice("run.compile", True, f"{o.minutes:g} minutes" if images is None else "a long run")
 
 
-def capture_choice(cfg, device: torch.device, world: int) -> Choice:
+def capture_choice(cfg, device: torch.device, world: int, mapped: bool = False) -> Choice:
     """run.capture: the step as one CUDA graph wherever it can be one (edgessl.capture.why_not)."""
     from edgessl.capture import why_not
     from edgessl.device import resolve_precision
@@ -170,7 +171,7 @@ def capture_choice(cfg, device: torch.device, world: int) -> Choice:
         return Choice("run.capture", cfg.run.capture, "given", True)
     if device.type != "cuda":
         return Choice("run.capture", False, "a CPU")
-    off = why_not(cfg, device, resolve_precision(cfg.run.precision, device), world)
+    off = why_not(cfg, device, resolve_precision(cfg.run.precision, device), world, mapped)
     return Choice("run.capture", off is None, off or "a launch-bound GPU step")
 
 
@@ -212,7 +213,7 @@ def training_choices(cfg, images: torch.Tensor, image_size_: int, device: torch.
     else:
         out.append(Choice("optim.batch_size", o.batch_size, "given", True))
     out.append(compile_choice(cfg, n, image_size_, device, world))
-    out.append(capture_choice(cfg, device, world))
+    out.append(capture_choice(cfg, device, world, mapped=not isinstance(images, torch.Tensor)))
     return out
 
 

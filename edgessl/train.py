@@ -118,7 +118,7 @@ def build(cfg: Config, decide: bool = True) -> Setup:
         torch.manual_seed(cfg.run.seed + 1000 * rank)  # each rank its own augmentations
     if cfg.run.compile is True:
         compile_backbone(model, device, dynamic=cfg.augment.start_size is not None)
-    note = capture.why_not(cfg, device, precision, world) if cfg.run.capture is True else None
+    note = capture.why_not(cfg, device, precision, world, train.mapped) if cfg.run.capture is True else None
     graph = cfg.run.capture is True and note is None
     s = Setup(cfg=cfg, device=device, precision=precision, train=train.to(device),
               val=val.to(device) if val is not None else None, image_size=size, model=model,

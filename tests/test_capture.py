@@ -112,6 +112,7 @@ def test_the_recipe_captures_only_where_a_graph_can_hold_the_step(tmp_path):
     assert "progressive" in capture.why_not(cfg(augment={"start_size": 16}), cuda, "fp32", 1)
     assert "CutMix" in capture.why_not(cfg(method={"cutmix_prob": 1.0}), cuda, "fp32", 1)
     assert "fused" in capture.why_not(cfg(optim={"fused": False}), cuda, "fp32", 1)
+    assert "memory-mapped" in capture.why_not(cfg(), cuda, "fp32", 1, mapped=True)
 
 
 def test_capture_on_a_cpu_says_why_it_steps_eagerly(tmp_path):
