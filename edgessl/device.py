@@ -54,10 +54,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def autocast(device: torch.device, precision: str):
     """Mixed precision for the backbone; the methods compute their heads, scores and losses in fp32
-    inside it (full_precision)."""
+    inside it (full_precision). While a CUDA graph is being recorded, without autocast's cache of
+    cast weights, as torch.cuda.make_graphed_callables requires of autocast."""
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                          cache_enabled=not capturing)
 
 
 def full_precision(x: torch.Tensor):
