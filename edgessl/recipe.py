@@ -169,7 +169,7 @@ def capture_choice(cfg, device: torch.device, world: int, mapped: bool = False) 
 
     if cfg.run.capture != AUTO:
         return Choice("run.capture", cfg.run.capture, "given", True)
-    if device.type != "cuda":
+    if device.type == "cpu":
         return Choice("run.capture", False, "a CPU")
     off = why_not(cfg, device, resolve_precision(cfg.run.precision, device), world, mapped)
     return Choice("run.capture", off is None, off or "a launch-bound GPU step")

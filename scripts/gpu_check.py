@@ -47,8 +47,8 @@ FULL = {"methods": ["memdistill", "supervised", "simclr", "byol"], "backbones": 
         "allowance": {"tests": 150, "eager": 150, "compiled": 80, "captured": 90}}
 # test files whose models train on EDGESSL_TEST_DEVICE (conftest.tiny_config); left out: torchrun's, and
 # test_export / test_edge, which train too but test onnxruntime and the edge runtime, both on the CPU
-DEVICE_TESTS = ["tests/test_capture.py", "tests/test_train.py", "tests/test_baselines.py", "tests/test_reliability.py", "tests/test_recipe.py",
-                "tests/test_bench.py", "tests/test_mmap.py", "tests/test_user_data.py"]
+DEVICE_TESTS = ["tests/test_capture.py", "tests/test_train.py", "tests/test_baselines.py", "tests/test_reliability.py",
+                "tests/test_recipe.py", "tests/test_bench.py", "tests/test_mmap.py", "tests/test_user_data.py"]
 DRY = {"methods": ["memdistill", "simclr"], "backbones": ["mobilenetv3_small_050"], "sizes": [16],
        "precisions": ["fp32"], "compiled": [], "captured": [("memdistill", "fp32")], "batch": 8, "steps": 2,
        "warmup": 1, "allowance": {"tests": 120, "eager": 60, "compiled": 60, "captured": 60}}
@@ -172,7 +172,8 @@ def table(result: dict) -> str:
             r.get("images_per_s", "-"), r.get("error", "")] for m, r in result.get("equal_budget", {}).items()]
     tests = result.get("tests", {"summary": "not run", "returncode": "-", "seconds": "-"})
     text += [markdown(["data and method", "kNN top-1", "raw pixels", "untrained", "epochs", "images/s", "error"], knn,
-                      "lrrrrrl"), "", f"test suite: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)"]
+                      "lrrrrrl"), "",
+             f"test suite: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)"]
     return "\n".join(text)
 
 
