@@ -11,7 +11,8 @@
    not inside them; a captured row's warm-up holds its capture);
 3. an equal-budget kNN: memdistill against SimCLR (the recipe's defaults, so captured where the
    recipe captures) for --minutes each on the shared CIFAR-10 file and the flower photos, 20%
-   held out (split_seed 1).
+   held out (split_seed 1); and lightly-train's SimCLR on the memdistill run's backbone, images and
+   split (scripts/peer_lightly.py; skipped with the reason when lightly-train is not installed).
 --parts runs some of the three (each writes its part of the JSON; a lent GPU's call is at most 10 minutes).
 Nothing here assumes a CPU count or a GPU model. A part that fails is recorded with its error
 and the script goes on.
@@ -36,6 +37,7 @@ import torch
 from benchlib import REPO, SHARED_CIFAR, markdown
 import edgessl
 from edgessl.device import peak_mem_mb
+from peer_lightly import lightly_simclr
 
 # eager: every method x backbone x size x precision; compiled: the default precision only (each
 # compilation costs tens of seconds). A part stops starting new rows past its allowance (seconds),
@@ -143,7 +145,19 @@ def equal_budget(minutes: float, dry: bool, device: str, work: Path) -> dict:
                 "capture_note": next((x for x in lines if x.startswith("capture ")), "")}
         except Exception as e:
             out[f"{name} {method}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    for name in sets if not dry else ["synthetic"]:  # the peer: the memdistill run's backbone, images and split
+        out[f"{name} lightly-train simclr"] = peer(work / f"knn_{name}_memdistill", minutes, dry, device,
+                                                   work / f"lightly_{name}")
     return out
+
+
+def peer(run: Path, minutes: float, dry: bool, device: str, work: Path) -> dict:
+    if not (run / "checkpoint.pt").exists():
+        return {"error": "skipped: the memdistill run it copies did not finish"}
+    try:
+        return lightly_simclr(run, minutes, device, work, dry)
+    except Exception as e:  # the optional peer failing is recorded, never fatal
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
 
 
 def test_suite(dry: bool, device: str, allowance: float) -> dict:
@@ -168,11 +182,13 @@ def table(result: dict) -> str:
             f"{' (dry run)' if result['dry_run'] else ''}", "",
             markdown(["method", "backbone", "px", "precision", "step", "images/s", "step ms", "peak MB",
                       "warm-up s", "error"], rows, "lllllrrrrl"), ""]
-    knn = [[m, r.get("knn_top1", "-"), r.get("knn_pixels", "-"), r.get("knn_untrained", "-"), r.get("epochs", "-"),
-            r.get("images_per_s", "-"), r.get("error", "")] for m, r in result.get("equal_budget", {}).items()]
+    knn = [[m] + [r.get(k, "-") for k in ("knn_top1", "knn_pixels", "knn_untrained", "epochs", "seconds",
+                                          "images_per_s")] + [r.get("error", "")]
+           for m, r in result.get("equal_budget", {}).items()]
     tests = result.get("tests", {"summary": "not run", "returncode": "-", "seconds": "-"})
-    text += [markdown(["data and method", "kNN top-1", "raw pixels", "untrained", "epochs", "images/s", "error"], knn,
-                      "lrrrrrl"), "",
+    text += [markdown(["data and method", "kNN top-1", "raw pixels", "untrained", "epochs", "seconds", "images/s",
+                       "error"],
+                      knn, "lrrrrrrl"), "",
              f"test suite: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)"]
     return "\n".join(text)
 
