@@ -1,6 +1,7 @@
 """GPU check: one command for the day a CUDA GPU is lent; one JSON and one Markdown table.
 
     .venv/bin/python scripts/gpu_check.py --out runs/gpu_check        # a CUDA machine, about 8 minutes
+    python3 scripts/gpu_check.py --plan lease --out runs/gpu_check    # one call of a 15-minute lease
     .venv/bin/python scripts/gpu_check.py --dry-run --out /tmp/gc     # the CPU, tiny sizes, seconds (CI)
 
 1. the tests that build a model through conftest's tiny_config, with EDGESSL_TEST_DEVICE set to the
@@ -39,21 +40,29 @@ import edgessl
 from edgessl.device import peak_mem_mb
 from peer_lightly import lightly_simclr
 
-# eager: every method x backbone x size x precision; compiled: the default precision only (each
-# compilation costs tens of seconds). A part stops starting new rows past its allowance (seconds),
-# so the whole check stays near 8 minutes (480 s on an H200); rows not run are recorded as skipped.
-FULL = {"methods": ["memdistill", "supervised", "simclr", "byol"], "backbones": ["mobilenetv3", "resnet18"],
-        "sizes": [32, 224], "precisions": ["fp32", "bf16", "fp16"], "compiled": [("memdistill", "bf16"),
-        ("supervised", "bf16")], "captured": [("memdistill", "fp32"), ("memdistill", "bf16"), ("supervised", "bf16"),
-        ("simclr", "bf16")], "batch": 128, "steps": 10, "warmup": 3,
-        "allowance": {"tests": 150, "eager": 150, "compiled": 80, "captured": 90}}
 # test files whose models train on EDGESSL_TEST_DEVICE (conftest.tiny_config); left out: torchrun's, and
 # test_export / test_edge, which train too but test onnxruntime and the edge runtime, both on the CPU
 DEVICE_TESTS = ["tests/test_capture.py", "tests/test_train.py", "tests/test_baselines.py", "tests/test_reliability.py",
                 "tests/test_recipe.py", "tests/test_bench.py", "tests/test_mmap.py", "tests/test_user_data.py"]
+# full: every method x backbone x size x precision eagerly; compiled: the default precision only (each
+# compilation costs tens of seconds). A part stops starting new rows (new arms) past its allowance
+# (seconds), so the whole check stays near 8 minutes (480 s on an H200) plus the peer; rows not run
+# are recorded as skipped.
+FULL = {"methods": ["memdistill", "supervised", "simclr", "byol"], "backbones": ["mobilenetv3", "resnet18"],
+        "sizes": [32, 224], "precisions": ["fp32", "bf16", "fp16"], "compiled": [("memdistill", "bf16"),
+        ("supervised", "bf16")], "captured": [("memdistill", "fp32"), ("memdistill", "bf16"), ("supervised", "bf16"),
+        ("simclr", "bf16")], "batch": 128, "steps": 10, "warmup": 3, "tests": DEVICE_TESTS,
+        "allowance": {"tests": 150, "eager": 150, "compiled": 80, "captured": 90, "equal_budget": 600}}
+# lease: one call of a 15-minute device lease (machine start included): the capture tests, memdistill's
+# step eager against captured at 32 px, then the equal budget, whose peer rows start only within its allowance
+LEASE = {**FULL, "methods": ["memdistill"], "sizes": [32], "precisions": ["fp32", "bf16"], "compiled": [],
+         "captured": [("memdistill", "fp32"), ("memdistill", "bf16")], "tests": ["tests/test_capture.py"],
+         "allowance": {"tests": 90, "eager": 60, "compiled": 0, "captured": 60, "equal_budget": 240}}
 DRY = {"methods": ["memdistill", "simclr"], "backbones": ["mobilenetv3_small_050"], "sizes": [16],
        "precisions": ["fp32"], "compiled": [], "captured": [("memdistill", "fp32")], "batch": 8, "steps": 2,
-       "warmup": 1, "allowance": {"tests": 120, "eager": 60, "compiled": 60, "captured": 60}}
+       "warmup": 1, "tests": ["tests/test_losses.py"],
+       "allowance": {"tests": 120, "eager": 60, "compiled": 60, "captured": 60, "equal_budget": 600}}
+PLANS = {"full": FULL, "lease": LEASE}
 MODES = ("eager", "compiled", "captured")
 
 
@@ -122,33 +131,42 @@ def throughput(plan: dict, device: str, work: Path) -> list[dict]:
     return rows
 
 
-def equal_budget(minutes: float, dry: bool, device: str, work: Path) -> dict:
-    out = {}
+def equal_budget(minutes: float, dry: bool, device: str, work: Path, allowance: float, save) -> dict:
+    """memdistill and SimCLR on each data set, then the peer on each; `save(out)` after every arm, so a
+    call stopped by its limit keeps the arms it finished. No arm starts past `allowance` seconds."""
+    out, t0 = {}, time.perf_counter()
     flowers = SHARED_CIFAR.parent / "flowers" / "train"
     sets = {"cifar": f"npz:{SHARED_CIFAR}", **({"flowers": f"folder:{flowers}"} if flowers.is_dir() else {})}
-    for (name, spec), method in itertools.product(sets.items() if not dry else [("synthetic", "")],
-                                                  ("memdistill", "simclr")):
-        data = spec if not dry else synthetic(work, 16, 64)
-        budget = {"epochs": 1} if dry else {"epochs": None, "minutes": minutes}
-        extra = {"backbone": {"name": "mobilenetv3_small_050"}, "optim": {"batch_size": 8, **budget}} if dry else \
-            {"optim": budget}
-        config = {"data": {"spec": data, "val_fraction": 0.2, "split_seed": 1}, "method": {"name": method}, **extra,
-                  "run": {"device": device, "monitor_every": 10**6, "report": False,  # kNN at the end only
-                          "knn_k": 5 if dry else 200}}
-        try:
-            lines = []
-            r = edgessl.pretrain(out=work / f"knn_{name}_{method}", config=config, progress=False,
-                                 log=lines.append).summary
-            out[f"{name} {method}"] = {**{k: round(r[k], 2) if isinstance(r[k], float) else r[k] for k in (
-                "knn_top1", "knn_pixels", "knn_untrained", "epochs", "seconds", "images_per_s", "peak_mem_mb")},
-                "recipe": next((x for x in lines if x.startswith("recipe:")), ""),
-                "capture_note": next((x for x in lines if x.startswith("capture ")), "")}
-        except Exception as e:
-            out[f"{name} {method}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    for name in sets if not dry else ["synthetic"]:  # the peer: the memdistill run's backbone, images and split
-        out[f"{name} lightly-train simclr"] = peer(work / f"knn_{name}_memdistill", minutes, dry, device,
-                                                   work / f"lightly_{name}")
+    sets = sets if not dry else {"synthetic": synthetic(work, 16, 64)}
+    arms = [(name, method) for name in sets for method in ("memdistill", "simclr")]
+    for name, method in arms + [(name, "lightly-train simclr") for name in sets]:
+        key = f"{name} {method}"
+        if time.perf_counter() - t0 > allowance:
+            out[key] = {"error": "skipped: past this part's time allowance"}
+        elif method == "lightly-train simclr":  # the peer: the memdistill run's backbone, images and split
+            out[key] = peer(work / f"knn_{name}_memdistill", minutes, dry, device, work / f"lightly_{name}")
+        else:
+            out[key] = own_arm(sets[name], method, minutes, dry, device, work / f"knn_{name}_{method}")
+        save(out)
     return out
+
+
+def own_arm(data: str, method: str, minutes: float, dry: bool, device: str, run: Path) -> dict:
+    budget = {"epochs": 1} if dry else {"epochs": None, "minutes": minutes}
+    extra = {"backbone": {"name": "mobilenetv3_small_050"}, "optim": {"batch_size": 8, **budget}} if dry else \
+        {"optim": budget}
+    config = {"data": {"spec": data, "val_fraction": 0.2, "split_seed": 1}, "method": {"name": method}, **extra,
+              "run": {"device": device, "monitor_every": 10**6, "report": False,  # kNN at the end only
+                      "knn_k": 5 if dry else 200}}
+    try:
+        lines = []
+        r = edgessl.pretrain(out=run, config=config, progress=False, log=lines.append).summary
+        return {**{k: round(r[k], 2) if isinstance(r[k], float) else r[k] for k in (
+            "knn_top1", "knn_pixels", "knn_untrained", "epochs", "seconds", "images_per_s", "peak_mem_mb")},
+            "recipe": next((x for x in lines if x.startswith("recipe:")), ""),
+            "capture_note": next((x for x in lines if x.startswith("capture ")), "")}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
 
 
 def peer(run: Path, minutes: float, dry: bool, device: str, work: Path) -> dict:
@@ -160,10 +178,10 @@ def peer(run: Path, minutes: float, dry: bool, device: str, work: Path) -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 
 
-def test_suite(dry: bool, device: str, allowance: float) -> dict:
+def test_suite(dry: bool, device: str, files: list, allowance: float) -> dict:
     workers = max(1, min(8, (os.cpu_count() or 1) // 2))
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + (
-        ["tests/test_losses.py"] if dry else ["-m", "not slow", "-n", str(workers), *DEVICE_TESTS])
+        files if dry else ["-m", "not slow", "-n", str(workers), *files])
     t0 = time.perf_counter()
     try:
         r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=allowance,
@@ -201,11 +219,13 @@ def main() -> None:
                     help="budget of each equal-budget run (2 methods x 2 data sets)")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
     ap.add_argument("--parts", default="tests,throughput,equal_budget", help="which parts to run (comma-separated)")
+    ap.add_argument("--plan", default="full", choices=sorted(PLANS),
+                    help="full: every row (two calls of 10 minutes); lease: what one call of a 15-minute lease holds")
     args = ap.parse_args()
     device = args.device or ("cpu" if args.dry_run else "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device visible to torch (use --dry-run to check the script on the CPU)")
-    plan = DRY if args.dry_run else FULL
+    plan = DRY if args.dry_run else PLANS[args.plan]
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"dry_run": args.dry_run, "device": device, "torch": torch.__version__, "machine": platform.platform(),
               "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor()
@@ -214,10 +234,17 @@ def main() -> None:
     if previous.exists() and args.parts != ap.get_default("parts"):
         result = {**json.loads(previous.read_text()), **result}
     started, result["part_seconds"] = time.perf_counter(), result.get("part_seconds", {})
+
+    def save(**parts) -> None:  # after every part (and arm): a check stopped by a limit keeps what it measured
+        result.update(parts, seconds=round(time.perf_counter() - started, 1))
+        (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
-        for part, fn in (("tests", lambda: test_suite(args.dry_run, device, plan["allowance"]["tests"])),
+        for part, fn in (("tests", lambda: test_suite(args.dry_run, device, plan["tests"], plan["allowance"]["tests"])),
                          ("throughput", lambda: throughput(plan, device, Path(tmp))),
-                         ("equal_budget", lambda: equal_budget(args.minutes, args.dry_run, device, Path(tmp)))):
+                         ("equal_budget", lambda: equal_budget(args.minutes, args.dry_run, device, Path(tmp),
+                                                               plan["allowance"]["equal_budget"],
+                                                               lambda arms: save(equal_budget=arms)))):
             if part not in args.parts.split(","):
                 continue
             t0 = time.perf_counter()
@@ -226,9 +253,7 @@ def main() -> None:
             except Exception:
                 result[part] = {"error": traceback.format_exc(limit=3)}
             result["part_seconds"][part] = round(time.perf_counter() - t0, 1)
-            result["seconds"] = round(time.perf_counter() - started, 1)
-            # written after every part: a check stopped by a wall-clock limit keeps what it measured
-            (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+            save()
     (args.out / "gpu_check.md").write_text(table(result) + "\n")
     print(table(result))
     print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'} ({result['seconds']} s)")
