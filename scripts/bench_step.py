@@ -45,6 +45,8 @@ VARIANTS = {
     "mobilenetv3, batch 128": {"optim": {"batch_size": 128}},
     "mobilenetv3, progressive resolution's first steps (3/4 side)": {"start_fraction": 0.75},
     "mobilenetv3, bf16 autocast": {"run": {"precision": "bf16"}},
+    "mobilenetv3, bf16 compiled, fused optimizer": {"run": {"precision": "bf16", "compile": True},
+                                                     "optim": {"fused": True}},
     "mobilenetv3, backbone compiled (torch.compile)": {"run": {"compile": True}},
     "mobilenetv3, channels-last": {"channels_last": True},
     "mobilenetv3, augmentation on 1 thread": {"run": {"augment_threads": 1}},
