@@ -39,8 +39,8 @@ from edgessl.runs import check_run_data, data_record
 from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs, size_at
 
 # what --resume may change: the budget, where images live, whether a report is written, how the step is computed
-# (compilation, the depthwise kernel, the fused optimizer, a CUDA graph: float rounding only) and how often the
-# loss is read
+# (compilation, the depthwise kernel, the fused optimizer: float rounding only; a CUDA graph: that and the jitter's
+# recorded order) and how often the loss is read
 BUDGET_KEYS = {("optim", "minutes"), ("data", "storage"), ("run", "report"), ("run", "compile"), ("run", "sync_every"),
                ("run", "fast_depthwise"), ("optim", "fused"), ("run", "capture")}
 GPU_SYNC_EVERY = 32  # run.sync_every's auto value off the CPU

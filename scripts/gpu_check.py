@@ -37,6 +37,7 @@ import torch
 
 from benchlib import REPO, SHARED_CIFAR, markdown
 import edgessl
+from edgessl.capture import WARMUP_STEPS
 from edgessl.device import peak_mem_mb
 from peer_lightly import lightly_simclr
 
@@ -81,8 +82,6 @@ def sync(device: torch.device) -> None:
 
 def step_rate(method: str, backbone: str, size: int, precision: str, mode: str, plan: dict, device: str,
               work: Path) -> dict:
-    from edgessl.capture import WARMUP_STEPS
-
     b, steps = plan["batch"], plan["steps"]
     warmup = max(plan["warmup"], WARMUP_STEPS + 2) if mode == "captured" else plan["warmup"]  # eager steps, capture
     spec = synthetic(work, size, b * (steps + warmup + 1))
