@@ -5,7 +5,7 @@
     run.export("model.onnx", precision="int8")     # the export report (dict)
     run.probe(train="folder:labelled", test="folder:test")
     feats = run.embed("folder:photos")             # (N, d) numpy, rows in the data's order
-    clf = edgessl.finetune(run, labels_per_class=10, out="runs/ft")
+    clf = edgessl.finetune(run, labels_per_class=10, out="runs/ft")  # unlabelled="auto": + the run's other images
     run = edgessl.Run("runs/r1")                   # open an existing run
 
 Config overrides are keywords: a section as a dict (`method={"temperature": 0.1}`), a dotted

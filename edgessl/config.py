@@ -215,16 +215,18 @@ class FinetuneConfig:
                                               help="Fraction of each class's labels to use.")
     labels_per_class: Optional[int] = setting(None, flag="--labels-per-class", parse=int,
                                               help="Number of labels per class to use.")
-    # none: the default, since propagation gained +1.6 +- 3.8 top-1 over five label draws at 4x the time
-    # (docs/benchmarks.md, "Few labels and the unlabelled images")
-    unlabelled: str = setting("none", flag="--unlabelled", choices=("none", "propagate"),
+    # auto's rule, from label draws on tuning splits (docs/benchmarks.md, "Few labels and the unlabelled images"):
+    # propagation cost 2.8 points at 2 labels a class and gained 0.5-6.4 from 5 to 25
+    unlabelled: str = setting(AUTO, flag="--unlabelled", choices=(AUTO, "none", "propagate"),
                               help="none: the labelled images alone; propagate: the images beyond them (the "
                                    "pretraining run's own) train too, pseudo-labelled by label propagation over the "
-                                   "encoder's features.")
+                                   "encoder's features.",
+                              auto="propagate when the median class has at least 5 labelled images and there are "
+                                   "unlabelled ones; none otherwise")
     epochs: Union[str, int] = setting(AUTO, flag="--epochs", parse=int, help="Epochs: passes over the unlabelled "
                                       "images (over the labelled ones with --unlabelled none).",
-                                      auto="30 over the labelled images alone; 6 over the unlabelled ones with "
-                                           "--unlabelled propagate")
+                                      auto="30 over the labelled images alone; 6 over the unlabelled ones when they "
+                                           "train")
     minutes: Optional[float] = setting(None, flag="--minutes", parse=float,
                                        help="Budget: as many epochs as fit in this many minutes (at most --epochs).")
     seed: int = setting(0, flag="--seed", parse=int, help="Seed of the label draw, the head and the order.")

@@ -37,6 +37,7 @@ RUN_ONLY = ("device", "precision")  # settings a resume may change: where it run
 LABELLED_EPOCHS = 30  # epochs over the labelled images alone (--unlabelled none)
 SEMI_EPOCHS = 6  # epochs over the unlabelled images: under 2 minutes for 2,300 photos at 96 px on 2 cores
 UNLABELLED_WEIGHT = 1.0  # the pseudo-labelled loss against the labelled one
+AUTO_MIN_PER_CLASS = 5  # --unlabelled auto propagates from this many labelled images in the median class
 
 
 def stratified_subset(labels: torch.Tensor, seed: int, fraction: Optional[float] = None,
@@ -85,6 +86,7 @@ class Tuning:
     epochs: int  # ft.epochs resolved
     unlabelled: Optional[data_lib.ImageData] = None  # their labels stripped: never read
     unlabelled_batch: int = 0
+    unlabelled_why: str = ""  # what --unlabelled auto decided from
 
 
 def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str = "", out: str | Path = "",
@@ -145,7 +147,9 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     if state is not None and _digest(subset) != state["config"]["finetune"]["subset_sha256"]:
         raise EdgesslError(f"{ft.train or 'the pretraining run split'} no longer gives the labelled subset this run "
                            "started with; cannot resume")
-    unlabelled = unlabelled_pool(ft, source.config, train, subset) if ft.unlabelled == "propagate" else None
+    mode, why = unlabelled_mode(ft.unlabelled, train.labels[subset])
+    unlabelled = unlabelled_pool(ft, source.config, train, subset) if mode == "propagate" else None
+    ft = dataclasses.replace(ft, unlabelled="none" if unlabelled is None else "propagate")  # stored resolved
     train, test = train.subset(subset).to(dev), test.to(dev)
     classes = train.classes or [str(c) for c in range(int(train.labels.max()) + 1)]
     model = (build_classifier(state) if state is not None else Classifier(encoder, len(classes))).to(dev).train()
@@ -167,7 +171,19 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
                                                  "subset_sha256": _digest(subset)}},
                   source.backbone, identity, dev, prec, bs,
                   max(1, len(unlabelled) // ub if semi else len(train) // bs), epochs,
-                  unlabelled.to(dev) if semi else None, ub)
+                  unlabelled.to(dev) if semi else None, ub, why)
+
+
+def unlabelled_mode(choice: str, labels: torch.Tensor) -> tuple[str, str]:
+    """(none | propagate, why) for --unlabelled: auto propagates when the median class holds at least
+    AUTO_MIN_PER_CLASS of the labelled images `labels` (docs/benchmarks.md, "Few labels and the
+    unlabelled images": propagation cost 2.8 points at 2 labels a class and gained from 5 to 25)."""
+    if choice != AUTO:
+        return choice, ""
+    median = int(labels.unique(return_counts=True)[1].float().median().item())
+    if median >= AUTO_MIN_PER_CLASS:
+        return "propagate", f"auto: {median} labels in the median class, at least {AUTO_MIN_PER_CLASS}"
+    return "none", f"auto: {median} labels in the median class, fewer than {AUTO_MIN_PER_CLASS}"
 
 
 def _norm(config: dict) -> tuple:
@@ -222,9 +238,10 @@ def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_epoch,
 
 
 def unlabelled_line(t: Tuning) -> str:
+    why = f"; {t.unlabelled_why}" if t.unlabelled_why else ""
     if t.unlabelled is None:
-        return "no unlabelled images"
-    return f"{len(t.unlabelled)} unlabelled images (pseudo-labelled by label propagation each epoch)"
+        return f"no unlabelled images{f' ({why[2:]})' if why else ''}"
+    return f"{len(t.unlabelled)} unlabelled images (pseudo-labelled by label propagation each epoch{why})"
 
 
 def run_epoch(t: Tuning, step: int, total: int, bar) -> tuple[int, float, float]:

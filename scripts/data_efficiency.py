@@ -1,6 +1,6 @@
 """Data efficiency: fine-tune a pretrained run with 1%, 10% and 100% of the labels (or N labels
 per class) with the unlabelled images (`semi`: `edgessl finetune --unlabelled propagate`) and
-without (`pretrained`, the default), the same network from scratch (`random`), and a linear probe on the run's
+without (`pretrained`: `--unlabelled none`), the same network from scratch (`random`), and a linear probe on the run's
 frozen features of the same labelled images (`linear`), over seeds; JSON plus a PNG (accuracy
 vs label fraction).
 

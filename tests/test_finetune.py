@@ -12,7 +12,7 @@ from edgessl import EdgesslError, checkpoint
 from edgessl.export import check, export_model
 from edgessl.onnxrt import read_metadata, session
 from edgessl.runs import load_run
-from edgessl.finetuning import finetune, stratified_subset
+from edgessl.finetuning import AUTO_MIN_PER_CLASS, finetune, stratified_subset, unlabelled_mode
 
 
 def test_stratified_subset_sizes_are_exact():
@@ -28,6 +28,19 @@ def test_stratified_subset_sizes_are_exact():
         stratified_subset(labels, seed=0, per_class=25)
 
 
+def test_auto_trains_the_unlabelled_images_from_five_labels_in_the_median_class():
+    def labels(*counts):
+        return torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+
+    assert AUTO_MIN_PER_CLASS == 5
+    assert unlabelled_mode("auto", labels(4, 4, 4)) == ("none", "auto: 4 labels in the median class, fewer than 5")
+    assert unlabelled_mode("auto", labels(5, 5, 5)) == ("propagate", "auto: 5 labels in the median class, at least 5")
+    assert unlabelled_mode("auto", labels(1, 5, 9))[0] == "propagate"  # the median class, not the smallest
+    assert unlabelled_mode("auto", labels(1, 4, 30))[0] == "none"  # nor the mean
+    assert unlabelled_mode("none", labels(9, 9)) == ("none", "") and unlabelled_mode("propagate", labels(1)) == (
+        "propagate", "")
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
@@ -40,6 +53,7 @@ def test_finetune_end_to_end_and_classifier_export(pretrained, tmp_path):
     r = finetune(root / "run", train, test, tmp_path / "ft", labels_per_class=8, epochs=4, batch_size=8,
                  log=lambda *_: None)
     assert r["n_labelled"] == 24 and r["epochs"] == 4
+    assert r["unlabelled"] == "label propagation" and r["n_unlabelled"] == 45  # auto at 8 a class: the run's own
     rows = (tmp_path / "ft" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,step,loss") and len(rows) == 5
     assert float(rows[-1].split(",")[-1]) == pytest.approx(r["test_top1"], abs=0.005)
@@ -56,6 +70,7 @@ def test_finetune_end_to_end_and_classifier_export(pretrained, tmp_path):
     page = write_report(tmp_path / "ft").read_text()  # the classifier's page: its numbers and its curve
     assert "edgessl classifier" in page and f"{r['test_top1']:.2f} %" in page and "<td>labelled images</td><td>24" in page
     assert page.count("data:image/png;base64,") == 1 and "labels_per_class: 8" in page  # the stored settings
+    assert "unlabelled: propagate" in page  # what auto decided, stored
     out = tmp_path / "clf.onnx"
     report = export_model(tmp_path / "ft", out)
     assert report["max_abs_diff"] <= 1e-4
@@ -130,8 +145,11 @@ def test_finetune_holds_the_run_lock_while_it_trains(pretrained, tmp_path):
 
     root, train, test = pretrained
     seen = []
-    finetune(root / "run", train, test, tmp_path / "ft", labels_per_class=2, epochs=1, batch_size=4,
-             log=lambda line: seen.append(lock_holder(tmp_path / "ft")))
+    r = finetune(root / "run", train, test, tmp_path / "ft", labels_per_class=2, epochs=1, batch_size=4,
+                 log=lambda line: seen.append((line, lock_holder(tmp_path / "ft"))))
+    assert r["n_unlabelled"] == 0 and "no unlabelled images (auto: 2 labels in the median class, fewer than 5)" in \
+        seen[0][0]
+    seen = [h for _, h in seen]
     assert seen and all(h == f"edgessl pid {os.getpid()}" for h in seen)
     assert lock_holder(tmp_path / "ft") is None
 
