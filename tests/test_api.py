@@ -142,6 +142,10 @@ def test_finetune_on_the_runs_own_split_and_predict_on_the_edge(api_run, tmp_pat
     clf = edgessl.finetune(run, labels_per_class=4, out=tmp_path / "ft", epochs=2, batch_size=6, progress=False,
                            log=lambda *_: None)
     assert clf.kind == "classifier" and clf.summary["n_labelled"] == 12
+    lines = []  # every label of the run's own split: auto would propagate, but nothing is left unlabelled
+    every = edgessl.finetune(run, label_fraction=1.0, out=tmp_path / "all", epochs=1, batch_size=6, progress=False,
+                             log=lines.append)
+    assert every.summary["n_unlabelled"] == 0 and "every training image is labelled" in lines[0]
     assert clf.config.data.spec == run.config.data.spec
     model = tmp_path / "clf.onnx"
     clf.export(model)
