@@ -240,10 +240,11 @@ def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_epoch,
 
 
 def unlabelled_line(t: Tuning) -> str:
-    why = f"; {t.unlabelled_why}" if t.unlabelled_why else ""
+    why = t.unlabelled_why
     if t.unlabelled is None:
-        return f"no unlabelled images{f' ({why[2:]})' if why else ''}"
-    return f"{len(t.unlabelled)} unlabelled images (pseudo-labelled by label propagation each epoch{why})"
+        return f"no unlabelled images ({why})" if why else "no unlabelled images"
+    how = "; ".join(["pseudo-labelled by label propagation each epoch", *([why] if why else [])])
+    return f"{len(t.unlabelled)} unlabelled images ({how})"
 
 
 def run_epoch(t: Tuning, step: int, total: int, bar) -> tuple[int, float, float]:
