@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from edgessl import formats
+from edgessl import formats, isolate
 from edgessl.errors import EdgesslError
 from edgessl.export import ADAPT_MAX_KNN_LOSS, MIN_TOP1_AGREEMENT, export_model
 from edgessl.runfiles import BENCHMARK, atomic_write
@@ -30,11 +30,6 @@ def benchmark(run_dir: str | Path, fmts=tuple(formats.FORMATS), precisions=("fp3
     from tqdm import tqdm
 
     run_dir = Path(run_dir)
-    if "executorch" in fmts:  # its one thread pool per process: 1 thread, as every row is timed
-        try:
-            set_executorch_threads(1)
-        except EdgeError:
-            pass  # not installed: its rows fail with the line that says so
     folder = run_dir / "benchmark"
     folder.mkdir(exist_ok=True)
     jobs = [(f, p, None) for f in fmts for p in precisions]
@@ -55,6 +50,9 @@ def benchmark(run_dir: str | Path, fmts=tuple(formats.FORMATS), precisions=("fp3
                 b32[id(row)] = folder / f"{name}-b32{spec.suffix}"
                 export_model(run_dir, b32[id(row)], precision, batch=32, knn=False, timing=False, adapt=adapt,
                              adapt_seconds=adapt_seconds, fmt=fmt, progress=False, students=students)
+        except isolate.NativeCrash as e:  # the runtime died; the table goes on without it
+            row.update(status="crashed", signal=e.signal, reason=f"{e.signal} while {e.step}")
+            continue
         except (EdgesslError, EdgeError) as e:
             row.update(status="failed", reason=str(e))
             continue
@@ -84,25 +82,58 @@ def _checked(report: dict) -> dict:
 
 
 def _time(rows: list[dict], b32: dict) -> None:
-    """ms at batch 1 and 32 on one thread, every written file taking turns; the speed-up over ONNX fp32."""
+    """ms at batch 1 and 32 on one thread, every written file taking turns, in a child process; the
+    speed-up over ONNX fp32. When the runtimes crash there, each file is run alone to find the one
+    that did: its row is marked crashed and the others are timed again."""
+    written = [r for r in rows if "path" in r]
+    while written:
+        files = [(r["path"], str(b32.get(id(r), r["path"]))) for r in written]
+        try:
+            ms = isolate.call(timings, files, what="the benchmark's timing", hint="each file is run alone next")
+            break
+        except isolate.NativeCrash:
+            crashed = {i: e for i, e in enumerate(_crash_alone(f) for f in files) if e is not None}
+            if not crashed:
+                raise
+            for i, e in crashed.items():
+                written[i].update(status="crashed", signal=e.signal, reason=f"{e.signal} while {e.step}")
+            written = [r for i, r in enumerate(written) if i not in crashed]
+    else:
+        return
+    base = next((i for i, r in enumerate(written) if (r["format"], r["precision"]) == ("onnx", "fp32")), None)
+    for i, r in enumerate(written):
+        for batch in (1, 32):
+            r[f"ms_b{batch}"] = ms[i][batch]
+            if base is not None:
+                r[f"speedup_b{batch}"] = round(ms[base][batch] / r[f"ms_b{batch}"], 2)
+
+
+def _crash_alone(file: tuple[str, str]) -> Optional[isolate.NativeCrash]:
+    try:
+        isolate.call(timings, [file], what=file[0], hint="")
+    except isolate.NativeCrash as e:
+        return e
+    return None
+
+
+def timings(files: list[tuple[str, str]]) -> list[dict]:
+    """[{1: ms, 32: ms}] for each (batch-1 file, batch-32 file): p50 on one thread, taking turns."""
     import numpy as np
 
     from edgessl.onnxrt import latency_side_by_side
     from edgessl_edge.backends import open_model
 
-    written = [r for r in rows if "path" in r]
-    if not written:
-        return
-    size = open_model(written[0]["path"]).meta["input_size"][-1]
+    if any(f.endswith(".pte") for pair in files for f in pair):
+        set_executorch_threads(1)  # its one thread pool per process, at the one thread every file runs on
+    size = open_model(files[0][0]).meta["input_size"][-1]
     images = np.random.default_rng(0).standard_normal((32, 3, size, size)).astype(np.float32)
-    base = next((i for i, r in enumerate(written) if (r["format"], r["precision"]) == ("onnx", "fp32")), None)
+    out: list[dict] = [{} for _ in files]
     for batch in (1, 32):
-        paths = {i: b32.get(id(r), r["path"]) if batch == 32 else r["path"] for i, r in enumerate(written)}
-        p50 = latency_side_by_side(paths, images, (batch,), threads=(1,))
-        for i, r in enumerate(written):
-            r[f"ms_b{batch}"] = p50[i][1][batch]
-            if base is not None:
-                r[f"speedup_b{batch}"] = round(p50[base][1][batch] / r[f"ms_b{batch}"], 2)
+        isolate.step(f"timing at batch {batch}")
+        p50 = latency_side_by_side({i: f[batch == 32] for i, f in enumerate(files)}, images, (batch,), threads=(1,))
+        for i in range(len(files)):
+            out[i][batch] = p50[i][1][batch]
+    return out
 
 
 def markdown(rows: list[dict]) -> str:

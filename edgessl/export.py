@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgessl import data as data_lib
-from edgessl import formats
+from edgessl import formats, isolate
 from edgessl.adapt import distill, is_squeeze_excite, needs_adapting, se_gate, swap_modules
 from edgessl.augment import normalize
 from edgessl.config import Config
@@ -344,12 +344,14 @@ def write_file(module: nn.Module, spec: formats.Format, precision: str, folder: 
     """Write `module` as FOLDER/NAME.SUFFIX (+ NAME.json) in `spec`'s format; return the model path."""
     path = folder / f"{name}{spec.suffix}"
     onnx_fp32 = folder / f"{name}.fp32.onnx"
+    isolate.step(f"writing {path.name}")
     if spec.name == "onnx" and precision == "int8":
         rewrite_hard_activations(module)  # onnxruntime's int8 ops: the relu6 forms, gates folded
     if spec.name in ("onnx", "openvino"):
         torch_export(module, onnx_fp32, images.shape[-1], batch, opset, output)
     if spec.name == "onnx":
         if precision == "int8":
+            isolate.step(f"quantising {path.name}")
             quantize_int8(onnx_fp32, path, images, meta["int8_weight_bits"])
         elif precision == "fp16":
             convert_fp16(onnx_fp32, path)
@@ -365,39 +367,57 @@ def write_file(module: nn.Module, spec: formats.Format, precision: str, folder: 
     return path
 
 
+CRASH_HINT = ("--out is untouched; another --format or --precision may work, and ONEDNN_MAX_CPU_ISA=AVX2 keeps "
+              "OpenVINO off its AVX-512 and AMX kernels")
+
+
 def _write_checked(job: _Job, out: Path, cfg, state, spec: formats.Format, precision, meta, batch, opset,
                    knn, timing) -> dict:
-    """Export, convert and check in a temporary folder; only a file that passed replaces `out`."""
-    with torch.no_grad():
-        reference = job.encoder(torch.from_numpy(job.images[:16])).numpy()
+    """Export, convert and check in a temporary folder, in a child process (a runtime's crash is one
+    line: edgessl.isolate); only a file that passed replaces `out`."""
     with tempfile.TemporaryDirectory() as tmp:
-        baseline = None  # the run's network as the fp32 export writes it: what fp16 / int8 are timed against
-        if precision != "fp32" and timing:
-            baseline = write_file(job.original, spec, "fp32", Path(tmp), "baseline", {**meta, "precision": "fp32"},
-                                  job.images, batch, opset, output_name(state))
-        final = write_file(job.encoder, spec, precision, Path(tmp), precision, meta, job.images, batch, opset,
-                           output_name(state))
-        model = open_model(final)
-        report = {"path": str(out), "format": spec.name, "size_bytes": _size(final), "precision": precision,
-                  **parity(reference, model.features(job.images[:16])),
-                  "latency_batch": model.fixed_batch or 1}
-        report["latency_ms_p50"] = backend_latency(model, batch_of(job.images, report["latency_batch"]), 20)["p50"]
-        if precision == "fp32" and (report["max_rel_diff"] > FP32_MAX_ABS or report["min_cosine"] < FP32_MIN_COS):
-            raise EdgesslError(f"fp32 export failed its parity check (max abs diff {report['max_abs_diff']:.2e}, "
-                               f"{report['max_rel_diff']:.2e} of the feature scale, "
-                               f"min cosine {report['min_cosine']:.6f}); nothing written")
-        if precision == "int8":
-            report["int8_network"] = meta["int8_network"]
-        if job.adapted:
-            report["adapted"] = job.adapted
-        if baseline is not None:
-            report["speedup_vs_fp32"] = speedup_vs_fp32(baseline, final, job.images, batch, spec.threads)
-        if knn:
-            report.update(knn_change(job.original, model, cfg, *job.own))
-        if is_classifier(state):
-            report.update(top1_agreement(job.encoder, model, cfg))
+        report, final = isolate.call(_write_and_check, job, Path(tmp), out, cfg, state, spec, precision, meta,
+                                     batch, opset, knn, timing, what=f"the {spec.name} {precision} export of {out}",
+                                     hint=CRASH_HINT)
         _move(final, out)
     return report
+
+
+def _write_and_check(job: _Job, tmp: Path, out: Path, cfg, state, spec: formats.Format, precision, meta, batch,
+                     opset, knn, timing) -> tuple[dict, Path]:
+    with torch.no_grad():
+        reference = job.encoder(torch.from_numpy(job.images[:16])).numpy()
+    baseline = None  # the run's network as the fp32 export writes it: what fp16 / int8 are timed against
+    if precision != "fp32" and timing:
+        baseline = write_file(job.original, spec, "fp32", tmp, "baseline", {**meta, "precision": "fp32"},
+                              job.images, batch, opset, output_name(state))
+    final = write_file(job.encoder, spec, precision, tmp, precision, meta, job.images, batch, opset,
+                       output_name(state))
+    isolate.step(f"loading {final.name} in {spec.name}")
+    model = open_model(final)
+    isolate.step(f"checking {final.name} against torch")
+    report = {"path": str(out), "format": spec.name, "size_bytes": _size(final), "precision": precision,
+              **parity(reference, model.features(job.images[:16])),
+              "latency_batch": model.fixed_batch or 1}
+    isolate.step(f"timing {final.name}")
+    report["latency_ms_p50"] = backend_latency(model, batch_of(job.images, report["latency_batch"]), 20)["p50"]
+    if precision == "fp32" and (report["max_rel_diff"] > FP32_MAX_ABS or report["min_cosine"] < FP32_MIN_COS):
+        raise EdgesslError(f"fp32 export failed its parity check (max abs diff {report['max_abs_diff']:.2e}, "
+                           f"{report['max_rel_diff']:.2e} of the feature scale, "
+                           f"min cosine {report['min_cosine']:.6f}); nothing written")
+    if precision == "int8":
+        report["int8_network"] = meta["int8_network"]
+    if job.adapted:
+        report["adapted"] = job.adapted
+    if baseline is not None:
+        report["speedup_vs_fp32"] = speedup_vs_fp32(baseline, final, job.images, batch, spec.threads)
+    if knn:
+        isolate.step(f"measuring the kNN change of {final.name}")
+        report.update(knn_change(job.original, model, cfg, *job.own))
+    if is_classifier(state):
+        isolate.step(f"measuring the top-1 agreement of {final.name}")
+        report.update(top1_agreement(job.encoder, model, cfg))
+    return report, final
 
 
 def _size(path: Path) -> int:
@@ -490,8 +510,18 @@ def torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int, o
 def check(model_path: str | Path, against: Optional[str] = None, data: Optional[str] = None,
           batch_sizes: tuple[int, ...] = (1, 8, 32), threads: Optional[int] = None, iters: int = 30,
           profile: bool = False) -> dict:
-    """Parity against a run (when given) and latency per batch size, through onnxruntime; with
-    `profile`, onnxruntime's profiler summarised per operator type at the first batch size."""
+    """Parity against a run (when given) and latency per batch size, through onnxruntime (in a child
+    process: edgessl.isolate); with `profile`, onnxruntime's profiler summarised per operator type
+    at the first batch size."""
+    report = isolate.call(_check, model_path, against, data, batch_sizes, threads, iters, profile,
+                          what=f"onnxruntime on {model_path}", hint="the file may be for another onnxruntime "
+                          "or CPU; ONEDNN_MAX_CPU_ISA=AVX2 keeps torch off its AVX-512 and AMX kernels")
+    if against:  # the run's report shows what its exports measured
+        record_export(against, model_path, {"precision": report["precision"], "check": report})
+    return report
+
+
+def _check(model_path, against, data, batch_sizes, threads, iters, profile) -> dict:
     meta = read_metadata(model_path)
     sess = session(model_path, threads)
     size = meta["input_size"][-1]
@@ -523,8 +553,6 @@ def check(model_path: str | Path, against: Optional[str] = None, data: Optional[
         b = sizes[0]
         report["profile"] = ort_profile(model_path, rng.standard_normal((b, 3, size, size)).astype(np.float32),
                                         iters, threads)
-    if against:  # the run's report shows what its exports measured
-        record_export(against, model_path, {"precision": meta["precision"], "check": report})
     return report
 
 

@@ -104,9 +104,21 @@ def write_openvino(onnx_fp32: Path, out: Path, precision: str, images: np.ndarra
             fixed = model.inputs[0].partial_shape[0]
             size = fixed.get_length() if fixed.is_static else 32
             data = nncf.Dataset([b.numpy() for b in batches(images, size)])
-            model = nncf.quantize(model, data, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED)
+            model = nncf.quantize(model, data, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED,
+                                  advanced_parameters=openvino_int8_parameters())
         model.set_rt_info(json.dumps(meta), ["edgessl"])
         ov.save_model(model, str(out), compress_to_fp16=precision == "fp16")
+
+
+def openvino_int8_parameters():
+    """Per-tensor activation scales. NNCF's default gives the input of a depthwise conv one scale per
+    channel; OpenVINO's CPU plugin (2026.4) then ran the int8 1x1 conv that writes it through its AMX
+    kernel into a SIGSEGV when the conv has 8 output pixels or fewer (batch 1 or 2 of a 32 px
+    MobileNetV3-small-050). Per-tensor scales take the plugin's other path on every CPU, and the file
+    is built on one CPU to run on another (docs/export.md, "OpenVINO int8 on AMX")."""
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+
+    return AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(per_channel=False))
 
 
 def pt2e_quantize(module: nn.Module, example: torch.Tensor, quantizer, images: np.ndarray,

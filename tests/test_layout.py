@@ -26,7 +26,7 @@ LAYERS = [
     {"edgessl.optim", "edgessl.capture", "edgessl.device", "edgessl.schedule", "edgessl.checkpoint", "edgessl.onnxrt", "edgessl.formats", "edgessl.knn",
      "edgessl.depthwise", "edgessl.augment", "edgessl.backbones", "edgessl.data", "edgessl.semi"},
     {"edgessl.distributed", "edgessl.cache", "edgessl.config"},
-    {"edgessl.runfiles", "edgessl.version", "edgessl.errors"},
+    {"edgessl.runfiles", "edgessl.version", "edgessl.errors", "edgessl.isolate"},
 ]
 
 
