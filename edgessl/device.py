@@ -9,6 +9,7 @@ compiled in fp32 (docs/benchmarks.md, "The step").
 """
 from __future__ import annotations
 
+import os
 import resource
 from contextlib import nullcontext
 
@@ -35,7 +36,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has bf16 matrix units (Intel AMX) that oneDNN's convolutions use."""
+    """Whether this CPU has bf16 matrix units (Intel AMX) that oneDNN's convolutions use: not when
+    ONEDNN_MAX_CPU_ISA caps oneDNN below them (AVX2, AVX512_CORE_BF16, ...)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
+        return False
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: absent means no
     bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(amx and bf16 and amx() and bf16())

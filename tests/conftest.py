@@ -49,12 +49,14 @@ def tiny_npz(tmp_path) -> Path:
 
 def tiny_config(spec: str, **sections) -> Config:
     """A recipe small enough for a CPU test: MobileNetV3-small-050, 16 px, batch 8, the default optimizer."""
+    device = os.environ.get("EDGESSL_TEST_DEVICE", "cpu")  # scripts/gpu_check.py sets cuda
     base = {"data": {"spec": spec, "val_fraction": 0.25},
             "backbone": {"name": "mobilenetv3_small_050"},
             "method": {"head_dims": [32, 16]},
             "optim": {"batch_size": 8, "epochs": 2},
-            "run": {"knn_k": 5, "threads": 1, "augment_threads": 1, "report": False,
-                    "device": os.environ.get("EDGESSL_TEST_DEVICE", "cpu")}}  # scripts/gpu_check.py sets cuda
+            # on a CPU fp32: "auto" is bf16 with AMX, and no test may depend on the CPU it runs on
+            "run": {"knn_k": 5, "threads": 1, "augment_threads": 1, "report": False, "device": device,
+                    "precision": "fp32" if device == "cpu" else "auto"}}
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     return from_dict(base)

@@ -73,16 +73,19 @@ def test_finetune_end_to_end_and_classifier_export(pretrained, tmp_path):
     assert "unlabelled: propagate" in page  # what auto decided, stored
     out = tmp_path / "clf.onnx"
     report = export_model(tmp_path / "ft", out)
-    assert report["max_abs_diff"] <= 1e-4
+    # fp32 in torch and in onnxruntime, summed in other orders: rounding grows with the logits' size,
+    # so the bar is 1e-4 of max(1, max |logit|) (the export's own, FP32_MAX_ABS)
+    assert report["max_rel_diff"] <= 1e-4
     meta = read_metadata(out)
     assert meta["kind"] == "classifier" and meta["classes"] == ["0", "1", "2"] and meta["output"] == "logits"
     model, _, _ = load_run(tmp_path / "ft")
     x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
     logits = session(out).run(None, {"images": x})[0]
     with torch.no_grad():
-        assert np.abs(logits - model(torch.from_numpy(x)).numpy()).max() <= 1e-4
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(logits - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
     assert logits.shape == (5, 3)
-    assert check(out, against=str(tmp_path / "ft"), batch_sizes=(1,), iters=2)["max_abs_diff"] <= 1e-4
+    assert check(out, against=str(tmp_path / "ft"), batch_sizes=(1,), iters=2)["max_rel_diff"] <= 1e-4
     q = export_model(tmp_path / "ft", tmp_path / "clf8.onnx", precision="int8", calib_count=16)
     # agreement of int8 and torch fp32 top-1 on the pretraining run's 15 held-out images (25% of 60)
     assert q["agreement_images"] == 15 and q["top1_agreement"] * 15 == pytest.approx(round(q["top1_agreement"] * 15))
