@@ -10,7 +10,7 @@ CACHE   ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/edgessl/datasets
 DEMO_DATA ?= $(if $(wildcard $(SHARED)/data/cifar10-5k-train.npz),npz:$(SHARED)/data/cifar10-5k-train.npz,cifar10:$(CACHE)/cifar10 --download)
 DEMO    := runs/demo
 
-.PHONY: venv demo test gpu-check clean
+.PHONY: venv demo test test-avx2 arm64-check gpu-check clean
 
 # torch first, at the versions the project is tested with (TORCH= overrides, e.g. a CUDA build)
 $(BIN)/edgessl: pyproject.toml
@@ -48,6 +48,20 @@ demo: venv
 # -n 2: two pytest workers (tests pin torch to one thread each), about 1.5x faster on 2 cores
 test: venv $(VENV)/.runtimes
 	$(BIN)/python -m pytest -q -n 2
+
+# The numeric tests again on the kernels of an AVX2 CPU, whatever this CPU has (AVX-512, VNNI, AMX):
+# torch's own kernels (ATEN_CPU_CAPABILITY) and oneDNN's, in torch and in OpenVINO (ONEDNN_MAX_CPU_ISA).
+# onnxruntime and XNNPACK (LiteRT, ExecuTorch) have no such switch and run this CPU's kernels.
+test-avx2: venv $(VENV)/.runtimes
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -n 2 -m numeric
+
+# The device package on ARM64 (Debian arm64 under qemu-user-static; root, and about 20 minutes the
+# first time): files exported here give the same top-1 there (docs/export.md, "ARM64")
+ARM64_ROOT ?= $(CACHE)/../arm64-bookworm
+arm64-check: venv $(VENV)/.runtimes
+	command -v qemu-aarch64-static >/dev/null && command -v debootstrap >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq qemu-user-static debootstrap >/dev/null)
+	$(BIN)/python scripts/arm64_check.py --out runs/arm64_check --root $(ARM64_ROOT)
 
 # On a machine with a CUDA GPU: tests, step throughput and memory, an equal-budget kNN; about 8 minutes.
 # GPU_PY=python3: a Python that already has a CUDA torch (a GPU image without the pinned wheels),

@@ -126,26 +126,47 @@ def needs_adapting(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Hardswish) for m in module.modules()) or bool(squeeze_excite_blocks(module))
 
 
-def train_for(seconds: float, opt: torch.optim.Optimizer, lr: float, loss_fn, desc: str,
+CHECK_EVERY = 50  # steps between two reads of the student's loss on fixed clean images
+PATIENCE = 2  # reads in a row without a MIN_GAIN improvement before the learning rate halves
+MIN_GAIN = 0.01  # relative
+DECAYS = 3  # halvings, after which the student has settled
+
+
+def train_for(seconds: float, opt: torch.optim.Optimizer, lr: float, loss_fn, probe_fn, desc: str,
               progress: Optional[bool] = None) -> dict:
-    """Step `opt` on `loss_fn()` (a scalar tensor) until `seconds` have passed, the learning rate
-    following a cosine from `lr` to 0 over the time budget, with a progress bar in seconds;
-    return {"steps", "seconds", "loss_first", "loss_last" (mean of the last 20)}."""
+    """Step `opt` on `loss_fn()` (a scalar tensor) until the student settles or `seconds` pass: every
+    CHECK_EVERY steps `probe_fn()` (its loss on fixed clean images) is read; PATIENCE reads without a
+    MIN_GAIN improvement halve the learning rate, and the student has settled after DECAYS halvings.
+    Its progress, not the CPU's speed, decides when it stops; the clock is a cap. Returns {"steps",
+    "seconds", "stopped" ("settled" or "time cap"), "loss_first", "loss_last" (mean of the last
+    20), "probe_loss" (the best read)}."""
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
-    start, losses = time.perf_counter(), []
+    start, losses, best, stale, decays = time.perf_counter(), [], math.inf, 0, 0
     scaler, cpu = grad_scaler(torch.device("cpu"), "fp32"), torch.device("cpu")  # (a disabled scaler: fp32)
+    set_lr(opt, lr)
+    stopped = "time cap"
     with tqdm(total=round(seconds), disable=not show, unit="s", desc=desc, leave=False) as bar:
-        while (elapsed := time.perf_counter() - start) < seconds:
-            set_lr(opt, lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds))))
+        while time.perf_counter() - start < seconds:
             loss = loss_fn()
             guarded_step(loss, opt, scaler, len(losses), cpu, read=True)  # the trainers' step and NaN stop
             losses.append(loss.item())
             bar.update(round(time.perf_counter() - start) - bar.n)
-    return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1),
+            if len(losses) % CHECK_EVERY:
+                continue
+            read = float(probe_fn())
+            best, stale = (read, 0) if read < best * (1 - MIN_GAIN) else (min(best, read), stale + 1)
+            if stale == PATIENCE:
+                decays, stale = decays + 1, 0
+                if decays > DECAYS:
+                    stopped = "settled"
+                    break
+                set_lr(opt, lr * 0.5 ** decays)
+    return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1), "stopped": stopped,
             "loss_first": losses[0] if losses else None,
-            "loss_last": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+            "loss_last": sum(losses[-20:]) / max(1, len(losses[-20:])),
+            "probe_loss": best if best < math.inf else None}
 
 
 def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = 120.0,
@@ -153,9 +174,10 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
             fold_se: bool = True, clean_fraction: float = 0.5, neighbours: float = 1.0,
             tau: float = 0.05) -> tuple:
     """(student, stats): the teacher with hard-swish swapped for ReLU (and with `fold_se`, its
-    squeeze-excite blocks folded to their mean gates), trained for `seconds` so its pooled
-    features match the teacher's on `images` (uint8 N x 3 x S x S): 1 - cosine, plus `neighbours`
-    times `neighbour_kl` over the teacher's features of `images` at temperature `tau`.
+    squeeze-excite blocks folded to their mean gates), trained until it settles (train_for; at most
+    `seconds`) so its pooled features match the teacher's on `images` (uint8 N x 3 x S x S):
+    1 - cosine, plus `neighbours` times `neighbour_kl` over the teacher's features of `images` at
+    temperature `tau`.
     `clean_fraction` of each batch is as deployed (flipped at random), the rest augmented as in
     pretraining."""
     torch.manual_seed(seed)
@@ -174,6 +196,10 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
     clean = round(clean_fraction * batch_size)  # images as deployed (flipped at random), the rest augmented
     bank = feature_bank(teacher, images, cfg) if neighbours else None
 
+    def match(out, target):
+        value = (1 - F.cosine_similarity(out, target, dim=1)).mean()
+        return value + neighbours * neighbour_kl(out, target, bank, tau) if bank is not None else value
+
     def loss():
         idx = torch.randint(0, len(images), (batch_size,))
         flip = torch.rand(clean) < 0.5
@@ -181,10 +207,20 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
         x = torch.cat([normalize(plain, cfg.data.mean, cfg.data.std), augment(images[idx[clean:]])])
         with torch.no_grad():
             target = teacher(x)
-        out = student(x)
-        value = (1 - F.cosine_similarity(out, target, dim=1)).mean()
-        return value + neighbours * neighbour_kl(out, target, bank, tau) if bank is not None else value
+        return match(student(x), target)
 
-    stats = train_for(seconds, opt, lr, loss, "int8: distilling ReLU student", progress)
+    probe_x = normalize(images[torch.linspace(0, len(images) - 1, min(256, len(images))).long()],
+                        cfg.data.mean, cfg.data.std)  # fixed, as deployed: what "settled" is read on
+    with torch.no_grad():
+        probe_target = torch.cat([teacher(c) for c in probe_x.split(64)])
+
+    @torch.no_grad()
+    def probe():
+        student.eval()
+        value = match(torch.cat([student(c) for c in probe_x.split(64)]), probe_target)
+        student.train()
+        return value
+
+    stats = train_for(seconds, opt, lr, loss, probe, "int8: distilling ReLU student", progress)
     plain_depthwise(student)
     return student.eval(), {"swapped": swapped, "se_folded": folded, **stats}

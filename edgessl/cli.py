@@ -145,7 +145,9 @@ def _print_export(report: dict, fmt: str, precision: str) -> None:
         a = report["adapted"]
         click.echo(f"int8 student: {a['swapped']} hard-swish became ReLU and {a['se_folded']} squeeze-excite "
                    f"blocks their mean gates, folded into the next conv; the student was distilled from the run "
-                   f"for {a['seconds']:.0f} s ({a['steps']} steps, feature cosine to the original {a['feature_cosine_to_original']:.3f}); "
+                   f"for {a['seconds']:.0f} s ({a['steps']} steps, "
+                   f"{'until it settled' if a['stopped'] == 'settled' else 'stopped by --adapt-seconds'}, "
+                   f"feature cosine to the original {a['feature_cosine_to_original']:.3f}); "
                    "--no-adapt exports the network as it is")
     knn = (f", kNN {report['knn_export']:.2f} % ({report['knn_change']:+.2f} vs torch fp32)"
            if "knn_export" in report else "")

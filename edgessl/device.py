@@ -46,6 +46,25 @@ def cpu_has_amx() -> bool:
     return bool(amx and bf16 and amx() and bf16())
 
 
+def cpu_features() -> str:
+    """What the precision rule reads off this CPU, as `lscpu` names it (AVX2, AVX-512, VNNI,
+    AVX512-BF16, AMX), and a oneDNN cap when one is set."""
+    names = {"_is_avx2_supported": "AVX2", "_is_avx512_supported": "AVX-512", "_is_vnni_supported": "VNNI",
+             "_is_avx512_bf16_supported": "AVX512-BF16", "_is_amx_tile_supported": "AMX"}
+    have = [name for fn, name in names.items() if getattr(torch.cpu, fn, lambda: False)()]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return " ".join(have or ["no AVX2"]) + (f", ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
+
+
+def precision_why(precision: str, device: torch.device) -> str:
+    """Why the run computes in the precision it does: given, or what auto read off the device."""
+    if precision != "auto":
+        return "given"
+    if device.type == "cuda":
+        return "a CUDA device"
+    return f"auto: {cpu_features()}"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """auto: bf16 (or fp16 without bf16) on CUDA; on a CPU, bf16 with AMX and fp32 without."""
     if precision == "auto":

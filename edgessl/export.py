@@ -294,7 +294,8 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
     if job.adapted:
         a = job.adapted
         meta["adapted"] = {"hard_swish_to_relu": a["swapped"], "squeeze_excite_folded": a["se_folded"],
-                           "distilled_seconds": a["seconds"], "distilled_steps": a["steps"]}
+                           "distilled_seconds": a["seconds"], "distilled_steps": a["steps"],
+                           "distillation_stopped": a["stopped"]}
     report = _write_checked(job, out, cfg, state, spec, precision, meta, batch, opset, knn, timing)
     record_export(run_dir, out, report)
     return report

@@ -29,7 +29,7 @@ from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
 from edgessl.config import Config, auto_settings, dump_yaml, from_dict, to_dict
 from edgessl.depthwise import fast_depthwise
-from edgessl.device import autocast, grad_scaler, peak_mem_mb, resolve_device, resolve_precision
+from edgessl.device import autocast, grad_scaler, peak_mem_mb, precision_why, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
 from edgessl.knn import heldout_knn, pixels_margin
 from edgessl.methods import create_method, loss_parts, method_class
@@ -327,7 +327,8 @@ def _pretrain(s: Setup, run_dir: Path, state: Optional[dict], progress, stop_at_
     if s.captured is not None:
         s.captured.log = log
     log(f"edgessl pretrain: {data_lib.describe(s.train)} | {bb.timm_name} "
-        f"(output stride {bb.output_stride}, {bb.feature_dim}-d) | {cfg.method.name} | {s.device} {s.precision}"
+        f"(output stride {bb.output_stride}, {bb.feature_dim}-d) | {cfg.method.name} | {s.device} {s.precision} "
+        f"({precision_why(s.cfg.run.precision, s.device)})"
         + (f" | {s.world} processes x batch {cfg.optim.batch_size}" if s.world > 1 else ""))
     with stop_signals() as signalled:
         try:

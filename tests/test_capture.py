@@ -15,6 +15,8 @@ from edgessl import augment, capture
 from edgessl.config import from_dict
 from edgessl.train import build, graph_step, pretrain, train_step
 
+pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
+
 DEVICE = os.environ.get("EDGESSL_TEST_DEVICE", "cpu")
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
               torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy}
@@ -30,7 +32,8 @@ def _setups(tmp_path, method: dict, optim: str = "adamw", capture_: bool = False
     spec = f"npz:{make_npz(tmp_path / 'd.npz', n=48, size=16, seed=0)}"
     cfg = lambda: tiny_config(spec, method={"head_dims": [32, 16], "predictor_dims": [32, 16], **method},  # noqa: E731
                               optim={"name": optim, "batch_size": 8},
-                              run={"capture": capture_, "monitor_every": 0, **({"precision": precision} if precision else {})})
+                              run={"capture": capture_, "monitor_every": 0,
+                                   **({"precision": precision} if precision else {})})
     return build(cfg()), build(cfg())
 
 

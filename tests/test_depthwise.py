@@ -10,6 +10,8 @@ from edgessl import depthwise
 from edgessl.backbones import create_backbone
 from edgessl.depthwise import DepthwiseConv2d, fast_depthwise, weight_grad
 
+pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
+
 
 # (input shape, kernel, stride, padding, dilation): maps under and over SMALL_MAP, strides, dilations
 CASES = [((4, 8, 2, 2), 5, 1, 2, 1), ((4, 8, 4, 4), 5, 2, 2, 1), ((3, 5, 7, 6), 5, 2, 2, 1),

@@ -15,6 +15,8 @@ from edgessl.onnxrt import read_metadata, session
 from edgessl.runs import load_run
 from edgessl.train import pretrain
 
+pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

@@ -14,6 +14,8 @@ from edgessl.onnxrt import read_metadata, session
 from edgessl.runs import load_run
 from edgessl.finetuning import AUTO_MIN_PER_CLASS, finetune, stratified_subset, unlabelled_mode
 
+pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
+
 
 def test_stratified_subset_sizes_are_exact():
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)

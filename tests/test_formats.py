@@ -21,6 +21,8 @@ from edgessl.train import pretrain
 sys.path.insert(0, str(REPO / "export"))
 from edgessl_edge import EdgeError, open_model  # noqa: E402
 
+pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
+
 PACKAGES = {"openvino": ("openvino", "nncf"), "litert": ("litert_torch", "ai_edge_litert"),
             "executorch": ("executorch",)}
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "litert": ".tflite", "executorch": ".pte"}

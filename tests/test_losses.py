@@ -7,6 +7,8 @@ import torch
 
 from edgessl.losses import instance_loss, sqrtkl_loss
 
+pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
+
 
 def naive_ce(cos, targets, tau):
     total = 0.0

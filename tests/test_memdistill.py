@@ -8,6 +8,8 @@ from edgessl.config import MethodConfig
 from edgessl.methods import PRESETS
 from edgessl.methods.memdistill import MemDistill
 
+pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
+
 
 class TinyBackbone(nn.Module):
     """A 2-layer stand-in with BatchNorm (so train/eval mode and buffers matter)."""

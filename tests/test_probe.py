@@ -12,6 +12,8 @@ from edgessl import EdgesslError
 from edgessl.export import export_model
 from edgessl.probe import linear_probe, probe
 
+pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
+
 
 def test_linear_probe_separates_a_separable_set():
     g = torch.Generator().manual_seed(0)

@@ -2,9 +2,12 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from edgessl.semi import knn_graph, propagate
+
+pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
 
 
 def naive(features, labels, labelled, classes, k, alpha, gamma):

@@ -10,6 +10,8 @@ from edgessl import EdgesslError, checkpoint
 from edgessl.schedule import lr_at, plan_epochs, replan_epochs, size_at
 from edgessl.train import pretrain
 
+pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
+
 
 def read_csv(path):
     with open(path, newline="") as f:
