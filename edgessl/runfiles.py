@@ -184,9 +184,15 @@ class RunFiles:
 
 
 def record_export(run_dir: str | Path, model_path: str | Path, entry: dict) -> None:
-    """Merge `entry` into the run's exports.json under the model's resolved path."""
+    """Merge `entry` into the run's exports.json under the model's resolved path. Read, merge and
+    write under a lock on RUN_DIR/.exports.lock (waited for): exports into one run at once all land."""
     path = Path(run_dir) / EXPORTS
-    records = json.loads(path.read_text()) if path.exists() else {}
-    key = str(Path(model_path).resolve())
-    records[key] = {**records.get(key, {}), **entry}
-    atomic_write(path, json.dumps(records, indent=1))
+    with open(Path(run_dir) / ".exports.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            records = json.loads(path.read_text()) if path.exists() else {}
+            key = str(Path(model_path).resolve())
+            records[key] = {**records.get(key, {}), **entry}
+            atomic_write(path, json.dumps(records, indent=1))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,5 +1,6 @@
 """Reliability and safety: kill -9 and resume exactly, malicious checkpoints, bad images,
 disk checks, determinism, and fuzzed spec / config parsers."""
+import json
 import os
 import pickle
 import random
@@ -252,3 +253,16 @@ def test_checkpointing_often_does_not_change_the_run(tiny_npz, tmp_path):
     pretrain(often, tmp_path / "often", log=lambda *_: None)
     pretrain(tiny_config(f"npz:{tiny_npz}", optim={"epochs": 2}), tmp_path / "plain", log=lambda *_: None)
     assert (tmp_path / "often" / "steps.csv").read_text() == (tmp_path / "plain" / "steps.csv").read_text()
+
+
+RACE = ("import sys; from edgessl.runfiles import record_export\n"
+        "for i in range(25): record_export(sys.argv[1], f'{sys.argv[2]}-{i}.onnx', {'n': i})")
+
+
+def test_exports_into_one_run_at_once_all_land_in_exports_json(tmp_path):
+    """Four processes each recording 25 exports into one run at the same time: all 100 entries
+    are in exports.json (a read-merge-write without the lock loses some)."""
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), f"p{k}"]) for k in range(4)]
+    assert [p.wait() for p in procs] == [0] * 4
+    records = json.loads((tmp_path / "exports.json").read_text())
+    assert len(records) == 100 and {r["n"] for r in records.values()} == set(range(25))
