@@ -318,3 +318,21 @@ def test_int8_export_with_a_fixed_batch_calibrates_in_that_batch(run_dir, tmp_pa
     sess = session(out)
     assert sess.get_inputs()[0].shape[0] == 2 and read_metadata(out)["batch"] == 2
     assert report["min_cosine"] > 0.9 and set(report["speedup_vs_fp32"][1]) == {2}
+
+
+def test_the_student_stops_when_it_settles_not_when_the_clock_says():
+    """train_for reads the probe every CHECK_EVERY steps; a probe that never improves after its first
+    read halves the learning rate every PATIENCE reads and settles after DECAYS halvings: exactly
+    (1 + PATIENCE * (DECAYS + 1)) * CHECK_EVERY steps, however fast the CPU. The clock is a cap."""
+    from edgessl import adapt
+
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.1)
+    reads = []
+    probe = lambda: reads.append(float(opt.param_groups[0]["lr"])) or 1.0  # noqa: E731
+    stats = adapt.train_for(600.0, opt, 0.1, lambda: (w ** 2).sum(), probe, "test", progress=False)
+    assert stats["stopped"] == "settled" and stats["probe_loss"] == 1.0
+    assert stats["steps"] == (1 + adapt.PATIENCE * (adapt.DECAYS + 1)) * adapt.CHECK_EVERY
+    assert reads == [0.1] * 3 + [0.05] * 2 + [0.025] * 2 + [0.0125] * 2  # the rate each read saw
+    capped = adapt.train_for(0.0, opt, 0.1, lambda: (w ** 2).sum(), probe, "test", progress=False)
+    assert capped["stopped"] == "time cap" and capped["steps"] == 0
