@@ -126,6 +126,8 @@ def needs_adapting(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Hardswish) for m in module.modules()) or bool(squeeze_excite_blocks(module))
 
 
+CAP_SECONDS = 600.0  # the longest distillation: the student settled after 1050 steps, 273 s, on a 15-minute
+# run at 96 px on 2 cores, where the earlier fixed 120 s gave 455-471 steps (docs/export.md)
 CHECK_EVERY = 50  # steps between two reads of the student's loss on fixed clean images
 PATIENCE = 2  # reads in a row without a MIN_GAIN improvement before the learning rate halves
 MIN_GAIN = 0.01  # relative
@@ -169,7 +171,7 @@ def train_for(seconds: float, opt: torch.optim.Optimizer, lr: float, loss_fn, pr
             "probe_loss": best if best < math.inf else None}
 
 
-def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = 120.0,
+def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = CAP_SECONDS,
             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: Optional[bool] = None,
             fold_se: bool = True, clean_fraction: float = 0.5, neighbours: float = 1.0,
             tau: float = 0.05) -> tuple:

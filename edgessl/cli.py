@@ -110,7 +110,7 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
 @click.option("--with-head", is_flag=True, help="Export the projection head too (unit-norm z).")
 @click.option("--adapt/--no-adapt", default=None, help="int8 of a hard-swish network (MobileNetV3): export a ReLU "
               "student distilled from it [default: the runtime's choice, printed by the export].")
-@click.option("--adapt-seconds", type=float, default=120.0,
+@click.option("--adapt-seconds", type=float, default=600.0,
               help="Longest distillation for --adapt; the student stops sooner once it settles.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
 def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_head, adapt, adapt_seconds, as_json):
@@ -167,7 +167,8 @@ def _print_export(report: dict, fmt: str, precision: str) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--formats", "fmts", default="onnx,openvino,litert,executorch", help="Comma-separated runtimes.")
 @click.option("--precisions", default="fp32,fp16,int8", help="Comma-separated precisions.")
-@click.option("--adapt-seconds", type=float, default=120.0, help="Longest distillation of the int8 ReLU student (it stops sooner once it settles).")
+@click.option("--adapt-seconds", type=float, default=600.0,
+              help="Longest distillation of the int8 ReLU student (it stops sooner once it settles).")
 @click.option("--both-int8", is_flag=True, help="A second int8 row per runtime with the other network (ReLU student "
               "or as trained), to measure the choice.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON as the last line of stdout.")

@@ -24,7 +24,7 @@ from torch import nn
 
 from edgessl import data as data_lib
 from edgessl import formats, isolate
-from edgessl.adapt import distill, is_squeeze_excite, needs_adapting, se_gate, swap_modules
+from edgessl.adapt import CAP_SECONDS, distill, is_squeeze_excite, needs_adapting, se_gate, swap_modules
 from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.errors import EdgesslError
@@ -258,7 +258,7 @@ def topological_sort(graph) -> None:
 def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", calib: Optional[str] = None,
                  calib_count: int = 256, batch: str | int = "dynamic", opset: int = 18,
                  with_head: bool = False, knn: bool = True, adapt: Optional[bool] = None,
-                 adapt_seconds: float = 120.0, progress: Optional[bool] = None, fmt: str = "onnx",
+                 adapt_seconds: float = CAP_SECONDS, progress: Optional[bool] = None, fmt: str = "onnx",
                  timing: bool = True, students: Optional[dict] = None) -> dict:
     """Write MODEL (+ MODEL.json sidecar) for the runtime `fmt` names, check it against torch in
     that runtime, and return the report.

@@ -336,3 +336,8 @@ def test_the_student_stops_when_it_settles_not_when_the_clock_says():
     assert reads == [0.1] * 3 + [0.05] * 2 + [0.025] * 2 + [0.0125] * 2  # the rate each read saw
     capped = adapt.train_for(0.0, opt, 0.1, lambda: (w ** 2).sum(), probe, "test", progress=False)
     assert capped["stopped"] == "time cap" and capped["steps"] == 0
+    from edgessl.cli import cli  # the CLI's default cap is the library's (it does not import torch to read it)
+
+    for command in ("export", "benchmark"):
+        (option,) = [p for p in cli.commands[command].params if p.name == "adapt_seconds"]
+        assert option.default == adapt.CAP_SECONDS
