@@ -171,6 +171,24 @@ def train_for(seconds: float, opt: torch.optim.Optimizer, lr: float, loss_fn, pr
             "probe_loss": best if best < math.inf else None}
 
 
+def clean_probe(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: Config, match, count: int = 256):
+    """A function giving `match(student, teacher)` on `count` fixed images of `images` as deployed
+    (no augmentation, the student in eval mode): what train_for reads to know the student settled."""
+    x = normalize(images[torch.linspace(0, len(images) - 1, min(count, len(images))).long()],
+                  cfg.data.mean, cfg.data.std)
+    with torch.no_grad():
+        target = torch.cat([teacher(c) for c in x.split(64)])
+
+    @torch.no_grad()
+    def probe():
+        student.eval()
+        value = match(torch.cat([student(c) for c in x.split(64)]), target)
+        student.train()
+        return value
+
+    return probe
+
+
 def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = CAP_SECONDS,
             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: Optional[bool] = None,
             fold_se: bool = True, clean_fraction: float = 0.5, neighbours: float = 1.0,
@@ -211,18 +229,7 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
             target = teacher(x)
         return match(student(x), target)
 
-    probe_x = normalize(images[torch.linspace(0, len(images) - 1, min(256, len(images))).long()],
-                        cfg.data.mean, cfg.data.std)  # fixed, as deployed: what "settled" is read on
-    with torch.no_grad():
-        probe_target = torch.cat([teacher(c) for c in probe_x.split(64)])
-
-    @torch.no_grad()
-    def probe():
-        student.eval()
-        value = match(torch.cat([student(c) for c in probe_x.split(64)]), probe_target)
-        student.train()
-        return value
-
+    probe = clean_probe(student, teacher, images, cfg, match)
     stats = train_for(seconds, opt, lr, loss, probe, "int8: distilling ReLU student", progress)
     plain_depthwise(student)
     return student.eval(), {"swapped": swapped, "se_folded": folded, **stats}

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from edgessl import formats, isolate
-from edgessl.errors import EdgesslError
 from edgessl.adapt import CAP_SECONDS
+from edgessl.errors import EdgesslError
 from edgessl.export import ADAPT_MAX_KNN_LOSS, MIN_TOP1_AGREEMENT, export_model
 from edgessl.runfiles import BENCHMARK, atomic_write
 from edgessl_edge.backends import set_executorch_threads
@@ -23,7 +23,8 @@ from edgessl_edge.image import EdgeError
 
 
 def benchmark(run_dir: str | Path, fmts=tuple(formats.FORMATS), precisions=("fp32", "fp16", "int8"),
-              adapt_seconds: float = CAP_SECONDS, progress: Optional[bool] = None, both_int8: bool = False) -> list[dict]:
+              adapt_seconds: float = CAP_SECONDS, progress: Optional[bool] = None,
+              both_int8: bool = False) -> list[dict]:
     """One row per format x precision (status ok / check failed / failed, with its reason);
     written to RUN/benchmark.json as well. `both_int8`: a second int8 row per format with the
     other network (the ReLU student where the runtime quantises the network as trained, and
