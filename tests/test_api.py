@@ -105,7 +105,7 @@ def test_export_probe_and_report_show_the_exports(api_run, tmp_path):
     root, folder, run = api_run
     fp32 = run.export(tmp_path / "m.onnx")
     int8 = run.export(tmp_path / "q.onnx", precision="int8", calib_count=16, adapt_seconds=2)
-    assert fp32["max_abs_diff"] <= 1e-4 and int8["precision"] == "int8"
+    assert fp32["max_rel_diff"] <= 1e-4 and int8["precision"] == "int8"  # the export's bar: 1e-4 of the feature scale
     assert int8["adapted"]["swapped"] > 0 and int8["adapted"]["steps"] > 0  # hard-swish network: a ReLU student
     r = run.probe(f"folder:{folder}", f"folder:{folder}", knn_k=5)
     assert r["n_train"] == r["n_test"] == 48 and r["feature_dim"] == 1024

@@ -38,7 +38,9 @@ def torch_features(run_dir, x, with_head=False):
 def test_fp32_parity_dynamic_batch(run_dir, tmp_path):
     out = tmp_path / "m.onnx"
     report = export_model(run_dir, out)
-    assert report["max_abs_diff"] <= 1e-4 and report["min_cosine"] >= 0.99999
+    # fp32 in torch and in onnxruntime sum in other orders: float32 rounding grows with depth and
+    # with the features' size, so the bar is the export's own, 1e-4 of max(1, max |feature|)
+    assert report["max_rel_diff"] <= 1e-4 and report["min_cosine"] >= 0.99999
     onnx.checker.check_model(onnx.load(str(out)))
     sess = session(out)
     assert sess.get_inputs()[0].name == "images" and sess.get_outputs()[0].name == "features"
@@ -46,7 +48,8 @@ def test_fp32_parity_dynamic_batch(run_dir, tmp_path):
         x = np.random.default_rng(b).standard_normal((b, 3, 32, 32)).astype(np.float32)
         got = sess.run(None, {"images": x})[0]
         assert got.shape == (b, 1024)
-        assert np.abs(got - torch_features(run_dir, x)).max() <= 1e-4
+        want = torch_features(run_dir, x)
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
 
 
 def test_fixed_batch_and_head(run_dir, tmp_path):
@@ -57,7 +60,7 @@ def test_fixed_batch_and_head(run_dir, tmp_path):
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     got = sess.run(None, {"images": x})[0]
     assert got.shape == (4, 16) and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
-    assert np.abs(got - torch_features(run_dir, x, with_head=True)).max() <= 1e-4
+    assert np.abs(got - torch_features(run_dir, x, with_head=True)).max() <= 1e-4  # unit vectors: scale 1
     assert read_metadata(out)["with_head"] is True
 
 
@@ -105,7 +108,7 @@ def test_check_reports_parity_and_latency(run_dir, tmp_path):
     out = tmp_path / "m.onnx"
     export_model(run_dir, out, knn=False)
     report = check(out, against=str(run_dir), batch_sizes=(1, 3), iters=3)
-    assert report["max_abs_diff"] <= 1e-4 and report["min_cosine"] >= 0.99999
+    assert report["max_rel_diff"] <= 1e-4 and report["min_cosine"] >= 0.99999  # the export's bar (above)
     assert set(report["latency_ms"]) == {"1", "3"} and report["latency_ms"]["3"]["p50"] > 0
     assert report["images_per_s"]["1"] > 0 and report["provider"] == "CPUExecutionProvider"
 
