@@ -70,3 +70,10 @@ def tiny_pretrained_run(root: Path) -> tuple[str, str]:
     test = make_npz(root / "test.npz", n=30, size=32, seed=1)
     pretrain(tiny_config(f"npz:{train}", optim={"epochs": 1}), root / "run", log=lambda *_: None)
     return f"npz:{train}", f"npz:{test}"
+
+
+# torch 2.14.1's inductor, at one thread on AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 on an AVX-512
+# CPU, as `make test-avx2` runs), gave NaN features for a backbone with edgessl.depthwise in it;
+# the recipe does not compile there (docs/benchmarks.md, "The step")
+INDUCTOR_ON_AVX2 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "AVX2",
+                                      reason="inductor gives NaN at one thread on AVX2 kernels (torch 2.14.1)")

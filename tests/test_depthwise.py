@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import INDUCTOR_ON_AVX2
 from edgessl import depthwise
 from edgessl.backbones import create_backbone
 from edgessl.depthwise import DepthwiseConv2d, fast_depthwise, weight_grad
@@ -91,6 +92,7 @@ def test_nothing_but_training_takes_the_new_path(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@INDUCTOR_ON_AVX2
 def test_a_compiled_backbone_with_fast_depthwise_has_eagers_gradients():
     """run.compile compiles the backbone with edgessl's depthwise convolutions in it: one training
     step's features and every gradient that is not rounding noise (above 1e-3 of the largest;

@@ -93,6 +93,7 @@ def test_compile_is_picked_for_cpu_runs_long_enough_to_earn_it_back(monkeypatch)
         return recipe.compile_choice(from_dict(sections), n, size, device, world)
 
     monkeypatch.setattr(recipe.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert pick().value is True and pick().why == "a long run"  # 30 epochs x 5,000 images
     assert pick(n=3000).value is False  # 90,000 images of 32 px
     assert pick(n=3000, size=64).value is True  # the same count at 64 px costs 4x
@@ -102,6 +103,8 @@ def test_compile_is_picked_for_cpu_runs_long_enough_to_earn_it_back(monkeypatch)
     assert pick(device=CUDA).value is False and pick(world=2).value is False
     assert pick(augment={"start_size": 24}).why == "progressive resolution"
     assert pick(run={"compile": False}) == recipe.Choice("run.compile", False, "given", True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # or ATEN_CPU_CAPABILITY=avx2
+    assert pick().value is False and pick().why.startswith("AVX2 kernels")
     monkeypatch.setattr(recipe.shutil, "which", lambda name: None)
     assert pick().value is False and pick().why == "no C++ compiler"
 

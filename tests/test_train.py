@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config
+from conftest import INDUCTOR_ON_AVX2, tiny_config
 from edgessl import EdgesslError, checkpoint
 from edgessl.schedule import lr_at, plan_epochs, replan_epochs, size_at
 from edgessl.train import pretrain
@@ -147,6 +147,7 @@ def test_progressive_resolution_trains_small_first_and_resumes_bit_exact(tiny_np
 
 
 @pytest.mark.slow
+@INDUCTOR_ON_AVX2
 def test_a_compiled_run_learns_like_eager_and_resumes_bit_exact(tiny_npz, tmp_path):
     """run.compile: the first step's loss equals eager's (to float rounding: the same weights,
     batch and augmentation), and a compiled run resumes bit for bit."""
