@@ -115,7 +115,7 @@ def openvino_int8_parameters():
     channel; OpenVINO's CPU plugin (2026.4) then ran the int8 1x1 conv that writes it through its AMX
     kernel into a SIGSEGV when the conv has 8 output pixels or fewer (batch 1 or 2 of a 32 px
     MobileNetV3-small-050). Per-tensor scales take the plugin's other path on every CPU, and the file
-    is built on one CPU to run on another (docs/export.md, "OpenVINO int8 on AMX")."""
+    is built on one CPU to run on another (docs/export.md, "On other CPUs")."""
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
     return AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(per_channel=False))
