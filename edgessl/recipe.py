@@ -155,8 +155,8 @@ def compile_choice(cfg, n: int, image_size_: int, device: torch.device, world: i
            "torchrun: not measured" if world > 1 else
            "progressive resolution" if cfg.augment.start_size is not None else
            "no C++ compiler" if not shutil.which(os.environ.get("CXX", "g++")) else  # inductor's default
-           "AVX2 kernels: not measured, and NaN at one thread" if torch.backends.cpu.get_cpu_capability() == "AVX2"
-           else  # inductor's step of a MobileNetV3 with edgessl.depthwise (docs/benchmarks.md, "The step")
+           # inductor's step of a MobileNetV3 with edgessl.depthwise gave NaN there (docs/benchmarks.md, "The step")
+           "AVX2 kernels: not measured, and NaN at one thread" if torch.backends.cpu.get_cpu_capability() == "AVX2" else
            f"{o.minutes:g} minutes" if o.minutes is not None and o.minutes < COMPILE_MIN_MINUTES else
            "a short run" if images is not None and images < COMPILE_MIN_IMAGES else None)
     if off:
