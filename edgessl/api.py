@@ -6,6 +6,8 @@
     run.probe(train="folder:labelled", test="folder:test")
     feats = run.embed("folder:photos")             # (N, d) numpy, rows in the data's order
     clf = edgessl.finetune(run, labels_per_class=10, out="runs/ft")  # unlabelled="auto": + the run's other images
+    run.select(budget=50, out="picks.csv")         # the photos to label first, and a page to label them in
+    clf = edgessl.finetune(run, labels="labels.csv", out="runs/ft2")  # the page's download
     run = edgessl.Run("runs/r1")                   # open an existing run
 
 Config overrides are keywords: a section as a dict (`method={"temperature": 0.1}`), a dotted
@@ -120,6 +122,15 @@ class Run:
         from edgessl.embed import embed
 
         return embed(str(self.path), data or self.config.data.spec, progress=progress).features
+
+    def select(self, budget: int, out: Optional[str | Path] = None, data: Optional[str] = None,
+               exclude: Optional[str | Path] = None, rule: str = config_lib.SELECT_DEFAULT, seed: int = 0) -> dict:
+        """`edgessl select RUN --budget N`: the `budget` images to label first, in priority order
+        (result["picks"]: paths relative to the data folder); with `out` (a .csv) the picks and
+        the labelling page are written."""
+        from edgessl.selection import select
+
+        return select(self.path, budget, out, data, exclude, rule, seed)
 
     def report(self, out: Optional[str | Path] = None) -> Path:
         from edgessl.report import write_report

@@ -9,7 +9,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from edgessl.config import Config, FinetuneConfig, flagged, shortcut
+from edgessl.config import SELECT_DEFAULT, SELECT_RULES, Config, FinetuneConfig, flagged, shortcut
 from edgessl.errors import EdgesslError
 from edgessl_edge.image import EdgeError
 from edgessl.version import __version__
@@ -284,6 +284,31 @@ def finetune(run_dir, out, resume, as_json, train, test, label_fraction, labels_
         settings = {k: settings[k] for k in ("device", "precision")}
     r = api.finetune(run_dir, train or "", test or "", out, label_fraction=label_fraction,
                      labels_per_class=labels_per_class, resume=resume, **settings).summary
+    if as_json:
+        click.echo(json.dumps(r))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--budget", required=True, type=click.IntRange(min=1), help="How many images to pick.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="picks.csv (rank,path); the labelling page is written beside it (picks.html).")
+@click.option("--data", "spec", help="Pick from these images (dataset spec) instead of the run's training images.")
+@click.option("--exclude", type=click.Path(dir_okay=False),
+              help="A CSV with a path column (an earlier labels.csv or picks.csv): those images are labelled.")
+@click.option("--rule", type=click.Choice(SELECT_RULES), default=SELECT_DEFAULT, show_default=True,
+              help="typical: the most typical image of each k-means cluster; kmeans: the one nearest each centre; "
+                   "coverage: greedy cover by balls of pure radius; random: a uniform draw.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clustering or the draw.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
+def select(run_dir, budget, out, spec, exclude, rule, seed, as_json):
+    """Which images to label first: BUDGET of the run's images in priority order, and a page to label them."""
+    from edgessl import api
+
+    r = api.Run(run_dir).select(budget, out, spec, exclude, rule, seed)
+    click.echo(f"picked {len(r['picks'])} of {r['pool'] - r['excluded']} images by {rule} in {r['select_seconds']:.1f} s "
+               f"(features {'kept with the run' if r['features_cached'] else 'computed'} in {r['embed_seconds']:.1f} s): "
+               f"{r['csv']}; label them in {r['page']}, then `edgessl finetune {run_dir} --labels labels.csv`")
     if as_json:
         click.echo(json.dumps(r))
 

@@ -215,6 +215,8 @@ class FinetuneConfig:
                                               help="Fraction of each class's labels to use.")
     labels_per_class: Optional[int] = setting(None, flag="--labels-per-class", parse=int,
                                               help="Number of labels per class to use.")
+    labels: str = setting("", flag="--labels", help="labels.csv (path,label; `edgessl select` makes the page that "
+                          "writes it): train on exactly these images, paths relative to the data folder.")
     # auto's rule, from label draws on tuning splits (docs/benchmarks.md, "Few labels and the unlabelled images"):
     # propagation cost 2.8 points at 2 labels a class; from 5 to 25 it changed -0.6 to +6.4, +1.7 on average
     unlabelled: str = setting(AUTO, flag="--unlabelled", choices=(AUTO, "none", "propagate"),
@@ -239,6 +241,12 @@ class FinetuneConfig:
     device: str = setting("auto", flag="--device", help="auto, cpu, cuda or cuda:N.")
     precision: str = setting("auto", flag="--precision", choices=("auto", "bf16", "fp16", "fp32"),
                              help="auto: bf16 on CUDA and on a CPU with AMX, fp32 on other CPUs.")
+
+
+# `edgessl select`'s rules, and its default from label draws on tuning splits (docs/benchmarks.md,
+# "Which images to label"; edgessl.selection)
+SELECT_RULES = ("typical", "kmeans", "coverage", "random")
+SELECT_DEFAULT = "typical"
 
 
 @dataclass
@@ -403,8 +411,8 @@ def finetune_config(overrides: dict) -> FinetuneConfig:
     ft = FinetuneConfig()
     _apply(ft, overrides, "finetune.")
     _check_choices(ft, FinetuneConfig, "finetune.")
-    if ft.label_fraction is not None and ft.labels_per_class is not None:
-        raise ConfigError("give finetune.label_fraction or finetune.labels_per_class, not both")
+    if sum(v is not None and v != "" for v in (ft.label_fraction, ft.labels_per_class, ft.labels)) > 1:
+        raise ConfigError("give one of finetune.label_fraction, finetune.labels_per_class and finetune.labels")
     checks = [("label_fraction", ft.label_fraction is None or 0 < ft.label_fraction <= 1),
               ("labels_per_class", ft.labels_per_class is None or ft.labels_per_class >= 1),
               ("epochs", ft.epochs == AUTO or ft.epochs >= 1), ("minutes", ft.minutes is None or ft.minutes > 0),

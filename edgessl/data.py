@@ -272,6 +272,12 @@ def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, I
     return data.subset(perm[:-n_val].sort().values), data.subset(perm[-n_val:].sort().values)
 
 
+def folder_root(spec: str) -> Optional[Path]:
+    """The folder a folder:DIR spec names, what its files' paths are relative to (None for other specs)."""
+    kind, _, rest = spec.partition(":")
+    return Path(os.path.expanduser(rest)) if kind == "folder" else None
+
+
 def _path(p: str, spec_kind: str) -> Path:
     path = Path(os.path.expanduser(p))
     if not path.exists():

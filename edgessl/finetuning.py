@@ -104,7 +104,7 @@ def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str
     _check_out(out, resume)
     state = _resume_state(out) if resume else None
     if state is None:
-        if label_fraction is None and labels_per_class is None:
+        if label_fraction is None and labels_per_class is None and not settings.get("labels"):
             label_fraction = 1.0
         ft = finetune_config({"train": train_spec, "test": test_spec, "label_fraction": label_fraction,
                               "labels_per_class": labels_per_class, **settings})
@@ -142,9 +142,13 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     elif not ft.train:  # the pretraining run's own split: still its images
         check_run_data({"data": source.data}, train, test, "finetune")
     identity = data_record(train, test)
-    subset = stratified_subset(train.labels, ft.seed, ft.label_fraction if ft.labels_per_class is None else None,
-                               ft.labels_per_class)
-    if state is not None and _digest(subset) != state["config"]["finetune"]["subset_sha256"]:
+    if ft.labels:
+        train, subset = user_labels(ft, source.config, train, test)
+    else:
+        subset = stratified_subset(train.labels, ft.seed, ft.label_fraction if ft.labels_per_class is None else None,
+                                   ft.labels_per_class)
+    digest = _digest(subset, train.labels)
+    if state is not None and digest != state["config"]["finetune"]["subset_sha256"]:
         raise EdgesslError(f"{ft.train or 'the pretraining run split'} no longer gives the labelled subset this run "
                            "started with; cannot resume")
     mode, why = unlabelled_mode(ft.unlabelled, train.labels[subset])
@@ -152,7 +156,7 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     if mode == "propagate" and unlabelled is None:
         why = f"{why + ', but ' if why else ''}every training image is labelled"
     ft = dataclasses.replace(ft, unlabelled="none" if unlabelled is None else "propagate")  # stored resolved
-    train, test = train.subset(subset).to(dev), test.to(dev)
+    train, test = train.subset(subset).to(dev), test.to(dev) if test is not None else None
     classes = train.classes or [str(c) for c in range(int(train.labels.max()) + 1)]
     model = (build_classifier(state) if state is not None else Classifier(encoder, len(classes))).to(dev).train()
     if dev.type == "cpu":
@@ -170,7 +174,7 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
                   BatchAugment(FINETUNE_AUGMENT, source.backbone["image_size"], *_norm(source.config)),
                   train, test, classes,
                   {**source.config, "finetune": {"source": source.path, **stored, "n_labelled": len(train),
-                                                 "subset_sha256": _digest(subset)}},
+                                                 "subset_sha256": digest}},
                   source.backbone, identity, dev, prec, bs,
                   max(1, len(unlabelled) // ub if semi else len(train) // bs), epochs,
                   unlabelled.to(dev) if semi else None, ub, why)
@@ -219,11 +223,12 @@ def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_epoch,
         if epoch == 1 and t.ft.minutes:  # the budget's epochs, from the first epoch's speed (calibration included)
             planned = max(1, min(t.epochs, int(t.ft.minutes * 60 / (time.perf_counter() - start))))
             bar.total = planned * t.steps_per_epoch
-        pos.update(epoch=epoch, planned=planned, seconds=time.perf_counter() - start,
-                   test_top1=evaluate(t.model, t.test, *_norm(t.config), t.device, t.precision))
+        top1 = evaluate(t.model, t.test, *_norm(t.config), t.device, t.precision) if t.test is not None else None
+        pos.update(epoch=epoch, planned=planned, seconds=time.perf_counter() - start, test_top1=top1)
         metrics.append({"epoch": epoch, "step": pos["step"], "loss": f"{loss:.6f}", "lr_head": f"{lr:.6g}",
-                        "seconds": f"{pos['seconds']:.2f}", "test_top1": f"{pos['test_top1']:.2f}"})
-        bar.set_postfix(top1=f"{pos['test_top1']:.1f}")
+                        "seconds": f"{pos['seconds']:.2f}", "test_top1": "" if top1 is None else f"{top1:.2f}"})
+        if top1 is not None:
+            bar.set_postfix(top1=f"{top1:.1f}")
         checkpoint.save({"kind": "classifier", "config": t.config, "classes": t.classes, "backbone": t.backbone,
                          "data": t.identity, "position": dict(pos),
                          **checkpoint.training_state(t.model, t.optimizer, t.scaler)}, out / "checkpoint.pt")
@@ -231,7 +236,8 @@ def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_epoch,
             break
     bar.close()
     top1 = pos["test_top1"]
-    log(f"test top-1 {top1:.2f} % after {pos['epoch']} epochs on {len(t.train)} labels and "
+    log(f"{'no test images' if top1 is None else f'test top-1 {top1:.2f} %'} after {pos['epoch']} epochs on "
+        f"{len(t.train)} labels and "
         f"{unlabelled_line(t)} ({out}/checkpoint.pt)")
     return {"run_dir": str(out), "test_top1": top1, "n_labelled": len(t.train), "epochs": pos["epoch"],
             "n_unlabelled": len(t.unlabelled) if t.unlabelled is not None else 0,
@@ -323,22 +329,56 @@ def unlabelled_pool(ft: FinetuneConfig, src: dict, train: data_lib.ImageData,
     return data_lib.ImageData(pool.images, None, [], pool.spec, files=pool.files)
 
 
-def labelled_sets(ft: FinetuneConfig, src: dict, size: int) -> tuple[data_lib.ImageData, data_lib.ImageData]:
+def labelled_sets(ft: FinetuneConfig, src: dict, size: int) -> tuple[data_lib.ImageData, Optional[data_lib.ImageData]]:
     """--train and --test, or with neither the source run's own split: its training images
-    (labels from the data) and its held-out images as the test set."""
-    if bool(ft.train) != bool(ft.test):
+    (labels from the data, or from --labels) and its held-out images as the test set (with
+    --labels there may be none: the classifier is then trained untested)."""
+    if bool(ft.train) != bool(ft.test) and not ft.labels:
         raise EdgesslError("give both --train and --test, or neither (the pretraining run's own split)")
-    if ft.train:
-        fit = run_config({"config": src}).data.fit
-        train, test = data_lib.load(ft.train, size, fit=fit), data_lib.load(ft.test, size, fit=fit)
-    else:
-        train, test = data_lib.load_split(run_config({"config": src}).data)
-        if test is None:
-            raise EdgesslError("the pretraining run holds out no images (data.val_fraction / val_spec): "
-                               "give --train and --test")
-    if train.labels is None or test.labels is None:
-        raise EdgesslError("fine-tuning needs labels in both --train and --test")
+    cfg = run_config({"config": src}).data
+    own_train, own_test = (None, None) if ft.train else data_lib.load_split(cfg)
+    train = data_lib.load(ft.train, size, fit=cfg.fit) if ft.train else own_train
+    test = data_lib.load(ft.test, size, fit=cfg.fit) if ft.test else own_test
+    if ft.labels and not ft.test and test is not None and test.labels is None:
+        test = None  # the run's held-out images carry no labels: nothing to test on
+    if test is None and not ft.labels:
+        raise EdgesslError("the pretraining run holds out no images (data.val_fraction / val_spec): "
+                           "give --train and --test")
+    if test is not None and test.labels is None:
+        raise EdgesslError(f"fine-tuning tests on labelled images: {test.spec} has no labels")
+    if train.labels is None and not ft.labels:
+        raise EdgesslError(f"{train.spec} has no labels: give --labels labels.csv (`edgessl select` helps make it)")
     return train, test
+
+
+def user_labels(ft: FinetuneConfig, src: dict, train: data_lib.ImageData,
+                test: Optional[data_lib.ImageData]) -> tuple[data_lib.ImageData, torch.Tensor]:
+    """(train with labels.csv's labels on its rows, those rows sorted): each path is resolved against
+    the training images' folder; the classes are the test set's (every label one of them), or with
+    no test set the labels' own names, sorted."""
+    from edgessl.selection import read_paths, rows_of
+
+    rows = read_paths(ft.labels, "--labels", label=True)
+    if not rows:
+        raise EdgesslError(f"--labels {ft.labels}: no labelled rows")
+    index = rows_of([p for p, _ in rows], list(train.files) if train.files is not None else
+                    [str(i) for i in range(len(train))], data_lib.folder_root(ft.train or
+                                                                               run_config({"config": src}).data.spec),
+                    f"--labels {ft.labels}")
+    given: dict[int, str] = {}
+    for i, (path, label) in zip(index, rows):
+        if given.setdefault(i, label) != label:
+            raise EdgesslError(f"--labels {ft.labels}: {path!r} is labelled both {given[i]!r} and {label!r}")
+    classes = list(test.classes) if test is not None else sorted(set(given.values()))
+    unknown = sorted(set(given.values()) - set(classes))
+    if unknown:
+        raise EdgesslError(f"--labels {ft.labels}: {', '.join(map(repr, unknown))} not among the test set's classes "
+                           f"({', '.join(classes)})")
+    labels = torch.full((len(train),), -1, dtype=torch.long)
+    for i, label in given.items():
+        labels[i] = classes.index(label)
+    subset = torch.tensor(sorted(given))
+    return dataclasses.replace(train, labels=labels, classes=classes), subset
 
 
 def _resume_state(out: Path) -> dict:
@@ -348,8 +388,10 @@ def _resume_state(out: Path) -> dict:
     return state
 
 
-def _digest(index: torch.Tensor) -> str:
-    return hashlib.sha256(index.numpy().astype("int64").tobytes()).hexdigest()[:16]
+def _digest(index: torch.Tensor, labels: torch.Tensor) -> str:
+    """The labelled subset's identity: its rows and their labels."""
+    pairs = torch.stack([index, labels.cpu()[index]])
+    return hashlib.sha256(pairs.numpy().astype("int64").tobytes()).hexdigest()[:16]
 
 
 @torch.no_grad()

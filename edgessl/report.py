@@ -94,7 +94,7 @@ def _finetune_curves(rows: list[dict]) -> bytes:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
     ax[0].plot(epochs, [float(r["loss"]) for r in rows], marker=".")
     ax[0].set(xlabel="epoch", ylabel="training loss")
-    ax[1].plot(epochs, [float(r["test_top1"]) for r in rows], marker="o")
+    ax[1].plot(epochs, [float(r["test_top1"] or "nan") for r in rows], marker="o")  # (no test set: empty)
     ax[1].set(xlabel="epoch", ylabel="test top-1 %")
     fig.tight_layout()
     buf = io.BytesIO()

@@ -11,7 +11,7 @@ from edgessl.cli import cli
 from click.core import UNSET
 from edgessl.config import Config, FinetuneConfig, flagged
 
-COMMANDS = [[], ["pretrain"], ["export"], ["check"], ["probe"], ["finetune"], ["embed"], ["report"], ["cache"],
+COMMANDS = [[], ["pretrain"], ["export"], ["check"], ["probe"], ["finetune"], ["select"], ["embed"], ["report"], ["cache"],
             ["cache", "list"], ["cache", "clean"]]
 
 

@@ -105,7 +105,7 @@ def test_random_init_cli(pretrained, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgessl", "finetune", str(root / "run"), "--train", train, "--test",
                         test, "--out", str(tmp_path / "x"), "--label-fraction", "0.5", "--labels-per-class", "2"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "not both" in r.stderr
+    assert r.returncode == 2 and "give one of" in r.stderr
 
 
 def _rows_without_seconds(path):

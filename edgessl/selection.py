@@ -1,0 +1,260 @@
+"""Which images to label first: `select` picks from a run's unlabelled images, in priority order.
+
+With few labels, which images carry them matters as much as how the classifier trains: typical
+images from every region of the feature space beat a random draw (TypiClust, Hacohen et al. 2022,
+arXiv 2202.02794; ProbCover, Yehuda et al. 2022, arXiv 2205.11320). Every rule works on the run's
+L2-normalised backbone features, computed once and kept with the run (RUN/features/); `select`
+writes the picks as a CSV (rank, path) and the labelling page beside it (edgessl.labelpage).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgessl import data as data_lib
+from edgessl.config import SELECT_DEFAULT as DEFAULT_RULE, SELECT_RULES as RULES
+from edgessl.errors import EdgesslError
+from edgessl.runfiles import atomic_write
+
+TYPICAL_K = 20  # neighbours in an image's typicality (TypiClust's choice)
+MIN_CLUSTER = 5  # clusters smaller than this are picked from last: outliers are not typical
+PURITY = 0.95  # coverage: the largest ball radius at which 95 % of balls stay within one k-means cluster
+KMEANS_ITERS = 100
+CHUNK = 2048  # rows of a distance matrix computed at once
+
+
+@dataclass
+class Pool:
+    """The images a selection picks from, with their features and their names."""
+
+    features: torch.Tensor  # (N, D) float32, L2-normalised
+    names: list[str]  # row i's path relative to the data folder (array data: its row number)
+    data: data_lib.ImageData
+    root: Optional[Path]  # the data folder (None for array data)
+    cached: bool  # the features were read from the run's store
+
+
+def pool(run_dir: str | Path, spec: Optional[str] = None) -> Pool:
+    """The run's training images (or `spec`'s), embedded by the run's encoder once and kept in
+    RUN/features/, keyed by the images and the checkpoint."""
+    from edgessl.probe import run_features
+    from edgessl.runs import read_state, run_config
+
+    run_dir = Path(run_dir)
+    state = read_state(run_dir)
+    cfg = run_config(state).data
+    if spec:
+        data = data_lib.load(spec, state["backbone"]["image_size"], fit=cfg.fit)
+    else:
+        data, _ = data_lib.load_split(cfg)
+        spec = cfg.spec
+    root = data_lib.folder_root(spec)
+    ckpt = (run_dir / "checkpoint.pt").stat()
+    key = hashlib.sha256(json.dumps([data_lib.identity(data), ckpt.st_size, ckpt.st_mtime_ns]).encode()).hexdigest()
+    store = run_dir / "features" / f"{key[:16]}.npy"
+    cached = store.exists()
+    if cached:
+        feats = torch.from_numpy(np.load(store, allow_pickle=False))
+    else:
+        feats = run_features(run_dir).fn(data.images).float()
+        store.parent.mkdir(exist_ok=True)
+        atomic_write(store, lambda f: np.save(f, feats.numpy()))
+    names = list(data.files) if data.files is not None else [str(i) for i in range(len(data))]
+    return Pool(F.normalize(feats, dim=1), names, data, root, cached)
+
+
+def pick(x: torch.Tensor, budget: int, rule: str = DEFAULT_RULE, labelled: Sequence[int] = (),
+         seed: int = 0) -> list[int]:
+    """`budget` row indices of the L2-normalised features `x`, in priority order, none in `labelled`.
+
+    typical: k-means into (labelled + budget) clusters; from the clusters with the fewest labels,
+    largest first, the most typical image (1 / mean distance to its TYPICAL_K nearest neighbours
+    in its cluster). kmeans: the same clusters, the image nearest each centre. coverage: balls of
+    the largest radius at which PURITY of them stay within one k-means cluster; greedily the
+    image whose ball holds the most images no chosen ball holds. random: a uniform draw."""
+    labelled = sorted(set(int(i) for i in labelled))
+    free = len(x) - len(labelled)
+    if not 1 <= budget <= free:
+        raise EdgesslError(f"--budget {budget} is not between 1 and the {free} images not yet labelled")
+    if rule not in RULES:
+        raise EdgesslError(f"unknown selection rule {rule!r} (known: {', '.join(RULES)})")
+    g = torch.Generator().manual_seed(seed)
+    if rule == "random":
+        mask = torch.ones(len(x), dtype=torch.bool)
+        mask[labelled] = False
+        rows = mask.nonzero().flatten()
+        return rows[torch.randperm(len(rows), generator=g)[:budget]].tolist()
+    if rule == "coverage":
+        return _coverage(x, budget, labelled, g)
+    centres, assign = kmeans(x, len(labelled) + budget, g)
+    if rule == "kmeans":
+        score = -(x - centres[assign]).norm(dim=1)
+    else:
+        score = torch.zeros(len(x))
+        for c in assign.unique().tolist():
+            members = (assign == c).nonzero().flatten()
+            score[members] = typicality(x[members])
+    return _by_cluster(assign, score, budget, labelled)
+
+
+def _by_cluster(assign: torch.Tensor, score: torch.Tensor, budget: int, labelled: list[int]) -> list[int]:
+    """Round-robin over the clusters: the one with the fewest labelled or picked images next (ties:
+    clusters of MIN_CLUSTER or more first, then the largest), its best-scoring image not yet taken."""
+    sizes = torch.bincount(assign)
+    held = torch.bincount(assign[labelled], minlength=len(sizes)) if labelled else torch.zeros_like(sizes)
+    taken = torch.zeros(len(assign), dtype=torch.bool)
+    taken[labelled] = True
+    picks = []
+    while len(picks) < budget:
+        key = held.double() * 1e12 + (sizes < MIN_CLUSTER).double() * 1e9 - sizes.double()
+        key[torch.bincount(assign[~taken], minlength=len(sizes)) == 0] = float("inf")  # no image left
+        c = int(key.argmin())
+        members = ((assign == c) & ~taken).nonzero().flatten()
+        i = int(members[score[members].argmax()])
+        picks.append(i)
+        taken[i] = True
+        held[c] += 1
+    return picks
+
+
+def kmeans(x: torch.Tensor, k: int, g: torch.Generator, iters: int = KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centres, assignment): k-means++ seeding, then Lloyd's iterations until nothing moves."""
+    k = min(k, len(x))
+    first = int(torch.randint(len(x), (1,), generator=g))
+    centres = [x[first]]
+    d2 = (x - x[first]).pow(2).sum(1)
+    for _ in range(1, k):
+        i = int(torch.multinomial(d2.clamp(min=0) + 1e-12, 1, generator=g))
+        centres.append(x[i])
+        d2 = torch.minimum(d2, (x - x[i]).pow(2).sum(1))
+    centres = torch.stack(centres)
+    assign = nearest(x, centres)
+    for _ in range(iters):
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        centres = torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], centres)
+        new = nearest(x, centres)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return centres, assign
+
+
+def nearest(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.cdist(c, centres).argmin(1) for c in x.split(CHUNK)])
+
+
+def typicality(x: torch.Tensor, k: int = TYPICAL_K) -> torch.Tensor:
+    """1 / mean distance to each row's k nearest other rows (a lone row: 0)."""
+    if len(x) < 2:
+        return torch.zeros(len(x))
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    return 1.0 / (d.topk(min(k, len(x) - 1), largest=False).values.mean(1) + 1e-8)
+
+
+def _coverage(x: torch.Tensor, budget: int, labelled: list[int], g: torch.Generator) -> list[int]:
+    _, assign = kmeans(x, max(2, budget), g)
+    # a ball is pure while its radius is under the distance to the nearest image of another cluster
+    other = torch.cat([torch.cdist(c, x).masked_fill(a[:, None] == assign[None], float("inf")).min(1).values
+                       for c, a in zip(x.split(CHUNK), assign.split(CHUNK))])
+    delta = float(torch.quantile(other[torch.isfinite(other)], 1 - PURITY)) if torch.isfinite(other).any() else 1.0
+    balls = [row.nonzero().flatten() for c in x.split(CHUNK) for row in torch.cdist(c, x) < delta]
+    gain = torch.tensor([len(b) for b in balls])  # the images in each ball that no chosen ball holds
+    covered = torch.zeros(len(x), dtype=torch.bool)
+    taken = torch.zeros(len(x), dtype=torch.bool)
+
+    def take(i: int) -> None:
+        taken[i] = True
+        for u in balls[i][~covered[balls[i]]].tolist():
+            covered[u] = True
+            gain[balls[u]] -= 1  # the balls are symmetric: those that hold u are u's own neighbours
+
+    for i in labelled:
+        take(i)
+    picks = []
+    order = torch.randperm(len(x), generator=g)  # once every image is covered: the rest at random
+    while len(picks) < budget:
+        free = gain.masked_fill(taken, -1)
+        i = int(free.argmax()) if free.max() > 0 else int(order[~taken[order]][0])
+        take(i)
+        picks.append(i)
+    return picks
+
+
+def read_paths(path: str | Path, what: str, label: bool = False) -> list[tuple[str, str]]:
+    """(path, label) rows of a CSV with a path column (and a label column when `label`): picks.csv
+    or labels.csv. Rows with an empty label are left out (an image the user did not label)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgesslError(f"{what} {path}: no such file")
+    need = ("path", "label") if label else ("path",)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or any(c not in reader.fieldnames for c in need):
+                found = ", ".join(reader.fieldnames or []) or "nothing"
+                raise EdgesslError(f"{what} {path} is not a CSV with the columns {' and '.join(need)} (found: {found})")
+            rows = [((r["path"] or "").strip(), (r.get("label") or "").strip()) for r in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise EdgesslError(f"{what} {path} is not a CSV file ({e})") from None
+    return [(p, lab) for p, lab in rows if p and (lab or not label)]
+
+
+def rows_of(paths: Sequence[str], p: Pool | list[str], root: Optional[Path], what: str) -> list[int]:
+    """The row of each path (relative to `root`, or absolute inside it) among `names`."""
+    names = p.names if isinstance(p, Pool) else p
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for name in paths:
+        rel = name
+        if root is not None and Path(name).is_absolute():
+            try:
+                rel = str(Path(name).resolve().relative_to(root.resolve()))
+            except ValueError:
+                pass
+        if rel not in index:
+            where = f"under {root}" if root is not None else "(array data: rows are numbered from 0)"
+            raise EdgesslError(f"{what}: {name!r} is not one of the run's training images {where}")
+        out.append(index[rel])
+    return out
+
+
+def select(run_dir: str | Path, budget: int, out: Optional[str | Path] = None, data: Optional[str] = None,
+           exclude: Optional[str | Path] = None, rule: str = DEFAULT_RULE, seed: int = 0) -> dict:
+    """Pick `budget` images of the run's training images (or of `data`) to label first; with `out`,
+    write OUT.csv (rank, path) and the labelling page OUT.html beside it."""
+    if out is not None and Path(out).suffix != ".csv":
+        raise EdgesslError(f"--out must end in .csv, got {Path(out).name}")
+    if out is not None and not Path(out).parent.is_dir():
+        raise EdgesslError(f"folder {Path(out).parent} does not exist")
+    start = time.perf_counter()
+    p = pool(run_dir, data)
+    done = rows_of([q for q, _ in read_paths(exclude, "--exclude")], p, p.root, f"--exclude {exclude}") \
+        if exclude else []
+    embedded = time.perf_counter()
+    picks = pick(p.features, budget, rule, done, seed)
+    result = {"picks": [p.names[i] for i in picks], "rule": rule, "seed": seed, "pool": len(p.names),
+              "excluded": len(done), "features_cached": p.cached, "embed_seconds": round(embedded - start, 2),
+              "select_seconds": round(time.perf_counter() - embedded, 2)}
+    if out is not None:
+        from edgessl.labelpage import write_page
+
+        out = Path(out)
+        lines = ["rank,path"] + [f"{r},{_csv_cell(name)}" for r, name in enumerate(result["picks"], 1)]
+        atomic_write(out, "\n".join(lines) + "\n")
+        result.update(csv=str(out), page=str(write_page(p, picks, out.with_suffix(".html"))))
+    return result
+
+
+def _csv_cell(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
