@@ -32,14 +32,35 @@ def tune(run: str, m: int, rule: str, seed: int) -> dict:
     rest = torch.ones(len(y), dtype=torch.bool)
     rest[held] = False
     rows = rest.nonzero().flatten()
-    classes = len(p.data.classes)
-    picked = rows[pick(p.features[rows], m * classes, rule, seed=seed)]
-    means = torch.zeros(classes, p.features.shape[1]).index_add_(0, y[picked], p.features[picked])
-    counts = torch.bincount(y[picked], minlength=classes)
-    scores = p.features[held] @ torch.nn.functional.normalize(means, dim=1).T
-    scores[:, counts == 0] = -float("inf")
+    classes, x = len(p.data.classes), p.features[rows]
+    budget = m * classes
+    if rule in ("twice", "uncertain"):  # two rounds of half the budget; the second from the first's classifier
+        first = pick(x, budget // 2, "typical", seed=seed)
+        rest = budget - len(first)
+        if rule == "twice":
+            second = pick(x, rest, "typical", labelled=first, seed=seed)
+        else:  # the least certain (smallest margin) of 3x as many diverse candidates
+            candidates = torch.tensor(pick(x, min(3 * rest, len(x) - len(first)), "typical", labelled=first,
+                                           seed=seed))
+            top2 = nearest_mean(p.features, rows[first], y, classes)(x[candidates]).topk(2, dim=1).values
+            second = candidates[(top2[:, 0] - top2[:, 1]).argsort()[:rest]].tolist()
+        picked = rows[first + second]
+    else:
+        picked = rows[pick(x, budget, rule, seed=seed)]
+    scores = nearest_mean(p.features, picked, y, classes)(p.features[held])
     return {"top1": 100.0 * (scores.argmax(1) == y[held]).double().mean().item(),
-            "empty_classes": int((counts == 0).sum())}
+            "empty_classes": classes - len(y[picked].unique())}
+
+
+def nearest_mean(features: torch.Tensor, picked: torch.Tensor, y: torch.Tensor, classes: int):
+    """Cosine scores against the picks' normalised class means (a class without picks: never chosen)."""
+    means = torch.zeros(classes, features.shape[1]).index_add_(0, y[picked], features[picked])
+    absent = torch.bincount(y[picked], minlength=classes) == 0
+
+    def scores(q: torch.Tensor) -> torch.Tensor:
+        return (q @ torch.nn.functional.normalize(means, dim=1).T).masked_fill(absent, -2.0)
+
+    return scores
 
 
 def finetune(run: str, m: int, rule: str, seed: int, train: str, test: str) -> dict:
@@ -51,13 +72,14 @@ def finetune(run: str, m: int, rule: str, seed: int, train: str, test: str) -> d
         if rule == "balanced":
             r = edgessl.finetune(run, train, test, Path(tmp) / "ft", labels_per_class=m, seed=seed, **quiet).summary
             return {"top1": r["test_top1"], "empty_classes": 0, "unlabelled": r["unlabelled"]}
-        picks = edgessl.Run(run).select(m * len(classes), rule=rule, seed=seed)["picks"]
+        chosen = edgessl.Run(run).select(m * len(classes), rule=rule, seed=seed)
+        picks = chosen["picks"]
         label = {name: classes[int(c)] for name, c in zip(p.names, p.data.labels)}
         csv = Path(tmp) / "labels.csv"
         csv.write_text("path,label\n" + "".join(f'"{q}",{label[q]}\n' for q in picks))
         r = edgessl.finetune(run, train, test, Path(tmp) / "ft", labels=str(csv), **quiet).summary
         return {"top1": r["test_top1"], "empty_classes": len(classes) - len({label[q] for q in picks}),
-                "unlabelled": r["unlabelled"]}
+                "unlabelled": r["unlabelled"], "select_seconds": chosen["select_seconds"]}
 
 
 def main() -> None:
@@ -65,7 +87,8 @@ def main() -> None:
     ap.add_argument("mode", choices=("tune", "finetune"))
     ap.add_argument("run")
     ap.add_argument("--per-class", default="1,2,5,10", help="budgets: N = m x the number of classes")
-    ap.add_argument("--rules", default=",".join(SELECT_RULES), help="rules (finetune also: balanced)")
+    ap.add_argument("--rules", default=",".join(SELECT_RULES),
+                    help="rules (tune also: twice, uncertain: two rounds; finetune also: balanced)")
     ap.add_argument("--seeds", default="0,1,2", help="the draws (random, balanced) or the clusterings' seeds")
     ap.add_argument("--train", default="", help="finetune: labelled training images (default: the run's own)")
     ap.add_argument("--test", default="", help="finetune: test images (default: the run's held-out images)")

@@ -16,7 +16,7 @@ LAYERS = [
     {"edgessl.api"},
     {"edgessl.train", "edgessl.benchmark"},
     {"edgessl.finetuning", "edgessl.export"},
-    {"edgessl.report", "edgessl.embed"},
+    {"edgessl.report", "edgessl.embed", "edgessl.selection"},
     {"edgessl.probe", "edgessl.adapt", "edgessl.recipe"},
     {"edgessl.runs"},
     {"edgessl.methods", "edgessl.methods.memdistill", "edgessl.methods.simclr", "edgessl.methods.byol",
@@ -24,7 +24,7 @@ LAYERS = [
     {"edgessl.methods.heads", "edgessl.losses", "edgessl.losses.instance", "edgessl.losses.sqrtkl",
      "edgessl.losses.ntxent", "edgessl.losses.byol"},
     {"edgessl.optim", "edgessl.capture", "edgessl.device", "edgessl.schedule", "edgessl.checkpoint", "edgessl.onnxrt", "edgessl.formats", "edgessl.knn",
-     "edgessl.depthwise", "edgessl.augment", "edgessl.backbones", "edgessl.data", "edgessl.semi"},
+     "edgessl.depthwise", "edgessl.augment", "edgessl.backbones", "edgessl.data", "edgessl.semi", "edgessl.labelpage"},
     {"edgessl.distributed", "edgessl.cache", "edgessl.config"},
     {"edgessl.runfiles", "edgessl.version", "edgessl.errors", "edgessl.isolate"},
 ]
