@@ -255,3 +255,24 @@ def test_the_page_labels_with_keys_and_clicks_and_downloads_the_csv(photos, tmp_
                                   f"{cell(picks[2])},\"dog, big\"\n")
     assert read_paths(target, "--labels", label=True) == [(picks[0], "cat"), (picks[1], "dog, big"),
                                                           (picks[2], "dog, big")]
+
+
+def test_a_resume_needs_the_labels_it_started_with(photos, tmp_path):
+    """The labelled rows and their labels are the run's identity: a labels.csv changed under a run
+    stops its resume with one line; put back, the run resumes."""
+    from edgessl.finetuning import finetune
+
+    import edgessl as api
+
+    run = photos / "run_labelled"
+    picks = api.Run(run).select(budget=4)["picks"]
+    csv = tmp_path / "labels.csv"
+    body = "path,label\n" + "".join(f'"{p}",{p.split("/")[0]}\n' for p in picks)
+    csv.write_text(body)
+    quiet = dict(progress=False, log=lambda *_: None)
+    finetune(run, out=tmp_path / "ft", labels=str(csv), epochs=2, stop_at_epoch=1, **quiet)
+    csv.write_text(body.replace(",c0\n", ",c1\n", 1) if ",c0\n" in body else body.replace(",c1\n", ",c0\n", 1))
+    with pytest.raises(EdgesslError, match="no longer gives the labelled subset"):
+        finetune(None, out=tmp_path / "ft", resume=True, **quiet)
+    csv.write_text(body)
+    assert finetune(None, out=tmp_path / "ft", resume=True, **quiet)["epochs"] == 2
