@@ -96,12 +96,12 @@ class Run:
 
         return run_config(self._state)
 
-    def export(self, out: str | Path, precision: str = "fp32", fmt: str = "onnx", **kwargs) -> dict:
-        """`edgessl export RUN --out OUT --format FMT`: a file for that runtime (onnx, openvino,
-        litert, executorch), checked in it; its report."""
+    def export(self, out: str | Path, precision: str = "fp32", format: str = "onnx", **kwargs) -> dict:
+        """`edgessl export RUN --out OUT --format FORMAT`: a file for that runtime (onnx, openvino,
+        litert, executorch), checked in it; its report. The keywords are the CLI's option names."""
         from edgessl.export import export_model
 
-        return export_model(self.path, out, precision, fmt=fmt, **kwargs)
+        return export_model(self.path, out, precision, fmt=format, **kwargs)
 
     def benchmark(self, formats=("onnx", "openvino", "litert", "executorch"), precisions=("fp32", "fp16", "int8"),
                   **kwargs) -> list[dict]:

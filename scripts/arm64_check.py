@@ -96,7 +96,7 @@ def export_files(work: Path, spec: str, gallery: Path) -> None:
     for name in FILES:
         source = run if name.startswith("encoder") else clf
         fmt = "litert" if name.endswith(".tflite") else "onnx"
-        source.export(work / name, precision="int8" if "int8" in name else "fp32", fmt=fmt, adapt_seconds=20,
+        source.export(work / name, precision="int8" if "int8" in name else "fp32", format=fmt, adapt_seconds=20,
                       timing=False)
 
 

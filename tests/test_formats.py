@@ -290,4 +290,4 @@ def test_api_benchmark_and_export_format(run_dir, tmp_path):
     (row,) = run.benchmark(formats=("onnx",), precisions=("fp32",), progress=False)
     assert row["status"] == "ok" and row["speedup_b1"] == 1.0 and row["knn_change"] == 0.0
     with pytest.raises(EdgesslError, match="--format openvino writes MODEL.xml"):
-        run.export(tmp_path / "m.onnx", fmt="openvino")
+        run.export(tmp_path / "m.onnx", format="openvino")
