@@ -71,6 +71,7 @@ def test_embed_rows_follow_the_data_and_equal_the_probe(api_run, tmp_path):
     from edgessl.data import load
 
     data = load(f"folder:{folder}", size, fit=fit)
+    # the same fp32 network over other batches: only the summation order differs, ~1e-6 of features of size ~1
     assert np.allclose(feats, fn(data.images).numpy(), atol=1e-5)
     e = embed(str(root / "run"), f"folder:{folder}")
     assert e.files[0] == "class0/00.png" and e.files[-1] == "class2/15.png" and e.labels[-1] == 2
@@ -95,6 +96,7 @@ def test_embed_cli_writes_each_format(api_run, tmp_path, suffix):
         lines = out.read_text().splitlines()
         assert lines[0].startswith("id,file,label,f0,f1") and lines[1].startswith("0,class0/00.png,class0,")
         got = np.array([[float(v) for v in line.split(",")[3:]] for line in lines[1:]])
+    # a float written by repr() and read back is exact; 1e-6 only absorbs the fp32 -> fp64 round trip
     assert np.allclose(got, expected, atol=1e-6)
     bad = subprocess.run([sys.executable, "-m", "edgessl", "embed", str(root / "run"), "--data", f"folder:{folder}",
                           "--out", str(tmp_path / "f.txt")], capture_output=True, text=True)

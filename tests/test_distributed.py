@@ -82,6 +82,7 @@ def test_two_ranks_follow_one_rank_with_twice_the_batch(tiny_npz, tmp_path):
 
     (w_near, bank_near), (w_far, bank_far) = gap(two, one), gap(far, one)
     print(f"2x4 vs 1x8: weights {w_near:.2e}, bank cosine {bank_near:.4f}; another seed: {w_far:.2e}, {bank_far:.4f}")
+    # all-reduce sums in another order (fp32 noise, amplified by AdamW's sign-like first steps); a seed apart is 5x more
     assert w_near <= 1e-2 and w_near < w_far / 5
     assert bank_near >= 0.75 and bank_near > bank_far + 0.5
 

@@ -55,6 +55,7 @@ def test_preprocessing_equals_training_evaluation(exported, tmp_path, monkeypatc
     files = edgessl_edge.list_images(folder)
     edge_side = enc.preprocess(np.stack([edgessl_edge.decode(p, 32) for p in files]))
     assert edge_side.shape == tuple(torch_side.shape)
+    # the same normalisation in numpy and torch fp32: a rounding or two of values up to ~2.6
     assert np.abs(edge_side - torch_side.numpy()).max() <= 1e-6
 
 
@@ -89,6 +90,7 @@ def test_runtime_matches_onnx_features_of_edgessl(exported, tmp_path):
 
     expected = ort_features(session(model), normalize(torch.from_numpy(x[:5]).permute(0, 3, 1, 2),
                                                       (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).numpy())
+    # the same ONNX file in the same runtime; only the fp32 preprocessing differs (numpy against torch)
     assert np.abs(got - expected).max() <= 1e-5
 
 

@@ -59,6 +59,7 @@ def test_fixed_batch_and_head(run_dir, tmp_path):
     assert sess.get_inputs()[0].shape == [4, 3, 32, 32]
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     got = sess.run(None, {"images": x})[0]
+    # an fp32 L2 normalisation of 16 values: a norm of 1 within a few ulps
     assert got.shape == (4, 16) and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
     assert np.abs(got - torch_features(run_dir, x, with_head=True)).max() <= 1e-4  # unit vectors: scale 1
     assert read_metadata(out)["with_head"] is True
@@ -223,6 +224,7 @@ def test_se_blocks_fold_to_their_mean_gate_exactly():
     assert fold_se_means(folded, x, batch_size=4) == 9 and not squeeze_excite_blocks(folded)
     first = squeeze_excite_blocks(net)[0][2]  # the conv after the first block, in the unfolded network
     conv = folded.get_submodule([n for n, m in net.named_modules() if m is first][0])
+    # one fp32 product each side, the gate's mean summed in another order: a few ulps
     torch.testing.assert_close(conv.weight, first.weight * naive.view(1, -1, 1, 1), rtol=1e-6, atol=1e-7)
     # when every gate is the same for every image (no input to the reduce conv), the fold is exact
     const = copy.deepcopy(net)
@@ -231,6 +233,7 @@ def test_se_blocks_fold_to_their_mean_gate_exactly():
         torch.nn.init.normal_(se.conv_reduce.bias)
     want = const(x).detach()
     fold_se_means(const, torch.randn(3, 3, 32, 32))
+    # an exact fold up to fp32 reordering through the network's ~50 layers
     torch.testing.assert_close(const(x).detach(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -251,6 +254,7 @@ def test_folded_se_gates_compute_the_same_features_and_export_as_clip(tmp_path):
     assert fold_se_gates(folded) == gates > 0 and fold_se_gates(folded) == 0  # every gate, once
     with torch.no_grad():
         want, got = net(x), folded(x)
+    # hard-sigmoid folded into the next conv: the same fp32 values, reassociated
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     rewritten = copy.deepcopy(net)
     assert rewrite_hard_activations(rewritten) > gates
@@ -258,6 +262,7 @@ def test_folded_se_gates_compute_the_same_features_and_export_as_clip(tmp_path):
     torch_export(Encoder(rewritten).eval(), tmp_path / "m.onnx", 32, "dynamic", 18)
     ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
     assert "HardSigmoid" not in ops and "HardSwish" not in ops and ops.count("Clip") >= gates
+    # onnxruntime's kernels against torch's, fp32 through the whole network: the export parity bar
     assert session(tmp_path / "m.onnx").run(None, {"images": x.numpy()})[0] == pytest.approx(want.numpy(), abs=1e-4)
 
 
