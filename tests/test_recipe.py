@@ -195,3 +195,23 @@ def test_capture_is_picked_where_a_cuda_graph_can_hold_the_step():
     assert pick(run={"precision": "fp16"}).value is False and "GradScaler" in pick(run={"precision": "fp16"}).why
     assert pick(world=2).value is False and pick(method={"cutmix_prob": 0.5}).value is False
     assert pick(run={"capture": False}) == recipe.Choice("run.capture", False, "given", True)
+
+
+def test_the_usage_page_counts_the_auto_values_and_shows_the_line_the_code_prints(monkeypatch):
+    """docs/usage.md, "What the data decides": the number of auto values it names is the config's,
+    and its sample line is what `pretrain --data folder:flowers/train --minutes 15` prints on a CPU
+    (one with a C++ compiler and AVX-512 kernels, where it compiles)."""
+    monkeypatch.setattr(recipe.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    from edgessl.config import auto_settings
+
+    page = (REPO / "docs" / "usage.md").read_text()
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven"]
+    assert f"except {words[len(auto_settings())]} values that are `auto`" in page
+    flowers = SHARED_NPZ.parent / "flowers" / "train"
+    if not flowers.is_dir():
+        pytest.skip("needs ../shared's flower photos")
+    cfg = from_dict({"data": {"spec": f"folder:{flowers}"}, "optim": {"minutes": 15, "epochs": None}})
+    line = recipe.summary(recipe.resolve(cfg, CPU)[0])
+    block = page.split("    recipe: ", 1)[1].split("\n\n", 1)[0]
+    assert "recipe: " + " ".join(block.split()) == line
