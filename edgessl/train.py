@@ -261,7 +261,7 @@ def calibrate(s: Setup) -> None:
 
 
 def resume_config(cfg: Config, state: dict) -> None:
-    """--resume continues the stored recipe; only the minute budget (and data.storage) may change.
+    """--resume continues the stored recipe; only the BUDGET_KEYS may change.
     A value left to the recipe (auto) continues as the stored run picked it."""
     stored = state["config"]
     for key in auto_settings():

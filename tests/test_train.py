@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import INDUCTOR_ON_AVX2, tiny_config
+from conftest import INDUCTOR_ON_AVX2, REPO, tiny_config
 from edgessl import EdgesslError, checkpoint
 from edgessl.schedule import lr_at, plan_epochs, replan_epochs, size_at
 from edgessl.train import pretrain
@@ -362,3 +362,13 @@ def test_the_fused_optimizer_makes_the_for_loops_update(name):
     assert (nets[0][0].weight - start).abs().max() > 0.05  # five steps moved the weights ...
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):  # ... alike, to float rounding
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_usage_page_names_exactly_the_keys_a_resume_may_change():
+    import re
+
+    from edgessl.train import BUDGET_KEYS
+
+    page = (REPO / "docs" / "usage.md").read_text()
+    named = re.search(r"resume keys: (.*?)\);", page, re.S).group(1)
+    assert set(re.findall(r"`([a-z_]+\.[a-z_]+)`", named)) == {f"{s}.{k}" for s, k in BUDGET_KEYS}
