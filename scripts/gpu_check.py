@@ -1,7 +1,7 @@
-"""GPU check: one command for the day a CUDA GPU is lent; one JSON and one Markdown table.
+"""GPU check: one command for a machine with a CUDA GPU; one JSON and one Markdown table.
 
     .venv/bin/python scripts/gpu_check.py --out runs/gpu_check        # a CUDA machine, about 8 minutes
-    python3 scripts/gpu_check.py --plan lease --out runs/gpu_check    # one call of a 15-minute lease
+    python3 scripts/gpu_check.py --plan short --out runs/gpu_check    # one call of a 15-minute GPU budget
     .venv/bin/python scripts/gpu_check.py --dry-run --out /tmp/gc     # the CPU, tiny sizes, seconds (CI)
 
 1. the tests that build a model through conftest's tiny_config, with EDGESSL_TEST_DEVICE set to the
@@ -14,7 +14,7 @@
    recipe captures) for --minutes each on the shared CIFAR-10 file and the flower photos, 20%
    held out (split_seed 1); and lightly-train's SimCLR on the memdistill run's backbone, images and
    split (scripts/peer_lightly.py; skipped with the reason when lightly-train is not installed).
---parts runs some of the three (each writes its part of the JSON; a lent GPU's call is at most 10 minutes).
+--parts runs some of the three (each writes its part of the JSON, so a call of at most 10 minutes holds one).
 Nothing here assumes a CPU count or a GPU model. A part that fails is recorded with its error
 and the script goes on.
 """
@@ -54,16 +54,16 @@ FULL = {"methods": ["memdistill", "supervised", "simclr", "byol"], "backbones": 
         ("supervised", "bf16")], "captured": [("memdistill", "fp32"), ("memdistill", "bf16"), ("supervised", "bf16"),
         ("simclr", "bf16")], "batch": 128, "steps": 10, "warmup": 3, "tests": DEVICE_TESTS,
         "allowance": {"tests": 150, "eager": 150, "compiled": 80, "captured": 90, "equal_budget": 600}}
-# lease: one call of a 15-minute device lease (machine start included): the capture tests, memdistill's
+# short: one call of a 15-minute GPU budget (machine start included): the capture tests, memdistill's
 # step eager against captured at 32 px, then the equal budget, whose peer rows start only within its allowance
-LEASE = {**FULL, "methods": ["memdistill"], "sizes": [32], "precisions": ["fp32", "bf16"], "compiled": [],
+SHORT = {**FULL, "methods": ["memdistill"], "sizes": [32], "precisions": ["fp32", "bf16"], "compiled": [],
          "captured": [("memdistill", "fp32"), ("memdistill", "bf16")], "tests": ["tests/test_capture.py"],
          "allowance": {"tests": 90, "eager": 60, "compiled": 0, "captured": 60, "equal_budget": 240}}
 DRY = {"methods": ["memdistill", "simclr"], "backbones": ["mobilenetv3_small_050"], "sizes": [16],
        "precisions": ["fp32"], "compiled": [], "captured": [("memdistill", "fp32")], "batch": 8, "steps": 2,
        "warmup": 1, "tests": ["tests/test_losses.py"],
        "allowance": {"tests": 120, "eager": 60, "compiled": 60, "captured": 60, "equal_budget": 600}}
-PLANS = {"full": FULL, "lease": LEASE}
+PLANS = {"full": FULL, "short": SHORT}
 MODES = ("eager", "compiled", "captured")
 
 
@@ -219,7 +219,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --dry-run)")
     ap.add_argument("--parts", default="tests,throughput,equal_budget", help="which parts to run (comma-separated)")
     ap.add_argument("--plan", default="full", choices=sorted(PLANS),
-                    help="full: every row (two calls of 10 minutes); lease: what one call of a 15-minute lease holds")
+                    help="full: every row (two calls of 10 minutes); short: what one call of a 15-minute GPU budget holds")
     args = ap.parse_args()
     device = args.device or ("cpu" if args.dry_run else "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The wheels that scripts/gpu_check.py's optional peer (lightly-train) needs on a lent GPU machine,
+# The wheels that scripts/gpu_check.py's optional peer (lightly-train) needs on a GPU machine without a package index,
 # whose CUDA image (Python 3.12; torch, Lightning, timm, OpenCV already there) reaches no registry.
 # Run here, where PyPI is reachable; the run carries .whl/ and installs it first (docs/gpu.md).
 set -euo pipefail
