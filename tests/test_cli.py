@@ -11,8 +11,8 @@ from edgessl.cli import cli
 from click.core import UNSET
 from edgessl.config import Config, FinetuneConfig, flagged
 
-COMMANDS = [[], ["pretrain"], ["export"], ["check"], ["probe"], ["finetune"], ["select"], ["embed"], ["report"], ["cache"],
-            ["cache", "list"], ["cache", "clean"]]
+COMMANDS = [[], ["pretrain"], ["export"], ["benchmark"], ["check"], ["probe"], ["finetune"], ["select"], ["embed"],
+            ["report"], ["cache"], ["cache", "list"], ["cache", "clean"]]
 
 
 def run(*args, cwd=None):
@@ -20,10 +20,32 @@ def run(*args, cwd=None):
                           timeout=300)
 
 
+def test_every_command_is_listed():
+    def names(group, prefix=()):
+        for name, sub in group.commands.items():
+            yield [*prefix, name]
+            if isinstance(sub, click.Group):
+                yield from names(sub, (*prefix, name))
+
+    assert sorted(map(tuple, names(cli))) == sorted(tuple(c) for c in COMMANDS if c)
+
+
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "edgessl")
-def test_help_shows_defaults(cmd):
+def test_help_names_every_option_with_its_default(cmd):
+    """--help shows each option and each default a user would otherwise have to guess."""
     r = CliRunner().invoke(cli, [*cmd, "--help"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and r.output.startswith("Usage: "), r.output
+    command = cli
+    for name in cmd:
+        command = command.commands[name]
+    flat = " ".join(r.output.split())
+    for p in command.params:
+        if isinstance(p, click.Option):
+            assert p.opts[0] in flat, p.opts[0]
+            shown = p.show_default or command.context_settings.get("show_default") or cli.context_settings.get(
+                "show_default")
+            if shown and not p.is_flag and p.default not in (None, UNSET, "", ()):
+                assert "[default: " in flat, p.opts[0]
 
 
 @pytest.mark.parametrize("name,cls", [("pretrain", Config), ("finetune", FinetuneConfig)])
