@@ -276,3 +276,16 @@ def test_a_resume_needs_the_labels_it_started_with(photos, tmp_path):
         finetune(None, out=tmp_path / "ft", resume=True, **quiet)
     csv.write_text(body)
     assert finetune(None, out=tmp_path / "ft", resume=True, **quiet)["epochs"] == 2
+
+
+def test_select_from_other_images_embeds_them_with_the_run(photos, tmp_path):
+    """--data: the picks are that folder's files, its features kept beside the run's own."""
+    import edgessl as api
+
+    run = api.Run(photos / "run_labelled")
+    before = set((photos / "run_labelled" / "features").glob("*.npy"))
+    r = run.select(budget=3, data=f"folder:{photos / 'flat'}", out=tmp_path / "p.csv")
+    flat = {p.name for p in (photos / "flat").glob("*.png")}
+    assert r["pool"] == len(flat) and set(r["picks"]) <= flat and len(set(r["picks"])) == 3
+    assert len(set((photos / "run_labelled" / "features").glob("*.npy")) - before) == 1
+    assert run.select(budget=3, data=f"folder:{photos / 'flat'}")["features_cached"]
