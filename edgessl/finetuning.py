@@ -356,15 +356,13 @@ def user_labels(ft: FinetuneConfig, src: dict, train: data_lib.ImageData,
     """(train with labels.csv's labels on its rows, those rows sorted): each path is resolved against
     the training images' folder; the classes are the test set's (every label one of them), or with
     no test set the labels' own names, sorted."""
-    from edgessl.selection import read_paths, rows_of
+    from edgessl.selection import names_of, read_paths, rows_of
 
     rows = read_paths(ft.labels, "--labels", label=True)
     if not rows:
         raise EdgesslError(f"--labels {ft.labels}: no labelled rows")
-    index = rows_of([p for p, _ in rows], list(train.files) if train.files is not None else
-                    [str(i) for i in range(len(train))], data_lib.folder_root(ft.train or
-                                                                               run_config({"config": src}).data.spec),
-                    f"--labels {ft.labels}")
+    root = data_lib.folder_root(ft.train or run_config({"config": src}).data.spec)
+    index = rows_of([p for p, _ in rows], names_of(train), root, f"--labels {ft.labels}")
     given: dict[int, str] = {}
     for i, (path, label) in zip(index, rows):
         if given.setdefault(i, label) != label:

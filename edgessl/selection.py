@@ -68,8 +68,12 @@ def pool(run_dir: str | Path, spec: Optional[str] = None) -> Pool:
         feats = run_features(run_dir).fn(data.images).float()
         store.parent.mkdir(exist_ok=True)
         atomic_write(store, lambda f: np.save(f, feats.numpy()))
-    names = list(data.files) if data.files is not None else [str(i) for i in range(len(data))]
-    return Pool(F.normalize(feats, dim=1), names, data, root, cached)
+    return Pool(F.normalize(feats, dim=1), names_of(data), data, root, cached)
+
+
+def names_of(data: data_lib.ImageData) -> list[str]:
+    """How picks.csv and labels.csv name each image: its path in the folder, or its row number."""
+    return list(data.files) if data.files is not None else [str(i) for i in range(len(data))]
 
 
 def pick(x: torch.Tensor, budget: int, rule: str = DEFAULT_RULE, labelled: Sequence[int] = (),
@@ -210,9 +214,8 @@ def read_paths(path: str | Path, what: str, label: bool = False) -> list[tuple[s
     return [(p, lab) for p, lab in rows if p and (lab or not label)]
 
 
-def rows_of(paths: Sequence[str], p: Pool | list[str], root: Optional[Path], what: str) -> list[int]:
+def rows_of(paths: Sequence[str], names: list[str], root: Optional[Path], what: str) -> list[int]:
     """The row of each path (relative to `root`, or absolute inside it) among `names`."""
-    names = p.names if isinstance(p, Pool) else p
     index = {n: i for i, n in enumerate(names)}
     out = []
     for name in paths:
@@ -239,7 +242,7 @@ def select(run_dir: str | Path, budget: int, out: Optional[str | Path] = None, d
         raise EdgesslError(f"folder {Path(out).parent} does not exist")
     start = time.perf_counter()
     p = pool(run_dir, data)
-    done = rows_of([q for q, _ in read_paths(exclude, "--exclude")], p, p.root, f"--exclude {exclude}") \
+    done = rows_of([q for q, _ in read_paths(exclude, "--exclude")], p.names, p.root, f"--exclude {exclude}") \
         if exclude else []
     embedded = time.perf_counter()
     picks = pick(p.features, budget, rule, done, seed)
