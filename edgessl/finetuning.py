@@ -147,7 +147,7 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     else:
         subset = stratified_subset(train.labels, ft.seed, ft.label_fraction if ft.labels_per_class is None else None,
                                    ft.labels_per_class)
-    digest = _digest(subset, train.labels)
+    digest = _digest(subset, train.labels if ft.labels else None)
     if state is not None and digest != state["config"]["finetune"]["subset_sha256"]:
         raise EdgesslError(f"{ft.train or 'the pretraining run split'} no longer gives the labelled subset this run "
                            "started with; cannot resume")
@@ -386,10 +386,11 @@ def _resume_state(out: Path) -> dict:
     return state
 
 
-def _digest(index: torch.Tensor, labels: torch.Tensor) -> str:
-    """The labelled subset's identity: its rows and their labels."""
-    pairs = torch.stack([index, labels.cpu()[index]])
-    return hashlib.sha256(pairs.numpy().astype("int64").tobytes()).hexdigest()[:16]
+def _digest(index: torch.Tensor, labels: Optional[torch.Tensor] = None) -> str:
+    """The labelled subset's identity: its rows, and with --labels their labels too (the data's own
+    labels are checked with the data's identity; a run from before --labels keeps its digest)."""
+    rows = index if labels is None else torch.stack([index, labels.cpu()[index]])
+    return hashlib.sha256(rows.numpy().astype("int64").tobytes()).hexdigest()[:16]
 
 
 @torch.no_grad()
