@@ -117,11 +117,13 @@ def _by_cluster(assign: torch.Tensor, score: torch.Tensor, budget: int, labelled
     held = torch.bincount(assign[labelled], minlength=len(sizes)) if labelled else torch.zeros_like(sizes)
     taken = torch.zeros(len(assign), dtype=torch.bool)
     taken[labelled] = True
+    left = torch.bincount(assign[~taken], minlength=len(sizes))  # images not yet taken, per cluster
     picks = []
     while len(picks) < budget:
         key = held.double() * 1e12 + (sizes < MIN_CLUSTER).double() * 1e9 - sizes.double()
-        key[torch.bincount(assign[~taken], minlength=len(sizes)) == 0] = float("inf")  # no image left
+        key[left == 0] = float("inf")
         c = int(key.argmin())
+        left[c] -= 1
         members = ((assign == c) & ~taken).nonzero().flatten()
         i = int(members[score[members].argmax()])
         picks.append(i)
