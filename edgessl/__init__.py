@@ -10,7 +10,7 @@ See edgessl/api.py. Heavy modules are imported on first use, so `import edgessl`
 from edgessl.errors import ConfigError, EdgesslError
 from edgessl.version import __version__
 
-_API = {"Run", "Trainer", "pretrain", "finetune"}
+_API = {"Run", "Trainer", "pretrain", "finetune", "check"}
 
 
 def __getattr__(name):  # PEP 562: edgessl.pretrain & co. import torch only when first used
@@ -35,5 +35,5 @@ def load_backbone(folder):
     return _load(folder)
 
 
-__all__ = ["__version__", "Run", "Trainer", "pretrain", "finetune", "create_backbone", "load_backbone", "ConfigError",
-           "EdgesslError"]
+__all__ = ["__version__", "Run", "Trainer", "pretrain", "finetune", "check", "create_backbone", "load_backbone",
+           "ConfigError", "EdgesslError"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgessl.augment import BatchAugment, normalize
-from edgessl.config import Config
+from edgessl.config import ADAPT_SECONDS, Config
 from edgessl.depthwise import fast_depthwise, plain_depthwise
 from edgessl.device import grad_scaler
 from edgessl.optim import guarded_step, set_lr
@@ -126,8 +126,7 @@ def needs_adapting(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Hardswish) for m in module.modules()) or bool(squeeze_excite_blocks(module))
 
 
-CAP_SECONDS = 600.0  # the longest distillation: the student settled after 1050 steps, 273 s, on a 15-minute
-# run at 96 px on 2 cores, where the earlier fixed 120 s gave 455-471 steps (docs/export.md)
+CAP_SECONDS = ADAPT_SECONDS  # the longest distillation; the student's settling stops it sooner (docs/export.md)
 CHECK_EVERY = 50  # steps between two reads of the student's loss on fixed clean images
 PATIENCE = 2  # reads in a row without a MIN_GAIN improvement before the learning rate halves
 MIN_GAIN = 0.01  # relative

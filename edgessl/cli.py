@@ -3,16 +3,24 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import sys
 
 import click
 from click.core import ParameterSource
 
-from edgessl.config import SELECT_DEFAULT, SELECT_RULES, Config, FinetuneConfig, flagged, shortcut
+from edgessl import api
+from edgessl.api import Run
+from edgessl.config import FITS, FORMATS, PRECISIONS, SELECT_RULES, Config, FinetuneConfig, flagged, shortcut
 from edgessl.errors import EdgesslError
 from edgessl_edge.image import EdgeError
 from edgessl.version import __version__
+
+
+def _default(fn, name: str):
+    """The API's default for a keyword: the CLI's option defaults are the API's, declared once."""
+    return inspect.signature(fn).parameters[name].default
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -84,8 +92,6 @@ def setting_options(cls):
 @click.pass_context
 def pretrain(ctx, out, config_path, resume, as_json, **flags):
     """Pretrain a backbone on unlabelled images with a single-view method."""
-    from edgessl import api
-
     given = {flag: value for flag, value in flags.items() if _given(ctx, flag)}
     result = api.pretrain(out=out, config=config_path, resume=resume, **given).summary
     if as_json:
@@ -99,36 +105,29 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
 @click.option("--out", required=True, type=click.Path(dir_okay=True),
               help="MODEL.onnx, MODEL.xml (openvino), MODEL.tflite (litert), MODEL.pte (executorch), or a folder "
                    "with --format timm.")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "openvino", "litert", "executorch", "timm"]),
-              default="onnx", help="The runtime the file is for; each is checked in that runtime.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32")
+@click.option("--format", type=click.Choice([*FORMATS, "timm"]), default=_default(Run.export, "format"),
+              help="The runtime the file is for; each is checked in that runtime.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=_default(Run.export, "precision"))
 @click.option("--calib", help="Calibration images for int8 (dataset spec; default: the run's own data).")
-@click.option("--calib-count", type=int, default=256)
-@click.option("--batch", default="dynamic", help="'dynamic' or a fixed batch size (NNAPI, CoreML); LiteRT and "
-              "ExecuTorch files have one batch size: 1 unless given.")
-@click.option("--opset", type=int, default=18)
+@click.option("--calib-count", type=int, default=_default(Run.export, "calib_count"))
+@click.option("--batch", default=_default(Run.export, "batch"), help="'dynamic' or a fixed batch size (NNAPI, "
+              "CoreML); LiteRT and ExecuTorch files have one batch size: 1 unless given.")
+@click.option("--opset", type=int, default=_default(Run.export, "opset"))
 @click.option("--with-head", is_flag=True, help="Export the projection head too (unit-norm z).")
 @click.option("--adapt/--no-adapt", default=None, help="int8 of a hard-swish network (MobileNetV3): export a ReLU "
               "student distilled from it [default: the runtime's choice, printed by the export].")
-@click.option("--adapt-seconds", type=float, default=600.0,
+@click.option("--adapt-seconds", type=float, default=_default(Run.export, "adapt_seconds"),
               help="Longest distillation for --adapt; the student stops sooner once it settles.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
-def export(run_dir, out, fmt, precision, calib, calib_count, batch, opset, with_head, adapt, adapt_seconds, as_json):
+def export(run_dir, out, as_json, **options):
     """Export a run's encoder or classifier for a runtime (checked in that runtime) or as timm weights."""
     from edgessl import export as export_lib
 
-    if fmt == "timm":
-        report = export_lib.export_timm(run_dir, out)
+    report = Run(run_dir).export(out, **options)
+    if options["format"] == "timm":
         click.echo(f"wrote {report['path']}/{{model.safetensors, config.json}} ({report['architecture']})")
     else:
-        if batch != "dynamic" and not (batch.isdigit() and int(batch) >= 1):
-            raise EdgesslError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}")
-        if adapt_seconds <= 0:
-            raise EdgesslError("--adapt-seconds must be positive")
-        report = export_lib.export_model(run_dir, out, precision, calib, calib_count,
-                                         batch if batch == "dynamic" else int(batch), opset, with_head,
-                                         adapt=adapt, adapt_seconds=adapt_seconds, fmt=fmt)
-        _print_export(report, fmt, precision)
+        _print_export(report, options["format"], options["precision"])
         if advice := export_lib.export_advice(report):
             click.echo(advice)
     if as_json:
@@ -165,28 +164,20 @@ def _print_export(report: dict, fmt: str, precision: str) -> None:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--formats", "fmts", default="onnx,openvino,litert,executorch", help="Comma-separated runtimes.")
-@click.option("--precisions", default="fp32,fp16,int8", help="Comma-separated precisions.")
-@click.option("--adapt-seconds", type=float, default=600.0,
+@click.option("--formats", default=_default(Run.benchmark, "formats"), help="Comma-separated runtimes.")
+@click.option("--precisions", default=_default(Run.benchmark, "precisions"), help="Comma-separated precisions.")
+@click.option("--adapt-seconds", type=float, default=_default(Run.benchmark, "adapt_seconds"),
               help="Longest distillation of the int8 ReLU student (it stops sooner once it settles).")
 @click.option("--both-int8", is_flag=True, help="A second int8 row per runtime with the other network (ReLU student "
               "or as trained), to measure the choice.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON as the last line of stdout.")
-def benchmark(run_dir, fmts, precisions, adapt_seconds, both_int8, as_json):
+def benchmark(run_dir, as_json, **options):
     """Every runtime x precision of a run (encoder or classifier) in one table: status, MB, kNN or
     top-1 agreement, ms at batch 1 and 32, speed-up over ONNX fp32. Files go to RUN_DIR/benchmark/."""
-    from edgessl import benchmark as bench
-    from edgessl.formats import FORMATS
-    from edgessl.runs import load_run
+    from edgessl.benchmark import markdown
 
-    fmts, precisions = [f for f in fmts.split(",") if f], [p for p in precisions.split(",") if p]
-    bad = [f for f in fmts if f not in FORMATS] + [p for p in precisions if p not in ("fp32", "fp16", "int8")]
-    if bad or not fmts or not precisions:
-        raise EdgesslError(f"unknown format or precision {', '.join(bad) or '(none given)'} "
-                           f"(formats: {', '.join(FORMATS)}; precisions: fp32, fp16, int8)")
-    load_run(run_dir)  # a wrong run directory is one line before anything is written
-    rows = bench.benchmark(run_dir, fmts, precisions, adapt_seconds, both_int8=both_int8)
-    click.echo(bench.markdown(rows))
+    rows = Run(run_dir).benchmark(**options)
+    click.echo(markdown(rows))
     if as_json:
         click.echo(json.dumps(rows))
 
@@ -203,19 +194,15 @@ def speedup_line(up: dict) -> str:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--against", type=click.Path(file_okay=False), help="Run directory to compare features with.")
 @click.option("--data", help="Images for the parity check (default: the run's own data).")
-@click.option("--batch-sizes", default="1,8,32", help="Comma-separated batch sizes for latency.")
-@click.option("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default).")
+@click.option("--batch-sizes", default=_default(api.check, "batch_sizes"),
+              help="Comma-separated batch sizes for latency.")
+@click.option("--threads", type=int, default=_default(api.check, "threads"),
+              help="onnxruntime intra-op threads (0: its default).")
 @click.option("--profile", is_flag=True, help="Time per operator type (onnxruntime's profiler), float islands named.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
-def check(model, against, data, batch_sizes, threads, profile, as_json):
+def check(model, as_json, **options):
     """Check an exported ONNX model through onnxruntime: parity and latency."""
-    from edgessl import export as export_lib
-
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
-    except ValueError:
-        raise EdgesslError(f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}") from None
-    report = export_lib.check(model, against, data, sizes, threads or None, profile=profile)
+    report = api.check(model, **options)
     click.echo(f"{report['path']} ({report['precision']}, {report['provider']})")
     if "max_abs_diff" in report:
         vs = " (a ReLU student: compared with the run's original network)" if report.get("adapted") else ""
@@ -223,7 +210,7 @@ def check(model, against, data, batch_sizes, threads, profile, as_json):
     for b, lat in report["latency_ms"].items():
         click.echo(f"batch {b:>4}  p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  p99 {lat['p99']:.2f} ms  "
                    f"{report['images_per_s'][b]:.0f} images/s")
-    if profile:
+    if options["profile"]:
         p = report["profile"]
         click.echo(f"profile    batch {p['batch']}, {p['iters']} runs, time per operator type per run "
                    f"(onnxruntime's profiler):")
@@ -239,23 +226,20 @@ def check(model, against, data, batch_sizes, threads, profile, as_json):
 
 @cli.command()
 @click.argument("source")
-@click.option("--train", "train_spec", required=True, help="Labelled images for the kNN memory / linear fit.")
-@click.option("--test", "test_spec", required=True, help="Labelled images to classify.")
-@click.option("--knn-k", type=int, default=200)
+@click.option("--train", required=True, help="Labelled images for the kNN memory / linear fit.")
+@click.option("--test", required=True, help="Labelled images to classify.")
+@click.option("--knn-k", type=int, default=_default(api.probe, "knn_k"))
 @click.option("--linear", is_flag=True, help="Also fit a linear classifier (L-BFGS) on frozen features.")
 @click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG: 8 test images and their 8 neighbours.")
 @click.option("--image-size", type=int, help="pixels and random:BACKBONE: the input size (a run or an ONNX file "
               "uses its own).")
-@click.option("--fit", type=click.Choice(["squash", "crop"]), default="squash",
+@click.option("--fit", type=click.Choice(FITS), default=_default(api.probe, "fit"),
               help="pixels and random:BACKBONE: how non-square images are made square (a run uses its own).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
-def probe(source, train_spec, test_spec, knn_k, linear, grid, image_size, fit, as_json):
+def probe(source, as_json, **options):
     """Probe frozen features: SOURCE is a run directory, a .onnx file, random:BACKBONE or pixels."""
-    from edgessl import probe as probe_lib
-
-    if knn_k < 1:
-        raise EdgesslError("--knn-k must be at least 1")
-    r = probe_lib.probe(source, train_spec, test_spec, knn_k, linear, grid, image_size, fit)
+    r = api.probe(source, **options)
+    knn_k, linear = options["knn_k"], options["linear"]
     line = f"{r['what']}: kNN top-1 {r['knn_top1']:.2f} %"
     line += f" (top-5 {r['knn_top5']:.2f} %)" if "knn_top5" in r else ""
     line += f", linear top-1 {r['linear_top1']:.2f} % (weight decay {r['linear_weight_decay']:g})" if linear else ""
@@ -274,11 +258,6 @@ def probe(source, train_spec, test_spec, knn_k, linear, grid, image_size, fit, a
 def finetune(run_dir, out, resume, as_json, train, test, label_fraction, labels_per_class, **settings):
     """Fine-tune a pretrained encoder plus a linear head on a few labels (RUN_DIR --train --test,
     or --out DIR --resume)."""
-    from edgessl import api
-
-    if not resume and not run_dir:
-        raise EdgesslError("finetune needs RUN_DIR (and --train and --test, or neither for the run's own split), "
-                           "or --out DIR --resume")
     settings = {k: v for k, v in settings.items() if v is not None}  # (an auto setting not given: its rule)
     if resume:  # the stored settings, but where it runs
         settings = {k: settings[k] for k in ("device", "precision")}
@@ -290,43 +269,39 @@ def finetune(run_dir, out, resume, as_json, train, test, label_fraction, labels_
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--budget", required=True, type=click.IntRange(min=1), help="How many images to pick.")
+@click.option("--budget", required=True, type=int, help="How many images to pick.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="picks.csv (rank,path); the labelling page is written beside it (picks.html).")
-@click.option("--data", "spec", help="Pick from these images (dataset spec) instead of the run's training images.")
+@click.option("--data", help="Pick from these images (dataset spec) instead of the run's training images.")
 @click.option("--exclude", type=click.Path(dir_okay=False),
               help="A CSV with a path column (an earlier labels.csv or picks.csv): those images are labelled.")
-@click.option("--rule", type=click.Choice(SELECT_RULES), default=SELECT_DEFAULT, show_default=True,
+@click.option("--rule", type=click.Choice(SELECT_RULES), default=_default(Run.select, "rule"),
               help="typical: the most typical image of each k-means cluster; kmeans: the one nearest each centre; "
                    "coverage: greedy cover by balls of pure radius; random: a uniform draw.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clustering or the draw.")
+@click.option("--seed", type=int, default=_default(Run.select, "seed"), help="Seed of the clustering or the draw.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
-def select(run_dir, budget, out, spec, exclude, rule, seed, as_json):
+def select(run_dir, as_json, **options):
     """Which images to label first: BUDGET of the run's images in priority order, and a page to label them."""
-    from edgessl import api
-
-    r = api.Run(run_dir).select(budget, out, spec, exclude, rule, seed)
-    click.echo(f"picked {len(r['picks'])} of {r['pool'] - r['excluded']} images by {rule} in {r['select_seconds']:.1f} s "
-               f"(features {'kept with the run' if r['features_cached'] else 'computed'} in {r['embed_seconds']:.1f} s): "
-               f"{r['csv']}; label them in {r['page']}, then `edgessl finetune {run_dir} --labels labels.csv`")
+    r = Run(run_dir).select(**options)
+    kept = "kept with the run" if r["features_cached"] else "computed"
+    click.echo(f"picked {len(r['picks'])} of {r['pool'] - r['excluded']} images by {options['rule']} in "
+               f"{r['select_seconds']:.1f} s (features {kept} in {r['embed_seconds']:.1f} s): {r['csv']}; "
+               f"label them in {r['page']}, then `edgessl finetune {run_dir} --labels labels.csv`")
     if as_json:
         click.echo(json.dumps(r))
 
 
 @cli.command()
 @click.argument("source")
-@click.option("--data", "spec", required=True, help="Images to embed (dataset spec).")
+@click.option("--data", required=True, help="Images to embed (dataset spec).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="FILE.npy (+ FILE.json: ids, files, labels), FILE.npz or FILE.csv.")
-@click.option("--bad-images", type=click.Choice(["fail", "skip"]), default="fail",
+@click.option("--bad-images", type=click.Choice(["fail", "skip"]), default=_default(api.embed, "bad_images"),
               help="folder: undecodable images fail, or are left out (named in the sidecar's row ids).")
-def embed(source, spec, out, bad_images):
+def embed(source, data, out, bad_images):
     """Features of every image: SOURCE is a run directory, a .onnx file, random:BACKBONE or pixels."""
-    from edgessl import embed as embed_lib
-
-    e = embed_lib.embed(source, spec, bad_images=bad_images)
-    path = embed_lib.save(e, out)
-    click.echo(f"wrote {path}: {e.features.shape[0]} x {e.features.shape[1]} features of {spec}")
+    e = api.embed(source, data, out, bad_images)
+    click.echo(f"wrote {out}: {e.features.shape[0]} x {e.features.shape[1]} features of {data}")
 
 
 @cli.command()
@@ -335,9 +310,7 @@ def embed(source, spec, out, bad_images):
 def report(run_dir, out):
     """One self-contained HTML page about a run: config, curves, neighbours, exports (a fine-tuned
     classifier: its labels, test curve and exports)."""
-    from edgessl import api
-
-    click.echo(f"wrote {api.Run(run_dir).report(out)}")
+    click.echo(f"wrote {Run(run_dir).report(out)}")
 
 
 @cli.group()
@@ -350,26 +323,21 @@ def cache_list():
     """One line per cache: size, images, image size, last used, the folder it decodes."""
     import time
 
-    from edgessl import cache as cache_lib
-
-    entries = cache_lib.list_caches()
+    entries = api.caches()
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
         state = "" if e["whole"] else "  (damaged: rebuilt on next use)"
         click.echo(f"{e['bytes'] / 2**20:9.1f} MB  {e['count'] or '?':>7} images  {e['image_size'] or '?':>4} px  "
                    f"used {used}  {e['root']}{state}")
-    click.echo(f"{len(entries)} caches, {sum(e['bytes'] for e in entries) / 2**20:.1f} MB in {cache_lib.cache_dir()}")
+    click.echo(f"{len(entries)} caches, {sum(e['bytes'] for e in entries) / 2**20:.1f} MB in {api.cache_dir()}")
 
 
 @cache.command("clean")
-@click.option("--older-than", type=float, default=0.0, help="Only caches not used for this many days (0: all).")
+@click.option("--older-than", type=float, default=_default(api.clean_caches, "older_than"),
+              help="Only caches not used for this many days (0: all).")
 def cache_clean(older_than):
     """Remove caches (none that a running process is building); they are rebuilt when needed."""
-    from edgessl import cache as cache_lib
-
-    if older_than < 0:
-        raise EdgesslError("--older-than must be 0 or more days")
-    removed = cache_lib.clean(older_than)
+    removed = api.clean_caches(older_than)
     click.echo(f"removed {len(removed)} caches")
 
 

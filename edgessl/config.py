@@ -28,6 +28,14 @@ from edgessl.errors import ConfigError
 # exported model's metadata has a single rule (no import of timm here: --help stays fast).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The exporter's names and defaults, declared once for the API and the CLI (edgessl.api, edgessl.cli)
+FORMATS = ("onnx", "openvino", "litert", "executorch")  # the runtimes, edgessl.formats.FORMATS' order
+PRECISIONS = ("fp32", "fp16", "int8")
+KNN_K = 200  # neighbours of the kNN monitor and probe
+ADAPT_SECONDS = 600.0  # the longest distillation of the int8 ReLU student; it stops sooner once it settles
+
+
+FITS = ("squash", "crop")  # how a non-square image is made square (edgessl.data)
 AUTO = "auto"  # the one spelling of "the data (or the machine) decides"
 
 
@@ -82,7 +90,7 @@ class DataConfig:
         auto="images with a median short side of 64 px or less train at their own size; larger ones at 96 px on "
              "a CPU, 128 px on a GPU (never above their own short side, a multiple of 8); from the file headers of "
              "up to 512 files (folders), the array's side (npz, cifar, fashion-mnist)")
-    fit: str = setting(AUTO, flag="--fit", choices=("squash", "crop"),
+    fit: str = setting(AUTO, flag="--fit", choices=FITS,
                        help="How a non-square image is made square: squash it whole, or crop its centre square.",
                        auto="crop (the centre square, timm's evaluation rule): it learned more than squash on "
                             "photos; square arrays are the same either way")
@@ -178,7 +186,7 @@ class RunConfig:
     # scripts/bench_step.py, so the default does not pin it)
     augment_threads: int = 0
     monitor_every: int = 1  # kNN monitor every N epochs (needs labels); 0: off
-    knn_k: int = 200
+    knn_k: int = KNN_K
     checkpoint_every_steps: int = 0  # also checkpoint every N steps (0: epoch ends only) ...
     checkpoint_every_minutes: float = 10.0  # ... and every M minutes of training (0: off)
     sync_bn: bool = False  # torchrun on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm is CUDA-only)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgessl import config
 from edgessl.errors import EdgesslError
 from edgessl_edge.backends import quiet_stderr
 
@@ -44,17 +45,18 @@ FORMATS = {
                    "onnxruntime's CPU provider runs hard-swish and squeeze-excite in float between "
                    "Quantize/Dequantize pairs, so int8 exports a ReLU student distilled from the run"),
     "openvino": Format("openvino", ".xml", ("fp32", "fp16", "int8"), True, True, ("openvino", "nncf"),
-                       "int8 exports the ReLU student: in OpenVINO it ran 1.90x / 2.91x its fp32 at batch 1 / 32 "
-                       "against 1.06x / 1.27x for the network as trained (docs/export.md)"),
+                       "int8 exports the ReLU student: in OpenVINO it ran faster than the network as trained, "
+                       "within a kNN point (docs/export.md)"),
     "litert": Format("litert", ".tflite", ("fp32", "int8"), False, True, ("litert_torch", "ai_edge_litert"),
-                     "int8 exports the ReLU student: in LiteRT it ran 1.87x / 1.89x its fp32 at batch 1 / 32, "
-                     "while the network as trained ran slower than fp32 (docs/export.md)"),
+                     "int8 exports the ReLU student: in LiteRT the network as trained ran slower than fp32 "
+                     "(docs/export.md)"),
     "executorch": Format("executorch", ".pte", ("fp32", "int8"), False, True, ("executorch",),
-                         "int8 exports the ReLU student: in ExecuTorch it ran 1.86x / 1.58x its fp32 at batch 1 / "
-                         "32 against 1.39x / 1.30x for the network as trained (docs/export.md)", threads=(0,)),
+                         "int8 exports the ReLU student: in ExecuTorch it ran faster than the network as trained "
+                         "(docs/export.md)", threads=(0,)),
 }
-NO_FP16 = ("XNNPACK has no fp16 arithmetic on an x86 CPU without AVX512-FP16, so an fp16 file could "
-           "not be checked or timed here")
+assert tuple(FORMATS) == config.FORMATS  # the names the API and the CLI offer
+NO_FP16 = ("XNNPACK runs fp16 arithmetic only on CPUs with native fp16 (ARMv8.2 FP16, AVX512-FP16), so an "
+           "fp16 file could not be checked on every CPU it may meet")
 
 
 def get(name: str) -> Format:

@@ -109,7 +109,8 @@ def check_run_dir(run_dir: Path, resume: bool, what: str = "checkpoint.pt", lock
 
 
 def lock_holder(run_dir: Path) -> Optional[str]:
-    """Who holds RUN_DIR/.lock now ("edgessl pid N"), or None when nobody does."""
+    """Who holds RUN_DIR/.lock now ("edgessl pid N" for a training, "another edgessl command" for
+    the commands that write beside it), or None when nobody does."""
     path = Path(run_dir) / ".lock"
     if not path.exists():
         return None
@@ -118,31 +119,47 @@ def lock_holder(run_dir: Path) -> Optional[str]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            return f.read().strip() or "another process"
+            return f.read().strip() or "another edgessl command"
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
 
 
+_HELD: dict[Path, str] = {}  # the run locks this process holds: nested takes of one run are free
+
+
 @contextmanager
-def run_lock(run_dir: Path):
-    """Only one process writes a run directory: an exclusive lock on RUN_DIR/.lock, held while
-    the run trains and released when its process ends, however it ends (SIGKILL included)."""
+def run_lock(run_dir: Path, shared: bool = False):
+    """One writer of a run at a time, released when its process ends, however it ends (SIGKILL
+    included): an exclusive lock on RUN_DIR/.lock while a run trains (pretrain, finetune), a
+    shared one while a command writes beside it (export, check, benchmark, report, select).
+    Shared holders run together (their files are their own; exports.json has its own lock); a
+    training refuses while any of them runs, and they refuse while it trains."""
     run_dir = Path(run_dir)
+    key = run_dir.resolve()
+    if key in _HELD and (shared or _HELD[key] == "exclusive"):
+        yield
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".lock", "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise EdgesslError(f"{run_dir} is in use by {holder}; wait for it to end or choose another --out") from None
+            holder = f.read().strip() or "another edgessl command"
+            raise EdgesslError(f"{run_dir} is in use by {holder}; wait for it to end"
+                               + ("" if shared else " or choose another --out")) from None
         f.seek(0)
-        f.truncate()
-        f.write(f"edgessl pid {os.getpid()}")
-        f.flush()
+        f.truncate()  # (a holder killed with SIGKILL leaves its pid behind)
+        if not shared:
+            f.write(f"edgessl pid {os.getpid()}")
+            f.flush()
+        _HELD[key] = "shared" if shared else "exclusive"
         try:
             yield
         finally:
+            del _HELD[key]
+            if not shared:
+                f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -176,3 +176,75 @@ def test_usage_page_states_the_declared_rules_and_every_flag():
     missing = [f"{c.name} {o}" for c in commands(cli) for p in c.params if isinstance(p, click.Option)
                for o in p.opts + p.secondary_opts if o not in page]
     assert not missing
+
+
+# each command and the API call it is a shell over
+API_OF = {"export": ("Run", "export"), "benchmark": ("Run", "benchmark"), "select": ("Run", "select"),
+          "report": ("Run", "report"), "check": (None, "check"), "probe": (None, "probe"), "embed": (None, "embed"),
+          "cache clean": (None, "clean_caches")}
+
+
+@pytest.mark.parametrize("name", API_OF)
+def test_the_options_are_the_apis_keywords_with_its_defaults(name):
+    """Every option of a command is a keyword of its API call, and the option's default is the
+    keyword's: the defaults are declared once."""
+    import inspect
+
+    from edgessl import api
+
+    owner, fn = API_OF[name]
+    params = inspect.signature(getattr(api.Run if owner else api, fn)).parameters
+    command = cli
+    for part in name.split():
+        command = command.commands[part]
+    options = [p for p in command.params if isinstance(p, click.Option) and p.name != "as_json"]
+    assert options
+    for p in options:
+        assert p.name in params, f"{name} {p.opts[0]}: no keyword {p.name!r}"
+        keyword = params[p.name].default
+        if p.default not in (None, UNSET) and not p.is_flag and not p.required:
+            assert p.default == keyword, f"{name} {p.opts[0]}: {p.default!r} != {keyword!r}"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import tiny_pretrained_run
+
+    root = tmp_path_factory.mktemp("cli")
+    train, _ = tiny_pretrained_run(root)
+    return root / "run", train
+
+
+BAD = [  # (argv, the API call, the one line both give)
+    (["export", "RUN", "--out", "OUT/m.onnx", "--batch", "abc"], lambda api, run, data, out: api.Run(run).export(
+        out / "m.onnx", batch="abc"), "--batch must be 'dynamic' or a positive integer, got 'abc'"),
+    (["export", "RUN", "--out", "OUT/m.onnx", "--adapt-seconds", "0"], lambda api, run, data, out: api.Run(
+        run).export(out / "m.onnx", adapt_seconds=0.0), "--adapt-seconds must be positive, got 0.0"),
+    (["benchmark", "RUN", "--formats", "onnx,tensorrt"], lambda api, run, data, out: api.Run(run).benchmark(
+        formats="onnx,tensorrt"), "unknown format or precision tensorrt (formats: onnx, openvino, litert, "
+     "executorch; precisions: fp32, fp16, int8)"),
+    (["check", "OUT/m.onnx", "--against", "RUN", "--batch-sizes", "1,x"], lambda api, run, data, out: api.check(
+        out / "m.onnx", against=run, batch_sizes="1,x"), "--batch-sizes must be integers separated by commas, "
+     "got '1,x'"),
+    (["probe", "RUN", "--train", "DATA", "--test", "DATA", "--knn-k", "0"], lambda api, run, data, out: api.probe(
+        run, data, data, knn_k=0), "--knn-k must be at least 1, got 0"),
+    (["select", "RUN", "--budget", "0", "--out", "OUT/p.csv"], lambda api, run, data, out: api.Run(run).select(
+        0, out / "p.csv"), "--budget must be a positive integer, got 0"),
+    (["cache", "clean", "--older-than", "-1"], lambda api, run, data, out: api.clean_caches(-1.0),
+     "--older-than must be 0 or more days, got -1.0"),
+]
+
+
+@pytest.mark.parametrize("argv,call,message", BAD, ids=[" ".join(b[0][:1] + b[0][-2:]) for b in BAD])
+def test_the_api_checks_its_input_with_the_clis_line(tiny_run, tmp_path, argv, call, message):
+    """The same bad value through the CLI and through Python: one line, the same words, nothing written."""
+    from edgessl import api
+
+    run_dir, data = tiny_run
+    r = run(*[str(run_dir) if a == "RUN" else data if a == "DATA" else a.replace("OUT", str(tmp_path))
+              for a in argv])
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {message}", r.stderr
+    with pytest.raises(api.EdgesslError) as e:
+        call(api, run_dir, data, tmp_path)
+    assert str(e.value) == message
+    assert not list(tmp_path.iterdir())

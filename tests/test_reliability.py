@@ -266,3 +266,72 @@ def test_exports_into_one_run_at_once_all_land_in_exports_json(tmp_path):
     assert [p.wait() for p in procs] == [0] * 4
     records = json.loads((tmp_path / "exports.json").read_text())
     assert len(records) == 100 and {r["n"] for r in records.values()} == set(range(25))
+
+
+HOLD = ("import sys, time; from edgessl.runfiles import run_lock\n"
+        "with run_lock(sys.argv[1], shared=sys.argv[2] == 'shared'):\n"
+        "    print('held', flush=True); time.sleep(120)")
+
+
+@pytest.fixture(scope="module")
+def locked_run(tmp_path_factory):
+    from conftest import tiny_pretrained_run
+
+    root = tmp_path_factory.mktemp("lock")
+    train, _ = tiny_pretrained_run(root)
+    return root / "run", train
+
+
+def hold(run_dir, mode: str) -> subprocess.Popen:
+    """Another process holding the run's lock, as a training (exclusive) or a writer beside it (shared) does."""
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), mode], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+WRITERS = {"export": ["export", "RUN", "--out", "OUT/m.onnx"], "report": ["report", "RUN", "--out", "OUT/r.html"],
+           "select": ["select", "RUN", "--budget", "3", "--out", "OUT/p.csv"],
+           "benchmark": ["benchmark", "RUN", "--formats", "onnx", "--precisions", "fp32"],
+           "check": ["check", "OUT/none.onnx", "--against", "RUN"]}
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_every_command_that_writes_into_a_run_waits_for_its_training(locked_run, tmp_path, command):
+    """While a training holds the run (its exclusive lock), each command that writes into the run
+    is refused with one line naming the holder, before it writes anything."""
+    run_dir, _ = locked_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    holder = hold(run_dir, "exclusive")
+    try:
+        r = cli(*[str(run_dir) if a == "RUN" else a.replace("OUT", str(tmp_path)) for a in WRITERS[command]])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: {run_dir} is in use by edgessl pid {holder.pid}; wait for it to end"), r.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == before and not list(tmp_path.iterdir())
+
+
+def test_a_training_waits_for_the_commands_writing_beside_it_and_they_share(locked_run, tmp_path):
+    """A shared holder (an export in progress) lets a report write, and refuses a resume of the run."""
+    run_dir, _ = locked_run
+    holder = hold(run_dir, "shared")
+    try:
+        shared = cli("report", run_dir, "--out", tmp_path / "r.html")
+        resume = cli("pretrain", "--out", run_dir, "--resume")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert shared.returncode == 0 and (tmp_path / "r.html").exists(), shared.stderr
+    assert resume.returncode == 2 and resume.stderr.strip() == (
+        f"error: {run_dir} is in use by another edgessl command; wait for it to end or choose another --out")
+
+
+def test_two_exports_into_one_run_at_once_both_land(locked_run, tmp_path):
+    run_dir, _ = locked_run
+    procs = [subprocess.Popen([sys.executable, "-m", "edgessl", "export", str(run_dir), "--out",
+                               str(tmp_path / f"m{k}.onnx")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for k in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    records = json.loads((run_dir / "exports.json").read_text())
+    assert {str((tmp_path / f"m{k}.onnx").resolve()) for k in range(2)} <= set(records)
