@@ -138,9 +138,10 @@ class Run:
         with run_lock(self.path, shared=True):
             return benchmark(self.path, fmts, precs, adapt_seconds, progress, both_int8)
 
-    def probe(self, train: str, test: str, knn_k: int = config_lib.KNN_K, linear: bool = False,
-              grid: Optional[str] = None) -> dict:
-        """kNN (and linear) top-1 of the run's frozen backbone features."""
+    def probe(self, train: Optional[str] = None, test: Optional[str] = None, knn_k: int = config_lib.KNN_K,
+              linear: bool = False, grid: Optional[str] = None) -> dict:
+        """kNN (and linear) top-1 of the run's frozen backbone features on `train`/`test` specs, or
+        with neither on the run's own split (its training images, its held-out ones)."""
         return probe(str(self.path), train, test, knn_k, linear, grid)
 
     def embed(self, data: Optional[str] = None, progress: Optional[bool] = False) -> np.ndarray:
@@ -190,7 +191,7 @@ def check(model: str | Path, against: Optional[str | Path] = None, data: Optiona
         return export_lib.check(model, str(against), data, tuple(batch_sizes), threads or None, profile=profile)
 
 
-def probe(source: str | Path, train: str, test: str, knn_k: int = config_lib.KNN_K, linear: bool = False,
+def probe(source: str | Path, train: Optional[str], test: Optional[str], knn_k: int = config_lib.KNN_K, linear: bool = False,
           grid: Optional[str | Path] = None, image_size: Optional[int] = None, fit: str = "squash") -> dict:
     """`edgessl probe SOURCE`: kNN (and linear) top-1 of frozen features; SOURCE is a run
     directory, a .onnx file, random:BACKBONE or pixels. `image_size` and `fit` are for the sources
@@ -200,6 +201,8 @@ def probe(source: str | Path, train: str, test: str, knn_k: int = config_lib.KNN
     if isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k < 1:
         raise EdgesslError(f"--knn-k must be at least 1, got {knn_k!r}")
     _one_of(fit, config_lib.FITS, "--fit")
+    if (train is None) != (test is None):
+        raise EdgesslError("probing needs both --train and --test, or neither for a run's own split")
     return probe_features(str(source), train, test, knn_k, linear, grid, image_size, fit)
 
 
@@ -215,6 +218,13 @@ def embed(source: str | Path, data: str, out: Optional[str | Path] = None, bad_i
     if out is not None:
         embed_lib.save(e, out)
     return e
+
+
+def benchmark_table(rows: list[dict]) -> str:
+    """The Markdown table `edgessl benchmark` prints of Run.benchmark's rows."""
+    from edgessl.benchmark import markdown
+
+    return markdown(rows)
 
 
 def caches() -> list[dict]:
@@ -275,6 +285,8 @@ class Trainer:
         t.step(indices, lr=1e-3, step=10, total=1000)
 
     Keywords are config overrides, as for `pretrain`."""
+
+    capture_warmup = 3  # with run.capture: the eager steps before the step is captured (edgessl.capture)
 
     def __init__(self, config: Optional[str | Path | dict] = None, **overrides):
         from edgessl.train import build

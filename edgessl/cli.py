@@ -174,10 +174,8 @@ def _print_export(report: dict, fmt: str, precision: str) -> None:
 def benchmark(run_dir, as_json, **options):
     """Every runtime x precision of a run (encoder or classifier) in one table: status, MB, kNN or
     top-1 agreement, ms at batch 1 and 32, speed-up over ONNX fp32. Files go to RUN_DIR/benchmark/."""
-    from edgessl.benchmark import markdown
-
     rows = Run(run_dir).benchmark(**options)
-    click.echo(markdown(rows))
+    click.echo(api.benchmark_table(rows))
     if as_json:
         click.echo(json.dumps(rows))
 

@@ -126,16 +126,27 @@ def _accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
         return 100.0 * (head(x.double()).argmax(1) == y).double().mean().item()
 
 
-def probe(source: str, train_spec: str, test_spec: str, knn_k: int = 200, linear: bool = False,
-          grid: Optional[str] = None, image_size: Optional[int] = None, fit: str = "squash") -> dict:
-    """kNN (and linear) top-1 of `source`'s features: train split as memory, test split as queries.
-    A run or an ONNX file sees its images as it was trained (its input size and fit);
-    `image_size` and `fit` are for the sources that have none (pixels, random:BACKBONE)."""
+def probe(source: str, train_spec: Optional[str], test_spec: Optional[str], knn_k: int = 200,
+          linear: bool = False, grid: Optional[str] = None, image_size: Optional[int] = None,
+          fit: str = "squash") -> dict:
+    """kNN (and linear) top-1 of `source`'s features: train split as memory, test split as queries
+    (neither given, for a run: the run's own training images and held-out split). A run or an ONNX
+    file sees its images as it was trained (its input size and fit); `image_size` and `fit` are for
+    the sources that have none (pixels, random:BACKBONE)."""
     start = time.perf_counter()
     fn, size, what, own_fit = featurizer(source)
     size, fit = size or image_size, own_fit or fit
-    train = data_lib.load(train_spec, size, fit=fit)
-    test = data_lib.load(test_spec, size or train.images.shape[-1], fit=fit)
+    if train_spec is None and test_spec is None:
+        if not Path(source).is_dir():
+            raise EdgesslError("probing needs --train and --test (only a run has its own split)")
+        from edgessl.runs import read_state, run_config
+
+        train, test = data_lib.load_split(run_config(read_state(source)).data)
+        if test is None:
+            raise EdgesslError(f"{source} holds no images out (--val-fraction 0): give --train and --test")
+    else:
+        train = data_lib.load(train_spec, size, fit=fit)
+        test = data_lib.load(test_spec, size or train.images.shape[-1], fit=fit)
     if train.labels is None or test.labels is None:
         raise EdgesslError("probing needs labels in both --train and --test")
     ftr, fte = fn(train.images).float(), fn(test.images).float()

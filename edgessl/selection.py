@@ -237,7 +237,8 @@ def rows_of(paths: Sequence[str], names: list[str], root: Optional[Path], what: 
 def select(run_dir: str | Path, budget: int, out: Optional[str | Path] = None, data: Optional[str] = None,
            exclude: Optional[str | Path] = None, rule: str = DEFAULT_RULE, seed: int = 0) -> dict:
     """Pick `budget` images of the run's training images (or of `data`) to label first; with `out`,
-    write OUT.csv (rank, path) and the labelling page OUT.html beside it."""
+    write OUT.csv (rank, path) and the labelling page OUT.html beside it. Where the images came
+    with labels, result["known_labels"] holds the picks' (for measuring a rule, not for the page)."""
     if out is not None and Path(out).suffix != ".csv":
         raise EdgesslError(f"--out must end in .csv, got {Path(out).name}")
     if out is not None and not Path(out).parent.is_dir():
@@ -251,6 +252,8 @@ def select(run_dir: str | Path, budget: int, out: Optional[str | Path] = None, d
     result = {"picks": [p.names[i] for i in picks], "rule": rule, "seed": seed, "pool": len(p.names),
               "excluded": len(done), "features_cached": p.cached, "embed_seconds": round(embedded - start, 2),
               "select_seconds": round(time.perf_counter() - embedded, 2)}
+    if p.data.labels is not None:  # images that came labelled (a benchmark's picks, scored against them)
+        result["known_labels"] = [p.data.classes[int(p.data.labels[i])] for i in picks]
     if out is not None:
         from edgessl.labelpage import write_page
 

@@ -29,10 +29,8 @@ from pathlib import Path
 import yaml
 
 from benchlib import REPO, load_results, markdown, mean_sd, save_results
-from edgessl import config as config_lib
-from edgessl.data import load_split
-from edgessl.methods import PRESETS
 import edgessl
+from edgessl.api import METHODS, resolve_config
 
 SPEC_KEYS = {"data", "val_data", "val_fraction", "split_seed", "budget", "quick_budget", "monitor_every", "linear", "methods",
              "backbones", "seeds", "train_sizes", "overrides"}
@@ -53,30 +51,31 @@ def load_spec(path: Path) -> dict:
     return spec
 
 
-def run_config(spec: dict, entry: dict, method_key: str, backbone: str, seed: int, size) -> config_lib.Config:
-    """The run's config: method preset, then the entry's config file, then the spec's and the
-    entry's overrides, then the grid point (data, budget, backbone, seed)."""
+def run_config(spec: dict, entry: dict, method_key: str, backbone: str, seed: int, size) -> dict:
+    """The run's recipe (edgessl.api.resolve_config applies it over the method's preset): the
+    entry's config file, then the spec's and the entry's overrides, then the grid point."""
     name = entry.get("method", method_key)
-    if name not in PRESETS:
-        raise SystemExit(f"error: method {name!r} of {method_key!r} is not one of {sorted(PRESETS)}")
-    cfg = config_lib.from_dict({"method": {"name": name, **PRESETS[name]}})
-    if entry.get("config"):
-        config_lib.from_dict(config_lib.load_yaml(REPO / entry["config"]), cfg)
-    for extra in (spec.get("overrides") or {}, entry.get("overrides") or {}):
-        config_lib.from_dict(extra, cfg)
+    if name not in METHODS:
+        raise SystemExit(f"error: method {name!r} of {method_key!r} is not one of {sorted(METHODS)}")
+    recipe: dict = {}
     budget = entry.get("budget", spec["budget"])
     data = spec["data"]
     if data.startswith("npz:") and not Path(data[4:]).is_absolute():
         data = f"npz:{REPO / data[4:]}"
-    config_lib.from_dict({
-        "data": {"spec": data, "val_spec": spec.get("val_data"),
-                 "val_fraction": 0.0 if spec.get("val_data") else spec.get("val_fraction", 0.2),
-                 "split_seed": spec.get("split_seed", 0), "train_subset": size},
-        "backbone": {"name": backbone},
-        "optim": {"epochs": budget.get("epochs"), "minutes": budget.get("minutes")},
-        "run": {"seed": seed, "monitor_every": spec.get("monitor_every", 1)},
-    }, cfg)
-    return cfg
+    point = {"method": {"name": name},
+             "data": {"spec": data, "val_spec": spec.get("val_data"),
+                      "val_fraction": 0.0 if spec.get("val_data") else spec.get("val_fraction", 0.2),
+                      "split_seed": spec.get("split_seed", 0), "train_subset": size},
+             "backbone": {"name": backbone},
+             "optim": {"epochs": budget.get("epochs"), "minutes": budget.get("minutes")},
+             "run": {"seed": seed, "monitor_every": spec.get("monitor_every", 1)}}
+    layers = [yaml.safe_load((REPO / entry["config"]).read_text()) if entry.get("config") else {},
+              spec.get("overrides") or {}, entry.get("overrides") or {}, point]
+    for layer in layers:
+        for section, values in layer.items():
+            recipe.setdefault(section, {}).update(values)
+    resolve_config("", recipe)  # a bad key or value stops the benchmark before it trains
+    return recipe
 
 
 def curve(run_dir: Path) -> list[list[float]]:
@@ -88,18 +87,14 @@ def curve(run_dir: Path) -> list[list[float]]:
 
 def linear_top1(run_dir: Path) -> float:
     """The linear probe on the run's own split, loaded as the run resolved it (input size, fit)."""
-    from edgessl.probe import run_features, linear_probe
-
-    train, val = load_split(edgessl.Run(run_dir).config.data)
-    feats = run_features(run_dir).fn
-    return linear_probe(feats(train.images), train.labels, feats(val.images), val.labels, len(train.classes))[0]
+    return edgessl.Run(run_dir).probe(linear=True)["linear_top1"]
 
 
-def run_one(spec: dict, key: str, cfg: config_lib.Config, run_dir: Path, point: dict) -> dict | None:
+def run_one(spec: dict, key: str, cfg: dict, run_dir: Path, point: dict) -> dict | None:
     resume = (run_dir / "checkpoint.pt").exists()
     quiet = {"progress": False, "log": lambda *_: None}
     run = edgessl.pretrain(out=run_dir, resume=True, **quiet) if resume else \
-        edgessl.pretrain(out=run_dir, config=config_lib.to_dict(cfg), **quiet)
+        edgessl.pretrain(out=run_dir, config=cfg, **quiet)
     out = run.summary
     if out.get("stopped_early"):
         return None
@@ -241,7 +236,7 @@ def main() -> None:
             continue
         entry = entry or {}
         cfg = run_config(spec, entry, method_key, backbone, seed, size)
-        point = {"method_key": method_key, "method": cfg.method.name, "backbone": backbone, "seed": seed,
+        point = {"method_key": method_key, "method": cfg["method"]["name"], "backbone": backbone, "seed": seed,
                  "train_size": size, "budget": entry.get("budget", spec["budget"])}
         run_dir = out / "runs" / key.replace("|", "_")
         record = run_one(spec, key, cfg, run_dir, point)

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from benchlib import SHARED_CIFAR
-from edgessl.benchmark import benchmark, markdown
+from edgessl.api import benchmark_table as markdown
 import edgessl
 
 ALIASES = ["mobilenetv3", "mobilenetv3-large", "mobilenetv4", "resnet18"]
@@ -46,7 +46,7 @@ def main() -> None:
             (a, None) for a in ALIASES if not args.only or a in args.only]
         for name, run in runs:
             run = run or two_step_run(name, args.data, Path(tmp))
-            results[name] = benchmark(run, adapt_seconds=args.adapt_seconds)
+            results[name] = edgessl.Run(run).benchmark(adapt_seconds=args.adapt_seconds)
             print(f"## {name}\n\n{markdown(results[name])}\n", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

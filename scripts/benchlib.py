@@ -3,11 +3,10 @@ Markdown tables. Scripts import it as `benchlib` (their own folder is on sys.pat
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Iterable, Optional
-
-from edgessl.runfiles import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-5k-train.npz"  # ../shared beside the clone
@@ -23,7 +22,9 @@ def save_results(path: Path, results: dict) -> None:
     """Write the results after each run, atomically, so an interrupted benchmark resumes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(results, indent=1))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
 
 
 def mean_sd(vals: Iterable[Optional[float]], digits: int = 2, sign: str = "") -> str:

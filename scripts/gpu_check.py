@@ -12,8 +12,7 @@
    not inside them; a captured row's warm-up holds its capture);
 3. an equal-budget kNN: memdistill against SimCLR (the recipe's defaults, so captured where the
    recipe captures) for --minutes each on the shared CIFAR-10 file and the flower photos, 20%
-   held out (split_seed 1); and lightly-train's SimCLR on the memdistill run's backbone, images and
-   split (scripts/peer_lightly.py; skipped with the reason when lightly-train is not installed).
+   held out (split_seed 1).
 --parts runs some of the three (each writes its part of the JSON, so a call of at most 10 minutes holds one).
 Nothing here assumes a CPU count or a GPU model. A part that fails is recorded with its error
 and the script goes on.
@@ -25,6 +24,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -37,9 +37,6 @@ import torch
 
 from benchlib import REPO, SHARED_CIFAR, markdown
 import edgessl
-from edgessl.capture import WARMUP_STEPS
-from edgessl.device import peak_mem_mb
-from peer_lightly import lightly_simclr
 
 # test files whose models train on EDGESSL_TEST_DEVICE (conftest.tiny_config); left out: torchrun's, and
 # test_export / test_edge, which train too but test onnxruntime and the edge runtime, both on the CPU
@@ -47,7 +44,7 @@ DEVICE_TESTS = ["tests/test_capture.py", "tests/test_train.py", "tests/test_base
                 "tests/test_recipe.py", "tests/test_bench.py", "tests/test_mmap.py", "tests/test_user_data.py"]
 # full: every method x backbone x size x precision eagerly; compiled: the default precision only (each
 # compilation costs tens of seconds). A part stops starting new rows (new arms) past its allowance
-# (seconds), so the whole check stays near 8 minutes (480 s on an H200) plus the peer; rows not run
+# (seconds), so the whole check stays near 8 minutes; rows not run
 # are recorded as skipped.
 FULL = {"methods": ["memdistill", "supervised", "simclr", "byol"], "backbones": ["mobilenetv3", "resnet18"],
         "sizes": [32, 224], "precisions": ["fp32", "bf16", "fp16"], "compiled": [("memdistill", "bf16"),
@@ -55,7 +52,7 @@ FULL = {"methods": ["memdistill", "supervised", "simclr", "byol"], "backbones": 
         ("simclr", "bf16")], "batch": 128, "steps": 10, "warmup": 3, "tests": DEVICE_TESTS,
         "allowance": {"tests": 150, "eager": 150, "compiled": 80, "captured": 90, "equal_budget": 600}}
 # short: one call of a 15-minute GPU budget (machine start included): the capture tests, memdistill's
-# step eager against captured at 32 px, then the equal budget, whose peer rows start only within its allowance
+# step eager against captured at 32 px, then the equal budget
 SHORT = {**FULL, "methods": ["memdistill"], "sizes": [32], "precisions": ["fp32", "bf16"], "compiled": [],
          "captured": [("memdistill", "fp32"), ("memdistill", "bf16")], "tests": ["tests/test_capture.py"],
          "allowance": {"tests": 90, "eager": 60, "compiled": 0, "captured": 60, "equal_budget": 240}}
@@ -83,7 +80,7 @@ def sync(device: torch.device) -> None:
 def step_rate(method: str, backbone: str, size: int, precision: str, mode: str, plan: dict, device: str,
               work: Path) -> dict:
     b, steps = plan["batch"], plan["steps"]
-    warmup = max(plan["warmup"], WARMUP_STEPS + 2) if mode == "captured" else plan["warmup"]  # eager steps, capture
+    warmup = max(plan["warmup"], edgessl.Trainer.capture_warmup + 2) if mode == "captured" else plan["warmup"]
     spec = synthetic(work, size, b * (steps + warmup + 1))
     t = edgessl.Trainer({"data": {"spec": spec, "image_size": size},  # pinned: auto trains 224 px photos at 128 px
                          "backbone": {"name": backbone}, "method": {"name": method},
@@ -105,7 +102,8 @@ def step_rate(method: str, backbone: str, size: int, precision: str, mode: str, 
     dt = time.perf_counter() - t0
     return {"trained_px": t.config.data.image_size, "images_per_s": round(b * steps / dt, 1),
             "step_ms": round(1e3 * dt / steps, 2), "warmup_s": round(warm_s, 2),
-            "peak_mem_mb": round(peak_mem_mb(t.device))}
+            "peak_mem_mb": round(torch.cuda.max_memory_allocated(t.device) / 2**20 if t.device.type == "cuda"
+                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # (CPU: peak RSS)
 
 
 def throughput(plan: dict, device: str, work: Path) -> list[dict]:
@@ -131,19 +129,17 @@ def throughput(plan: dict, device: str, work: Path) -> list[dict]:
 
 
 def equal_budget(minutes: float, dry: bool, device: str, work: Path, allowance: float, save) -> dict:
-    """memdistill and SimCLR on each data set, then the peer on each; `save(out)` after every arm, so a
+    """memdistill and SimCLR on each data set; `save(out)` after every arm, so a
     call stopped by its limit keeps the arms it finished. No arm starts past `allowance` seconds."""
     out, t0 = {}, time.perf_counter()
     flowers = SHARED_CIFAR.parent / "flowers" / "train"
     sets = {"cifar": f"npz:{SHARED_CIFAR}", **({"flowers": f"folder:{flowers}"} if flowers.is_dir() else {})}
     sets = sets if not dry else {"synthetic": synthetic(work, 16, 64)}
     arms = [(name, method) for name in sets for method in ("memdistill", "simclr")]
-    for name, method in arms + [(name, "lightly-train simclr") for name in sets]:
+    for name, method in arms:
         key = f"{name} {method}"
         if time.perf_counter() - t0 > allowance:
             out[key] = {"error": "skipped: past this part's time allowance"}
-        elif method == "lightly-train simclr":  # the peer: the memdistill run's backbone, images and split
-            out[key] = peer(work / f"knn_{name}_memdistill", minutes, dry, device, work / f"lightly_{name}")
         else:
             out[key] = own_arm(sets[name], method, minutes, dry, device, work / f"knn_{name}_{method}")
         save(out)
@@ -165,15 +161,6 @@ def own_arm(data: str, method: str, minutes: float, dry: bool, device: str, run:
             "recipe": next((x for x in lines if x.startswith("recipe:")), ""),
             "capture_note": next((x for x in lines if x.startswith("capture ")), "")}
     except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"[:300]}
-
-
-def peer(run: Path, minutes: float, dry: bool, device: str, work: Path) -> dict:
-    if not (run / "checkpoint.pt").exists():
-        return {"error": "skipped: the memdistill run it copies did not finish"}
-    try:
-        return lightly_simclr(run, minutes, device, work, dry)
-    except Exception as e:  # the optional peer failing is recorded, never fatal
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 
 

@@ -73,10 +73,12 @@ def test_every_shipped_spec_resolves_to_valid_configs(path):
     spec = bench.load_spec(path)
     """Every arm of a spec is a valid config (run_config validates it), and no two arms are the same
     run under two names (a copy-pasted arm would spend its hours measuring nothing)."""
+    from edgessl.api import resolve_config
     from edgessl.config import to_dict
 
     for backbone in spec["backbones"]:
-        arms = {key: to_dict(bench.run_config(spec, entry or {}, key, backbone, spec["seeds"][0], None))
+        arms = {key: to_dict(resolve_config("", bench.run_config(spec, entry or {}, key, backbone, spec["seeds"][0],
+                                                                 None)))
                 for key, entry in spec["methods"].items()}
         same = [(a, b) for i, a in enumerate(arms) for b in list(arms)[i + 1:] if arms[a] == arms[b]]
         assert not same, same

@@ -1,5 +1,4 @@
 """scripts/gpu_check.py's CPU dry run: every part runs and lands in the JSON and the table."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -26,11 +25,6 @@ def test_gpu_check_dry_run(tmp_path):
         arm = result["equal_budget"][f"synthetic {method}"]
         assert arm["knn_top1"] * 13 / 100 == pytest.approx(round(arm["knn_top1"] * 13 / 100), abs=0.01)
         assert arm["epochs"] == 1 and "capture off (a CPU)" in arm["recipe"]
-    peer = result["equal_budget"]["synthetic lightly-train simclr"]  # the optional peer: run, or skipped saying why
-    if importlib.util.find_spec("lightly_train") is None:
-        assert peer == {"error": "skipped: lightly-train is not installed (pip install lightly-train)"}
-    else:
-        assert peer["knn_top1"] * 13 / 100 == pytest.approx(round(peer["knn_top1"] * 13 / 100), abs=0.01), peer
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("| memdistill |") == 2 and "test suite:" in table
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path),
