@@ -13,10 +13,12 @@ DEMO    := runs/demo
 .PHONY: venv demo test test-avx2 arm64-check gpu-check clean
 
 # torch first, at the versions the project is tested with (TORCH= overrides, e.g. a CUDA build)
-$(BIN)/edgessl: pyproject.toml
+# then the device runtime (export/, a package of its own that edgessl depends on), then edgessl
+$(BIN)/edgessl: pyproject.toml export/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ./export
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

@@ -71,11 +71,23 @@ def resolve_config(out: str | Path, config: Optional[str | Path | dict] = None, 
     name = given.get("method", {}).get("name") or recipe.get("method", {}).get("name", "memdistill")
     if name not in METHODS:
         raise EdgesslError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    _method_owns(name, recipe, given)
     cfg = config_lib.from_dict({"method": {"name": name, **METHODS[name].preset}})
     config_lib.from_dict(recipe, cfg)
     if "minutes" in given.get("optim", {}) and "epochs" not in given.get("optim", {}):
         given["optim"]["epochs"] = None  # the schedule is fitted to the minute budget
     return config_lib.from_dict(given, cfg)
+
+
+def _method_owns(name: str, *layers: dict) -> None:
+    """Each method owns its settings: one the method does not read is refused for it, with its flag."""
+    owned = METHODS[name].settings
+    flags = {k.split(".")[1]: f.metadata["flag"] for k, f in config_lib.flagged().items() if k.startswith("method.")}
+    for layer in layers:
+        for key in layer.get("method") or {}:
+            if key != "name" and key not in owned:
+                shown = f"{flags[key]} (method.{key})" if key in flags else f"method.{key}"
+                raise ConfigError(f"{shown} is not a setting of {name} (its settings: {', '.join(owned) or 'none'})")
 
 
 class Run:
@@ -192,7 +204,7 @@ def check(model: str | Path, against: Optional[str | Path] = None, data: Optiona
 
 
 def probe(source: str | Path, train: Optional[str], test: Optional[str], knn_k: int = config_lib.KNN_K, linear: bool = False,
-          grid: Optional[str | Path] = None, image_size: Optional[int] = None, fit: str = "squash") -> dict:
+          grid: Optional[str | Path] = None, image_size: Optional[int] = None, fit: str = config_lib.PLAIN_FIT) -> dict:
     """`edgessl probe SOURCE`: kNN (and linear) top-1 of frozen features; SOURCE is a run
     directory, a .onnx file, random:BACKBONE or pixels. `image_size` and `fit` are for the sources
     that have none of their own (pixels, random:BACKBONE)."""

@@ -26,7 +26,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgessl"
 
 
-def cache_path(listing: list, size: int, fit: str = "squash") -> Path:
+def cache_path(listing: list, size: int, fit: str) -> Path:
     head = f"{size} {fit}\n"
     key = hashlib.sha256(head.encode() + "\n".join(f"{f}\t{n}\t{t}" for f, n, t in listing)
                          .encode(errors="surrogateescape"))
@@ -62,7 +62,7 @@ def locked(npy: Path):
 
 
 def folder_cache(root: Path, listing: list, size: int, build: Callable[[Path], tuple[int, list]],
-                 fit: str = "squash") -> tuple[Path, dict]:
+                 fit: str) -> tuple[Path, dict]:
     """(cache .npy, manifest) for a folder listing, built by `build(tmp_npy) -> (count, skipped)`
     when missing or damaged."""
     npy = cache_path(listing, size, fit)

@@ -22,7 +22,7 @@ from edgessl.runfiles import atomic_write
 from edgessl.version import __version__
 
 FORMAT = "edgessl-checkpoint"
-FORMAT_VERSION = 2  # 2: data.fit and data.image_size always stored resolved (upgrade() brings 1 up to it)
+FORMAT_VERSION = 3  # 2: data.fit and data.image_size stored resolved; 3: method.negatives too (upgrade())
 
 
 def versions() -> dict:
@@ -121,4 +121,10 @@ def upgrade(state: dict) -> dict:
             if data.get("image_size") is None and "backbone" in state:  # before the recipe stored its pick
                 data["image_size"] = state["backbone"]["image_size"]
         state["format_version"] = 2
+    if state["format_version"] < 3:
+        method = state.get("config", {}).get("method")
+        if method is not None and method.get("negatives") == "auto" and "method_args" in state:
+            # those runs resolved it at each step: every bank row up to 16,384 images, 4,096 sampled beyond
+            method["negatives"] = "all" if state["method_args"]["num_samples"] <= 16_384 else 4096
+        state["format_version"] = 3
     return state

@@ -36,6 +36,7 @@ ADAPT_SECONDS = 600.0  # the longest distillation of the int8 ReLU student; it s
 
 
 FITS = ("squash", "crop")  # how a non-square image is made square (edgessl.data)
+PLAIN_FIT = "squash"  # the fit of images that have no run to take one from (pixels, random:BACKBONE, data.load)
 AUTO = "auto"  # the one spelling of "the data (or the machine) decides"
 
 

@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from edgessl.config import FITS, PLAIN_FIT
 from edgessl.cache import folder_cache
 from edgessl.errors import EdgesslError
 from edgessl_edge.image import IMAGE_SUFFIXES, decode_rows  # the runtime's decoder: one implementation
@@ -41,7 +42,6 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 FOLDER_DEFAULT_SIZE = 64  # a folder loaded without a size (probe's pixels and random: sources, no --image-size)
-AUTO_FIT = "crop"  # data.fit "auto": squash | crop (docs/benchmarks.md: the centre crop learned more on photos)
 DECODE_CHUNK = 256  # files per decoding job
 PARALLEL_FROM = 2048  # folders this large are decoded on every core (smaller: the start-up costs more)
 
@@ -121,7 +121,7 @@ class ImageData:
 
 
 def load(spec: str, image_size: Optional[int] = None, bad_images: str = "fail", storage: str = "auto",
-         fit: str = "squash") -> ImageData:
+         fit: str = PLAIN_FIT) -> ImageData:
     """Decode a dataset spec once into an ImageData on the CPU, size x size by `fit` (squash |
     crop: edgessl_edge.image; arrays of another size are resized by the same rule).
 
@@ -168,7 +168,9 @@ def load_split(cfg) -> tuple[ImageData, Optional[ImageData]]:
     `val_fraction` of it, then an optional fixed `train_subset` of the train split."""
     if not cfg.spec:
         raise EdgesslError("no training data: give a dataset spec (--data npz:PATH, folder:DIR, ...)")
-    fit = AUTO_FIT if cfg.fit == "auto" else cfg.fit  # (a run's recipe resolves it before it loads)
+    if cfg.fit not in FITS:  # the recipe (edgessl.recipe) resolves it before anything loads
+        raise ValueError(f"data.fit {cfg.fit!r} is not resolved: the recipe picks it before loading")
+    fit = cfg.fit
     if cfg.download:
         download(cfg.spec)
     size = None if cfg.image_size == "auto" else cfg.image_size  # an array's own size until the recipe picks
@@ -400,7 +402,7 @@ def _load_fashion_mnist(kind, rest, image_size):
     return torch.from_numpy(images.copy())[:, None], labels, FASHION_MNIST_CLASSES
 
 
-def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage: str = "auto", fit: str = "squash"):
+def _load_folder(rest: str, image_size: Optional[int], bad_images: str, storage: str, fit: str):
     """Image files under DIR (labels from first-level subfolders when every file has one).
 
     Every file is decoded and checked before anything trains; a broken file is never
@@ -490,7 +492,7 @@ def _physical_memory() -> int:
         return 8 << 30
 
 
-def _resize(images: torch.Tensor, size: int, fit: str = "squash") -> torch.Tensor:
+def _resize(images: torch.Tensor, size: int, fit: str) -> torch.Tensor:
     """Antialiased bilinear resize by `fit` (crop: the centre square first), in chunks (uint8 in, uint8 out)."""
     import torch.nn.functional as F
 

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from edgessl import data as data_lib
+from edgessl.config import PLAIN_FIT
 from edgessl.errors import EdgesslError
 from edgessl.probe import featurizer
 from edgessl.runfiles import atomic_write
@@ -41,7 +42,7 @@ def embed(source: str, spec: str, batch_size: int = 256, progress: Optional[bool
 
     f = featurizer(source)
     fn = f.fn
-    data = data_lib.load(spec, f.size, bad_images, fit=f.fit or "squash")
+    data = data_lib.load(spec, f.size, bad_images, fit=f.fit or PLAIN_FIT)
     show = sys.stderr.isatty() if progress is None else progress
     chunks = []
     with tqdm(total=len(data), disable=not show, unit="img", desc="embed", leave=False) as bar:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from edgessl import data as data_lib
 from edgessl.augment import normalize
-from edgessl.config import IMAGENET_MEAN, IMAGENET_STD
+from edgessl.config import IMAGENET_MEAN, IMAGENET_STD, PLAIN_FIT
 from edgessl.errors import EdgesslError
 from edgessl.knn import knn_predict
 
@@ -128,7 +128,7 @@ def _accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def probe(source: str, train_spec: Optional[str], test_spec: Optional[str], knn_k: int = 200,
           linear: bool = False, grid: Optional[str] = None, image_size: Optional[int] = None,
-          fit: str = "squash") -> dict:
+          fit: str = PLAIN_FIT) -> dict:
     """kNN (and linear) top-1 of `source`'s features: train split as memory, test split as queries
     (neither given, for a run: the run's own training images and held-out split). A run or an ONNX
     file sees its images as it was trained (its input size and fit); `image_size` and `fit` are for

@@ -47,16 +47,18 @@ import torch
 
 from edgessl import data as data_lib
 from edgessl.config import AUTO, auto_settings, settings
+from edgessl.methods import METHODS
 
 SMALL_SIDE = 64  # images this small train at their own size
 PHOTO_SIZE = 96  # larger images on a CPU (output stride 32: cheaper than 64 px at stride 16, and learned more)
 GPU_PHOTO_SIZE = 128  # larger images on a GPU (not measured on one: docs/usage.md)
-FIT = data_lib.AUTO_FIT  # squash | crop (edgessl.data: what "auto" loads as)
+FIT = "crop"  # data.fit "auto": squash | crop (docs/benchmarks.md: the centre crop learned more on photos)
 SURVEY_FILES = 512  # header reads to estimate a folder's native sizes
 CROP_SCALE = (0.2, 1.0)  # docs/method.md's crops ...
 BACKGROUND_TOL = 8  # ... unless pixels this close (0-255) to the border's colour ...
 PLAIN_BACKGROUND = 0.3  # ... are more than this fraction of the image: then
-PLAIN_CROP_SCALE = (0.5, 1.0)  # (configs/bench/fmnist_search.yaml picked it on Fashion-MNIST)
+# (a search on Fashion-MNIST picked it: git show 4138b9e:configs/bench/fmnist_search.yaml)
+PLAIN_CROP_SCALE = (0.5, 1.0)
 BATCH = 64
 COMPILE_MIN_MINUTES = 3.0  # a budget from which compiling (about a minute on 2 cores) pays ...
 COMPILE_MIN_IMAGES = 100_000  # ... or epochs x images x (side / 32)^2: about 3 minutes at 32 px
@@ -199,11 +201,12 @@ def training_choices(cfg, images: torch.Tensor, image_size_: int, device: torch.
     else:
         out.append(Choice("augment.crop_scale", tuple(a.crop_scale), "given", True))
     m = cfg.method
-    if m.negatives == AUTO:
+    if "negatives" not in METHODS[m.name].settings:
+        pass  # a method without a memory bank has no negatives to pick
+    elif m.negatives == AUTO:
         from edgessl.methods.memdistill import auto_negatives
 
-        value = auto_negatives(n)
-        out.append(Choice("method.negatives", value, f"{n} images"))
+        out.append(Choice("method.negatives", auto_negatives(n), f"{n} images"))
     else:
         out.append(Choice("method.negatives", m.negatives, "given", True))
     o = cfg.optim

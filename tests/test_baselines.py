@@ -98,7 +98,8 @@ def test_every_method_reports_its_parts_and_trains_every_parameter(method):
     from edgessl.methods import create_method, loss_parts
 
     torch.manual_seed(0)
-    cfg = MethodConfig(**{**METHODS[method].preset, "head_dims": [32, 16], "predictor_dims": [32, 16]})
+    cfg = MethodConfig(**{**METHODS[method].preset, "head_dims": [32, 16], "predictor_dims": [32, 16],
+                          "negatives": "all"})  # (as the recipe resolves "auto" for 12 images)
     model = create_method(method, create_backbone("mobilenetv3_small_050", 16), 12, cfg, num_classes=3).train()
     views = model.num_views
     out = model(torch.randn(6 * views, 3, 16, 16), torch.arange(6), torch.tensor([0, 1, 2, 0, 1, 2]))

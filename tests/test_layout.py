@@ -176,3 +176,17 @@ def test_no_function_over_50_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
                 long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
     assert not long, long
+
+
+def test_edgessl_depends_on_the_device_package_and_ships_none_of_it():
+    """export/ is the device runtime's own package (edgessl-edge); edgessl depends on it and
+    ships none of its files or commands, so installing both overwrites nothing."""
+    import tomllib
+
+    main = tomllib.loads((REPO / "pyproject.toml").read_text())
+    edge = tomllib.loads((REPO / "export" / "pyproject.toml").read_text())
+    packages = main["tool"]["setuptools"]["packages"]
+    assert not [p for p in packages if p.split(".")[0] in edge["tool"]["setuptools"]["packages"]], packages
+    assert "package-dir" not in main["tool"]["setuptools"]
+    assert any(d.split(">")[0].split("=")[0].strip() == edge["project"]["name"] for d in main["project"]["dependencies"])
+    assert not set(main["project"]["scripts"]) & set(edge["project"]["scripts"])

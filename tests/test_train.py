@@ -196,10 +196,24 @@ def test_batch_larger_than_dataset(tiny_npz, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_minutes_budget_plans_the_schedule(tiny_npz, tmp_path):
-    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": None, "minutes": 0.001}, run={"monitor_every": 0})
-    out = pretrain(cfg, tmp_path / "run", log=quiet)  # a budget shorter than one epoch: exactly one epoch
-    assert out["epochs"] == 1 and checkpoint.load(tmp_path / "run" / "checkpoint.pt")["position"]["epoch"] == 1
+def test_minutes_budget_plans_the_schedule(tiny_npz, tmp_path, monkeypatch):
+    """The planner is asked once, after the first steps, with the budget in seconds, the steps
+    timed and the epoch's length, and the run trains exactly the epochs it answers (the replan at
+    each epoch end keeps them here)."""
+    from edgessl import train
+
+    asked = []
+    monkeypatch.setattr(train, "PLAN_AFTER_STEPS", 2)
+    monkeypatch.setattr(train, "plan_epochs", lambda *args: asked.append(args) or 3)
+    monkeypatch.setattr(train, "replan_epochs", lambda budget, elapsed, step_s, done, per_epoch: 3)
+    cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": None, "minutes": 0.5}, run={"monitor_every": 0})
+    out = pretrain(cfg, tmp_path / "run", log=quiet)
+    (budget_s, elapsed_s, steps, per_epoch), = asked
+    assert 29 < budget_s <= 30.0 and 0 < elapsed_s < 30  # (the bank's calibration is not training time)
+    assert steps == 2 and per_epoch == 36 // 8
+    position = checkpoint.load(tmp_path / "run" / "checkpoint.pt")["position"]
+    assert out["epochs"] == position["epoch"] == position["planned_epochs"] == 3
+    assert position["step"] == 3 * per_epoch
 
 
 def test_lr_schedule_is_pure():
@@ -257,6 +271,18 @@ def test_a_format_1_checkpoint_is_upgraded_on_load(tmp_path):
         ("squash", 40, checkpoint.FORMAT_VERSION)
     checkpoint.save({"config": {"data": {"fit": "crop", "image_size": 96}}}, tmp_path / "new.pt")
     assert checkpoint.load(tmp_path / "new.pt")["config"]["data"] == {"fit": "crop", "image_size": 96}
+
+
+@pytest.mark.parametrize("rows,negatives", [(5000, "all"), (20000, 4096)])
+def test_a_format_2_checkpoint_gets_the_negatives_its_steps_used(tmp_path, rows, negatives):
+    """Runs stored before the recipe recorded its negatives pick resolved "auto" at each step by
+    the bank's size: the upgrade stores what those steps used (a method refuses "auto")."""
+    checkpoint.save({"config": {"method": {"negatives": "auto"}}, "method_args": {"num_samples": rows}},
+                    tmp_path / "old.pt")
+    state = torch.load(tmp_path / "old.pt", weights_only=True)
+    state["format_version"] = 2
+    torch.save(state, tmp_path / "old.pt")
+    assert checkpoint.load(tmp_path / "old.pt")["config"]["method"]["negatives"] == negatives
 
 
 @pytest.mark.slow

@@ -124,7 +124,7 @@ def test_resume_refuses_a_reordered_npz(tiny_npz, tmp_path):
 def test_a_damaged_cache_is_rebuilt_never_trained_on(tmp_path, capfd):
     folder = photos(tmp_path / "photos")
     good = load(f"folder:{folder}", 16).images.clone()
-    npy = cache_lib.cache_path(_listing(folder), 16)
+    npy = cache_lib.cache_path(_listing(folder), 16, "squash")
     size = npy.stat().st_size
     for damage in ("overwrite 4 KB in the middle", "truncate", "half-written manifest"):
         if damage.startswith("overwrite"):
@@ -156,7 +156,7 @@ def test_two_processes_building_one_cache_do_not_corrupt_it(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     a, b = (torch.load(tmp_path / f"{i}.pt") for i in range(2))
     assert torch.equal(a, b) and a.shape == (64, 3, 32, 32)
-    assert cache_lib.read_manifest(cache_lib.cache_path(_listing(folder), 32)) is not None
+    assert cache_lib.read_manifest(cache_lib.cache_path(_listing(folder), 32, "squash")) is not None
     assert not list(cache_lib.cache_dir().glob("*.tmp*"))
 
 
@@ -305,6 +305,6 @@ def test_cache_lock_file_and_manifest_survive_json(tmp_path):
     """The manifest records the cache's size and checksum (what the integrity check compares)."""
     folder = photos(tmp_path / "photos", n=4)
     load(f"folder:{folder}", 16)
-    npy = cache_lib.cache_path(_listing(folder), 16)
+    npy = cache_lib.cache_path(_listing(folder), 16, "squash")
     manifest = json.loads(npy.with_suffix(".json").read_text())
     assert manifest["npy_bytes"] == npy.stat().st_size and manifest["npy_sha256"] == cache_lib.file_sha256(npy)

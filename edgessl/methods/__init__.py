@@ -18,11 +18,16 @@ import importlib
 from dataclasses import dataclass, field
 
 
+MEMORY_BANK = ("head_dims", "temperature", "bank_momentum", "bank_init", "bank_init_augment", "bank_update",
+               "negatives", "sqrtkl_weight", "sqrtkl_temperature", "cutmix_alpha", "cutmix_prob")
+
+
 @dataclass(frozen=True)
 class Method:
     target: str  # "module:Class"
     preset: dict = field(default_factory=dict)  # config overrides the name implies
     summary: str = ""
+    settings: tuple = ()  # the method section's keys it reads (besides name); others are refused for it
 
     def load(self):
         module, _, name = self.target.partition(":")
@@ -31,16 +36,16 @@ class Method:
 
 METHODS = {
     "memdistill": Method("edgessl.methods.memdistill:MemDistill", {},
-                         "single view, memory bank: calibrated init, grad bank update (the default)"),
+                         "single view, memory bank: calibrated init, grad bank update (the default)", MEMORY_BANK),
     # NPID (Wu et al. 2018) with a full softmax: every memdistill improvement off
     "npid": Method("edgessl.methods.memdistill:MemDistill",
                    {"bank_init": "random", "bank_update": "ema", "bank_momentum": 0.5, "sqrtkl_weight": 0.0,
                     "cutmix_prob": 0.0},
-                   "NPID: memdistill with random bank init and EMA update"),
+                   "NPID: memdistill with random bank init and EMA update", MEMORY_BANK),
     "simclr": Method("edgessl.methods.simclr:SimCLR", {"head_dims": [1024, 128], "temperature": 0.2},
-                     "two views, NT-Xent, 2-layer head"),
+                     "two views, NT-Xent, 2-layer head", ("head_dims", "temperature")),
     "byol": Method("edgessl.methods.byol:BYOL", {"head_dims": [1024, 128], "predictor_dims": [1024, 128]},
-                   "two views, predictor, EMA target"),
+                   "two views, predictor, EMA target", ("head_dims", "predictor_dims", "byol_momentum")),
     "supervised": Method("edgessl.methods.supervised:Supervised", {}, "cross entropy on labels (reference)"),
 }
 PRESETS = {name: m.preset for name, m in METHODS.items()}  # configs/npid.yaml repeats NPID's; a test checks
