@@ -27,6 +27,7 @@ from torch import nn
 from edgessl.augment import BatchAugment, normalize
 from edgessl.config import ADAPT_SECONDS, Config
 from edgessl.depthwise import fast_depthwise, plain_depthwise
+from edgessl.features import features
 from edgessl.device import grad_scaler
 from edgessl.optim import guarded_step, set_lr
 
@@ -116,8 +117,7 @@ def neighbour_kl(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tenso
 def feature_bank(teacher: nn.Module, images: torch.Tensor, cfg: Config, most: int = 8192) -> torch.Tensor:
     """Unit features (M x D) of up to `most` of `images` (uint8, spread evenly), as deployed."""
     idx = torch.linspace(0, len(images) - 1, min(most, len(images))).long()
-    return F.normalize(torch.cat([teacher(normalize(c, cfg.data.mean, cfg.data.std))
-                                  for c in images[idx].split(256)]), dim=1)
+    return F.normalize(features(teacher, images[idx], cfg.data.mean, cfg.data.std), dim=1)
 
 
 def needs_adapting(module: nn.Module) -> bool:

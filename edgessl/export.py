@@ -28,6 +28,7 @@ from edgessl.adapt import CAP_SECONDS, distill, is_squeeze_excite, needs_adaptin
 from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.errors import EdgesslError
+from edgessl.features import features
 from edgessl.onnxrt import (META_KEY, batch_of, latency, latency_side_by_side, ort_features, parity, read_metadata,
                             session, speedups)
 from edgessl_edge.backends import Backend, open_model
@@ -480,15 +481,13 @@ def knn_change(encoder: nn.Module, model: Backend, cfg: Config, train: data_lib.
 
     if val is None or train.labels is None or val.labels is None:
         return {}
-    acc = {}
-    for name, fn in (("torch_fp32", lambda x: encoder(torch.from_numpy(x)).numpy()),
-                     ("export", model.features)):
-        def features(images, fn=fn):
-            with torch.no_grad():
-                return torch.from_numpy(np.concatenate([fn(normalize(c, cfg.data.mean, cfg.data.std).numpy())
-                                                        for c in images.split(256)]))
+    def exported(images: torch.Tensor) -> torch.Tensor:  # the file in its own runtime
+        return torch.from_numpy(np.concatenate([model.features(normalize(c, cfg.data.mean, cfg.data.std).numpy())
+                                                for c in images.split(256)]))
 
-        acc[name] = heldout_knn(features, train, val, cfg.run.knn_k)
+    acc = {"torch_fp32": heldout_knn(lambda x: features(encoder, x, cfg.data.mean, cfg.data.std), train, val,
+                                     cfg.run.knn_k),
+           "export": heldout_knn(exported, train, val, cfg.run.knn_k)}
     return {"knn_torch_fp32": acc["torch_fp32"], "knn_export": acc["export"],
             "knn_change": acc["export"] - acc["torch_fp32"]}
 

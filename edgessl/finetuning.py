@@ -22,6 +22,7 @@ from edgessl import checkpoint, data as data_lib
 from edgessl.augment import BatchAugment, normalize
 from edgessl.config import AUTO, AugmentConfig, FinetuneConfig, finetune_config, to_dict
 from edgessl.depthwise import fast_depthwise
+from edgessl.features import features
 from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
 from edgessl.optim import check_finite, guarded_step, set_lr
@@ -301,11 +302,9 @@ def propagate_labels(t: Tuning) -> tuple:
     model's features of the labelled and unlabelled images together (edgessl.semi)."""
     from edgessl.semi import propagate
 
-    t.model.eval()
     mean, std = _norm(t.config)
-    with autocast(t.device, t.precision):
-        feats = torch.cat([t.model.backbone(normalize(c, mean, std)).float().cpu()
-                           for d in (t.train, t.unlabelled) for c in d.images.split(256)])
+    feats = torch.cat([features(t.model.backbone, d.images, mean, std, t.device, t.precision).cpu()
+                       for d in (t.train, t.unlabelled)])
     n = len(t.train)
     labels = torch.cat([t.train.labels.cpu(), torch.zeros(len(t.unlabelled), dtype=torch.long)])
     labelled = torch.arange(len(feats)) < n
@@ -396,9 +395,5 @@ def _digest(index: torch.Tensor, labels: Optional[torch.Tensor] = None) -> str:
 @torch.no_grad()
 def evaluate(model: nn.Module, data, mean, std, device, precision) -> float:
     """Test top-1 (%) of a classifier on uint8 images, eval mode."""
-    model.eval()
-    correct = 0
-    for imgs, labels in zip(data.images.split(256), data.labels.split(256)):
-        with autocast(device, precision):
-            correct += (model(normalize(imgs, mean, std)).argmax(1) == labels).sum().item()
-    return 100.0 * correct / len(data)
+    logits = features(model, data.images, mean, std, device, precision)
+    return 100.0 * (logits.argmax(1) == data.labels.to(logits.device)).sum().item() / len(data)

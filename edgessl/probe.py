@@ -17,6 +17,7 @@ from edgessl import data as data_lib
 from edgessl.augment import normalize
 from edgessl.config import IMAGENET_MEAN, IMAGENET_STD, PLAIN_FIT
 from edgessl.errors import EdgesslError
+from edgessl.features import features
 from edgessl.knn import knn_predict
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # L2 grid for the linear probe, chosen on a train split
@@ -43,10 +44,6 @@ def featurizer(source: str) -> Featurizer:
     raise EdgesslError(f"probe source {source!r} is not a run directory, a .onnx file, random:BACKBONE or pixels")
 
 
-def _batched(fn, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat([fn(chunk) for chunk in images.split(batch)])
-
-
 def untrained_features(name: str):
     from edgessl.backbones import create_backbone
 
@@ -58,7 +55,7 @@ def untrained_features(name: str):
         if size not in cache:
             torch.manual_seed(0)
             cache[size] = create_backbone(name, size).eval()
-        return _batched(lambda c: cache[size](normalize(c, IMAGENET_MEAN, IMAGENET_STD)), x)
+        return features(cache[size], x, IMAGENET_MEAN, IMAGENET_STD)
 
     return Featurizer(run, None, f"untrained {name}")
 
@@ -69,9 +66,8 @@ def run_features(run_dir: Path):
     model, cfg, state = load_run(run_dir)
     backbone = model.backbone.eval()
 
-    @torch.no_grad()
     def run(x):
-        return _batched(lambda c: backbone(normalize(c, cfg.data.mean, cfg.data.std)), x)
+        return features(backbone, x, cfg.data.mean, cfg.data.std)
 
     return Featurizer(run, state["backbone"]["image_size"], f"run {run_dir} (torch)", cfg.data.fit)
 

@@ -29,6 +29,7 @@ from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
 from edgessl.config import Config, auto_settings, dump_yaml, from_dict, to_dict
 from edgessl.depthwise import fast_depthwise
+from edgessl.features import features
 from edgessl.device import autocast, grad_scaler, peak_mem_mb, precision_why, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
 from edgessl.knn import heldout_knn, pixels_margin
@@ -214,26 +215,13 @@ def eager():
     return torch.compiler.set_stance("force_eager")
 
 
-@torch.no_grad()
-def extract_features(backbone, images: torch.Tensor, mean, std, batch_size: int, device, precision) -> torch.Tensor:
-    """Pooled backbone features h (not z) of uint8 images, eval mode: (N, D) fp32."""
-    was_training = backbone.training
-    backbone.eval()
-    feats = []
-    with autocast(device, precision), eager():
-        for chunk in images.split(batch_size):
-            feats.append(backbone(normalize(chunk.to(device), mean, std)).float())
-    backbone.train(was_training)
-    return torch.cat(feats)
-
-
 def monitor(s: Setup) -> Optional[float]:
     """kNN top-1 (%) of the backbone on the held-out split, train split as memory (rank 0)."""
     if s.rank != 0:
         return None
     c = s.cfg
-    return heldout_knn(lambda x: extract_features(s.model.backbone, x, c.data.mean, c.data.std, 256, s.device,
-                                                  s.precision), s.train, s.val, c.run.knn_k)
+    return heldout_knn(lambda x: features(s.model.backbone, x, c.data.mean, c.data.std, s.device, s.precision),
+                       s.train, s.val, c.run.knn_k)
 
 
 def pixels_knn(s: Setup) -> Optional[float]:

@@ -248,3 +248,23 @@ def test_the_api_checks_its_input_with_the_clis_line(tiny_run, tmp_path, argv, c
         call(api, run_dir, data, tmp_path)
     assert str(e.value) == message
     assert not list(tmp_path.iterdir())
+
+
+def test_a_setting_the_method_does_not_read_is_refused_for_it(tiny_npz, tmp_path):
+    """Each method owns its settings: a memory-bank setting for SimCLR or BYOL is one line, from the
+    CLI and from Python alike, and SimCLR's recipe picks no negatives."""
+    import edgessl
+    from edgessl import ConfigError
+
+    r = run("pretrain", "--data", f"npz:{tiny_npz}", "--out", str(tmp_path / "r"), "--method", "simclr",
+            "--negatives", "64", "--epochs", "1")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --negatives (method.negatives) is not a setting of simclr (its settings: head_dims, temperature)")
+    with pytest.raises(ConfigError, match=r"^method.sqrtkl_weight is not a setting of byol \(its settings: "
+                                          r"head_dims, predictor_dims, byol_momentum\)$"):
+        edgessl.pretrain(data=f"npz:{tiny_npz}", out=tmp_path / "b", method={"name": "byol", "sqrtkl_weight": 1.0})
+    assert not (tmp_path / "r").exists() and not (tmp_path / "b").exists()
+    picks = edgessl.Trainer(data=f"npz:{tiny_npz}", method="simclr", batch_size=8, precision="fp32").choices
+    assert "method.negatives" not in {c.key for c in picks} and "optim.batch_size" in {c.key for c in picks}
+    picks = edgessl.Trainer(data=f"npz:{tiny_npz}", batch_size=8, precision="fp32").choices
+    assert "method.negatives" in {c.key for c in picks}
