@@ -126,6 +126,79 @@ def needs_adapting(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Hardswish) for m in module.modules()) or bool(squeeze_excite_blocks(module))
 
 
+# onnxruntime's int8 ops: the network as trained, rewritten in place into the same function in forms it
+# quantises (the relu6 forms of hard-swish and hard-sigmoid, the gates folded, the pooling a GlobalAveragePool)
+
+
+class HardSwishRelu6(nn.Module):
+    """x * relu6(x + 3) / 6: exactly nn.Hardswish, in ops onnxruntime quantises (Add, Clip, Mul)."""
+
+    def forward(self, x):
+        return x * F.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+class HardSigmoidRelu6(nn.Module):
+    """relu6(x + 3) / 6: exactly nn.Hardsigmoid, quantisable."""
+
+    def forward(self, x):
+        return F.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+def fold_se_gates(module: nn.Module) -> int:
+    """In place, for every squeeze-excite block gated by hard-sigmoid: fold its relu6(s + 3) / 6
+    into the expanding 1x1 conv (weight / 6, bias / 6 + 1/2) and gate with clip(s, 0, 1), the
+    same function; return how many. Clip folds into onnxruntime's int8 conv, so the gate costs
+    no Add and Mul of its own."""
+    count = 0
+    for m in module.modules():
+        expand, gate = getattr(m, "conv_expand", None), getattr(m, "gate", None)
+        if isinstance(expand, nn.Conv2d) and expand.bias is not None and isinstance(gate, nn.Hardsigmoid):
+            with torch.no_grad():
+                expand.weight.div_(6.0)
+                expand.bias.div_(6.0).add_(0.5)
+            m.gate = nn.Hardtanh(0.0, 1.0)
+            count += 1
+    return count
+
+
+def relu6_forms(module: nn.Module) -> int:
+    """Swap nn.Hardswish / nn.Hardsigmoid for their relu6 forms in place; return how many.
+
+    onnxruntime leaves HardSwish / HardSigmoid in float with Q/DQ around each, which made
+    int8 MobileNetV3-small slower than fp32 (docs/export.md)."""
+    return swap_modules(module, {nn.Hardswish: HardSwishRelu6, nn.Hardsigmoid: HardSigmoidRelu6})
+
+
+class PooledSqueezeExcite(nn.Module):
+    """A timm squeeze-excite block whose mean over H, W is a global average pool: the same
+    function, exported as GlobalAveragePool (which onnxruntime runs in int8) instead of
+    ReduceMean (which it runs in float)."""
+
+    def __init__(self, se: nn.Module):
+        super().__init__()
+        self.se = se
+
+    def forward(self, x):
+        return x * se_gate(self.se, F.adaptive_avg_pool2d(x, 1))
+
+
+def pool_squeeze_excite(module: nn.Module) -> int:
+    """Wrap every timm squeeze-excite block in PooledSqueezeExcite, in place; return how many."""
+    count = 0
+    for block in list(module.modules()):
+        if is_squeeze_excite(getattr(block, "se", None)):
+            block.se = PooledSqueezeExcite(block.se)
+            count += 1
+    return count
+
+
+def rewrite_hard_activations(module: nn.Module) -> int:
+    """For int8, in place: fold the hard-sigmoid gates into their convs (fold_se_gates), pool
+    the squeeze-excite blocks as GlobalAveragePool (pool_squeeze_excite), then write the rest in
+    relu6 forms (relu6_forms); return how many changed."""
+    return fold_se_gates(module) + pool_squeeze_excite(module) + relu6_forms(module)
+
+
 CAP_SECONDS = ADAPT_SECONDS  # the longest distillation; the student's settling stops it sooner (docs/export.md)
 CHECK_EVERY = 50  # steps between two reads of the student's loss on fixed clean images
 PATIENCE = 2  # reads in a row without a MIN_GAIN improvement before the learning rate halves

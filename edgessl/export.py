@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import platform
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,12 @@ from torch import nn
 
 from edgessl import data as data_lib
 from edgessl import formats, isolate
-from edgessl.adapt import CAP_SECONDS, distill, is_squeeze_excite, needs_adapting, se_gate, swap_modules
+from edgessl.adapt import CAP_SECONDS, distill, needs_adapting, rewrite_hard_activations
 from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.errors import EdgesslError
 from edgessl.features import features
-from edgessl.onnxrt import (META_KEY, batch_of, latency, latency_side_by_side, ort_features, parity, read_metadata,
+from edgessl.onnxrt import (batch_of, latency, latency_side_by_side, ort_features, parity, read_metadata,
                             session, speedups)
 from edgessl_edge.backends import Backend, open_model
 from edgessl_edge.backends import latency as backend_latency
@@ -59,75 +58,6 @@ def export_module(model: nn.Module, with_head: bool) -> nn.Module:
     if isinstance(model, Classifier):
         return model.eval()
     return Encoder(model.backbone, getattr(model, "head", None) if with_head else None).eval()
-
-
-class HardSwishRelu6(nn.Module):
-    """x * relu6(x + 3) / 6: exactly nn.Hardswish, in ops onnxruntime quantises (Add, Clip, Mul)."""
-
-    def forward(self, x):
-        return x * F.relu6(x + 3.0) * (1.0 / 6.0)
-
-
-class HardSigmoidRelu6(nn.Module):
-    """relu6(x + 3) / 6: exactly nn.Hardsigmoid, quantisable."""
-
-    def forward(self, x):
-        return F.relu6(x + 3.0) * (1.0 / 6.0)
-
-
-def fold_se_gates(module: nn.Module) -> int:
-    """In place, for every squeeze-excite block gated by hard-sigmoid: fold its relu6(s + 3) / 6
-    into the expanding 1x1 conv (weight / 6, bias / 6 + 1/2) and gate with clip(s, 0, 1), the
-    same function; return how many. Clip folds into onnxruntime's int8 conv, so the gate costs
-    no Add and Mul of its own."""
-    count = 0
-    for m in module.modules():
-        expand, gate = getattr(m, "conv_expand", None), getattr(m, "gate", None)
-        if isinstance(expand, nn.Conv2d) and expand.bias is not None and isinstance(gate, nn.Hardsigmoid):
-            with torch.no_grad():
-                expand.weight.div_(6.0)
-                expand.bias.div_(6.0).add_(0.5)
-            m.gate = nn.Hardtanh(0.0, 1.0)
-            count += 1
-    return count
-
-
-def relu6_forms(module: nn.Module) -> int:
-    """Swap nn.Hardswish / nn.Hardsigmoid for their relu6 forms in place; return how many.
-
-    onnxruntime leaves HardSwish / HardSigmoid in float with Q/DQ around each, which made
-    int8 MobileNetV3-small slower than fp32 (docs/export.md)."""
-    return swap_modules(module, {nn.Hardswish: HardSwishRelu6, nn.Hardsigmoid: HardSigmoidRelu6})
-
-
-class PooledSqueezeExcite(nn.Module):
-    """A timm squeeze-excite block whose mean over H, W is a global average pool: the same
-    function, exported as GlobalAveragePool (which onnxruntime runs in int8) instead of
-    ReduceMean (which it runs in float)."""
-
-    def __init__(self, se: nn.Module):
-        super().__init__()
-        self.se = se
-
-    def forward(self, x):
-        return x * se_gate(self.se, F.adaptive_avg_pool2d(x, 1))
-
-
-def pool_squeeze_excite(module: nn.Module) -> int:
-    """Wrap every timm squeeze-excite block in PooledSqueezeExcite, in place; return how many."""
-    count = 0
-    for block in list(module.modules()):
-        if is_squeeze_excite(getattr(block, "se", None)):
-            block.se = PooledSqueezeExcite(block.se)
-            count += 1
-    return count
-
-
-def rewrite_hard_activations(module: nn.Module) -> int:
-    """For int8, in place: fold the hard-sigmoid gates into their convs (fold_se_gates), pool
-    the squeeze-excite blocks as GlobalAveragePool (pool_squeeze_excite), then write the rest in
-    relu6 forms (relu6_forms); return how many changed."""
-    return fold_se_gates(module) + pool_squeeze_excite(module) + relu6_forms(module)
 
 
 def sha256(path: Path) -> str:
@@ -167,93 +97,10 @@ def output_name(state: dict) -> str:
     return "logits" if is_classifier(state) else "features"
 
 
-def _write_onnx_metadata(path: Path, meta: dict) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    model.metadata_props.add(key=META_KEY, value=json.dumps(meta))
-    model.producer_name = "edgessl"
-    onnx.checker.check_model(model)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    atomic_write(path, model.SerializeToString())
-
-
 def run_images(data: data_lib.ImageData, count: int, cfg: Config) -> np.ndarray:
     """`count` real images spread over `data`, normalised as in evaluation: float32 (count, 3, S, S)."""
     idx = torch.linspace(0, len(data) - 1, min(count, len(data))).long()
     return normalize(data.images[idx], cfg.data.mean, cfg.data.std).numpy()
-
-
-class _Calibration:
-    """onnxruntime CalibrationDataReader over real images, in batches of `batch` (a file with a
-    fixed batch gets exactly that many: the last batch is filled up by repeating images)."""
-
-    def __init__(self, images: np.ndarray, name: str, batch: int = 32, fixed: bool = False):
-        self.batches = iter([{name: batch_of(images[i:i + batch], batch) if fixed else images[i:i + batch]}
-                             for i in range(0, len(images), batch)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-    def rewind(self):  # pragma: no cover - only some calibrators rewind
-        pass
-
-
-def int8_weight_bits() -> int:
-    """8, or 7 on an x86 CPU without VNNI: there onnxruntime's U8S8 kernels sum pairs of uint8 x
-    int8 products in int16 (pmaddubsw), which full-range weights can saturate, so its docs advise
-    `reduce_range`. With VNNI (and on ARM) the sums are int32 and the eighth bit is accuracy
-    (docs/export.md)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return 8
-    vnni = getattr(torch.cpu, "_is_vnni_supported", None)  # private in torch 2.x: absent means no
-    return 8 if vnni and vnni() else 7
-
-
-def quantize_int8(fp32_path: Path, out: Path, calib: np.ndarray, weight_bits: int = 8, **options) -> None:
-    """Static QDQ: uint8 activations, int8 per-channel weights (7 bits: `reduce_range`), calibrated
-    on `calib` (min-max). U8S8 is onnxruntime's fast path; S8S8 ran 4-6x slower on the CPUs
-    measured (docs/export.md). `options` go to onnxruntime's quantize_static
-    (calibrate_method, nodes_to_exclude, ...)."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    fixed = onnx.load(str(fp32_path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value  # 0: dynamic
-    reader = type("Reader", (_Calibration, CalibrationDataReader), {})(calib, "images", fixed or 32, bool(fixed))
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        **options)
-
-
-def convert_fp16(fp32_path: Path, out: Path) -> None:
-    """fp16 weights and activations, float32 input and output (keep_io_types)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-    topological_sort(model.graph)  # the converter appends its input Casts after their consumers
-    onnx.save(model, str(out))
-
-
-def topological_sort(graph) -> None:
-    """Reorder graph.node so every node follows the producers of its inputs (ONNX requires it)."""
-    produced = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in produced for i in n.input)]
-        if not ready:
-            raise EdgesslError("fp16 conversion produced a graph with a cycle or a dangling input")
-        for n in ready:
-            ordered.append(n)
-            produced.update(n.output)
-        pending = [n for n in pending if all(n is not r for r in ready)]
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", calib: Optional[str] = None,
@@ -290,7 +137,7 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
     meta = metadata(cfg, state, job.encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
     meta["runtime"] = fmt
     if precision == "int8":
-        meta["int8_weight_bits"] = int8_weight_bits() if fmt == "onnx" else 8
+        meta["int8_weight_bits"] = formats.int8_weight_bits() if fmt == "onnx" else 8
         meta["int8_network"] = "relu_student" if job.adapted else "as_trained"
     if job.adapted:
         a = job.adapted
@@ -343,28 +190,12 @@ def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, a
 
 def write_file(module: nn.Module, spec: formats.Format, precision: str, folder: Path, name: str, meta: dict,
                images: np.ndarray, batch, opset: int, output: str) -> Path:
-    """Write `module` as FOLDER/NAME.SUFFIX (+ NAME.json) in `spec`'s format; return the model path."""
+    """Write `module` as FOLDER/NAME.SUFFIX (+ NAME.json) by `spec`'s writer; return the model path."""
     path = folder / f"{name}{spec.suffix}"
-    onnx_fp32 = folder / f"{name}.fp32.onnx"
     isolate.step(f"writing {path.name}")
-    if spec.name == "onnx" and precision == "int8":
-        rewrite_hard_activations(module)  # onnxruntime's int8 ops: the relu6 forms, gates folded
-    if spec.name in ("onnx", "openvino"):
-        torch_export(module, onnx_fp32, images.shape[-1], batch, opset, output)
-    if spec.name == "onnx":
-        if precision == "int8":
-            isolate.step(f"quantising {path.name}")
-            quantize_int8(onnx_fp32, path, images, meta["int8_weight_bits"])
-        elif precision == "fp16":
-            convert_fp16(onnx_fp32, path)
-        else:
-            onnx_fp32.rename(path)
-        _write_onnx_metadata(path, meta)
-    elif spec.name == "openvino":
-        formats.write_openvino(onnx_fp32, path, precision, images, meta)
-    else:
-        writer = formats.write_litert if spec.name == "litert" else formats.write_executorch
-        writer(module, path, precision, images, int(batch))
+    if precision == "int8" and spec.relu6_forms:
+        rewrite_hard_activations(module)  # the runtime's int8 ops: the relu6 forms, gates folded
+    spec.writer(module, path, precision, images, batch, opset, output, meta)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     return path
 
@@ -490,21 +321,6 @@ def knn_change(encoder: nn.Module, model: Backend, cfg: Config, train: data_lib.
            "export": heldout_knn(exported, train, val, cfg.run.knn_k)}
     return {"knn_torch_fp32": acc["torch_fp32"], "knn_export": acc["export"],
             "knn_change": acc["export"] - acc["torch_fp32"]}
-
-
-def torch_export(encoder: nn.Module, path: Path, size: int, batch, opset: int, output: str = "features") -> None:
-    """The TorchScript-based exporter (dynamo=False): parity <= 8e-6 on these backbones
-    (docs/export.md), sub-second, and no onnxscript dependency; the dynamo exporter failed
-    on timm's MobileNetV3 with a dynamic batch here."""
-    import warnings
-
-    fixed = batch != "dynamic"
-    dummy = torch.zeros(int(batch) if fixed else 2, 3, size, size)  # batch >= 2: no batch-1 specialisation
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(encoder, (dummy,), str(path), input_names=["images"], output_names=[output],
-                          opset_version=opset, dynamo=False, external_data=False,
-                          dynamic_axes=None if fixed else {"images": {0: "batch"}, output: {0: "batch"}})
 
 
 def check(model_path: str | Path, against: Optional[str] = None, data: Optional[str] = None,

@@ -10,7 +10,8 @@ import torch
 
 from conftest import make_npz, tiny_config
 from edgessl import EdgesslError, load_backbone
-from edgessl.export import Encoder, check, export_model, export_timm, int8_weight_bits
+from edgessl.export import Encoder, check, export_model, export_timm
+from edgessl.formats import int8_weight_bits
 from edgessl.onnxrt import read_metadata, session
 from edgessl.runs import load_run
 from edgessl.train import pretrain
@@ -241,7 +242,8 @@ def test_folded_se_gates_compute_the_same_features_and_export_as_clip(tmp_path):
     import copy
 
     from edgessl.backbones import create_backbone
-    from edgessl.export import HardSigmoidRelu6, fold_se_gates, rewrite_hard_activations, torch_export
+    from edgessl.adapt import HardSigmoidRelu6, fold_se_gates, rewrite_hard_activations
+    from edgessl.formats import torch_export
 
     torch.manual_seed(0)
     net = create_backbone("mobilenetv3", 32).eval()
@@ -309,7 +311,7 @@ def test_neighbour_kl_against_a_naive_loop_and_an_exact_value():
 def test_int8_weights_keep_eight_bits_unless_x86_lacks_vnni(monkeypatch):
     import platform
 
-    from edgessl import export
+    from edgessl import formats as export  # (the ONNX writer's)
 
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert export.int8_weight_bits() == 8
