@@ -185,7 +185,7 @@ def check(model: str | Path, against: Optional[str | Path] = None, data: Optiona
           batch_sizes: str | Sequence[int] = "1,8,32", threads: int = 0, profile: bool = False) -> dict:
     """`edgessl check MODEL.onnx`: parity against a run (`against`) and latency per batch size
     through onnxruntime; with `profile`, the time per operator type. Recorded in the run's exports."""
-    from edgessl import export as export_lib
+    from edgessl.check import check as check_file
 
     if isinstance(batch_sizes, str):
         try:
@@ -197,10 +197,10 @@ def check(model: str | Path, against: Optional[str | Path] = None, data: Optiona
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise EdgesslError(f"--threads must be 0 (the runtime's default) or more, got {threads!r}")
     if against is None:
-        return export_lib.check(model, None, data, tuple(batch_sizes), threads or None, profile=profile)
+        return check_file(model, None, data, tuple(batch_sizes), threads or None, profile=profile)
     Run(against)  # a wrong run directory is one line before anything is written
     with run_lock(Path(against), shared=True):
-        return export_lib.check(model, str(against), data, tuple(batch_sizes), threads or None, profile=profile)
+        return check_file(model, str(against), data, tuple(batch_sizes), threads or None, profile=profile)
 
 
 def probe(source: str | Path, train: Optional[str], test: Optional[str], knn_k: int = config_lib.KNN_K, linear: bool = False,

@@ -10,7 +10,8 @@ import torch
 
 from conftest import make_npz, tiny_config
 from edgessl import EdgesslError, load_backbone
-from edgessl.export import Encoder, check, export_model, export_timm
+from edgessl.check import check
+from edgessl.export import Encoder, export_model, export_timm
 from edgessl.formats import int8_weight_bits
 from edgessl.onnxrt import read_metadata, session
 from edgessl.runs import load_run

@@ -14,7 +14,7 @@ LAYERS = [
     {"edgessl", "edgessl.__main__"},  # the package facade (lazy edgessl.pretrain & co.) and `python -m edgessl`
     {"edgessl.cli"},
     {"edgessl.api"},
-    {"edgessl.train", "edgessl.benchmark"},
+    {"edgessl.train", "edgessl.benchmark", "edgessl.check"},
     {"edgessl.finetuning", "edgessl.export"},
     {"edgessl.report", "edgessl.embed", "edgessl.selection"},
     {"edgessl.probe", "edgessl.adapt", "edgessl.recipe"},
