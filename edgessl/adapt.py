@@ -29,7 +29,7 @@ from edgessl.config import ADAPT_SECONDS, Config
 from edgessl.depthwise import fast_depthwise, plain_depthwise
 from edgessl.features import features
 from edgessl.device import grad_scaler
-from edgessl.optim import guarded_step, set_lr
+from edgessl.optim import guarded_step, make_optimizer, param_groups, set_lr
 
 
 def swap_hardswish(module: nn.Module) -> int:
@@ -284,7 +284,7 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
     fast_depthwise(student)  # the faster CPU backward (edgessl.depthwise): more steps in the budget
     student.train()
     augment = BatchAugment(cfg.augment, images.shape[-1], cfg.data.mean, cfg.data.std)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    opt = make_optimizer(param_groups(student, 0.0), "adamw", lr)
     clean = round(clean_fraction * batch_size)  # images as deployed (flipped at random), the rest augmented
     bank = feature_bank(teacher, images, cfg) if neighbours else None
 

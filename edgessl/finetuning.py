@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgessl import checkpoint, data as data_lib
-from edgessl.augment import BatchAugment, normalize
+from edgessl.augment import BatchAugment
 from edgessl.config import AUTO, AugmentConfig, FinetuneConfig, finetune_config, to_dict
 from edgessl.depthwise import fast_depthwise
 from edgessl.features import features
 from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
-from edgessl.optim import check_finite, guarded_step, set_lr
+from edgessl.optim import check_finite, guarded_step, make_optimizer, param_groups, set_lr
 from edgessl.runfiles import CsvLog, check_run_dir, run_lock
 from edgessl.runs import (Classifier, build_classifier, check_run_data, data_record, is_classifier, load_encoder,
                           run_config)
@@ -162,16 +162,14 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     model = (build_classifier(state) if state is not None else Classifier(encoder, len(classes))).to(dev).train()
     if dev.type == "cpu":
         fast_depthwise(model)  # the faster CPU backward of depthwise convolutions (edgessl.depthwise)
-    groups = [{"params": model.backbone.parameters(), "lr_scale": ft.backbone_lr_scale},
-              {"params": model.fc.parameters(), "lr_scale": 1.0}]
+    groups = param_groups(model, ft.weight_decay, {model.backbone: ft.backbone_lr_scale, model.fc: 1.0})
     stored = {k: v for k, v in dataclasses.asdict(ft).items() if k not in RUN_ONLY}
     bs = min(ft.batch_size, len(train))
     prec = resolve_precision(ft.precision, dev)
     semi = unlabelled is not None
     ub = min(ft.batch_size, len(unlabelled)) if semi else 0
     epochs = ft.epochs if ft.epochs != AUTO else SEMI_EPOCHS if semi else LABELLED_EPOCHS
-    return Tuning(ft, model, torch.optim.SGD(groups, lr=ft.lr, momentum=0.9, weight_decay=ft.weight_decay,
-                                             nesterov=True), grad_scaler(dev, prec),
+    return Tuning(ft, model, make_optimizer(groups, "sgd", ft.lr, nesterov=True), grad_scaler(dev, prec),
                   BatchAugment(FINETUNE_AUGMENT, source.backbone["image_size"], *_norm(source.config)),
                   train, test, classes,
                   {**source.config, "finetune": {"source": source.path, **stored, "n_labelled": len(train),

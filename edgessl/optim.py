@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -9,11 +10,33 @@ from edgessl import distributed
 from edgessl.errors import EdgesslError
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices and kernels only, not on biases and norm weights."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 lr_scales: Optional[dict[torch.nn.Module, float]] = None) -> list[dict]:
+    """The one weight decay rule: on weight matrices and kernels only, not on biases and norm
+    weights. `lr_scales`: a pair of groups per part of the model, each with its learning-rate scale."""
+    parts = lr_scales or {model: None}
+    groups = []
+    for part, scale in parts.items():
+        params = list(part.parameters())
+        pair = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        groups += [{**g, "lr_scale": scale} for g in pair] if scale is not None else pair
+    return groups
+
+
+def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float = 0.9, nesterov: bool = False,
+                   fused: bool = True, capturable: bool = False) -> torch.optim.Optimizer:
+    """The one optimizer factory (pretraining, fine-tuning, the int8 student): SGD or AdamW over
+    param_groups' groups; torch's fused kernel where it has one (CPU and CUDA), the for-loop
+    elsewhere. `capturable`: AdamW's step count stays on the device, so a CUDA graph can hold its
+    step (SGD has none)."""
+    devices = {p.device.type for g in groups for p in g["params"]}
+    kernel = {"fused": True} if fused and devices <= {"cpu", "cuda"} else {}
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, **kernel, **({"capturable": True} if capturable else {}))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **kernel)
+    raise ValueError(f"unknown optimizer {name!r}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -34,7 +34,7 @@ from edgessl.device import autocast, grad_scaler, peak_mem_mb, precision_why, re
 from edgessl.errors import EdgesslError
 from edgessl.knn import heldout_knn, pixels_margin
 from edgessl.methods import create_method, loss_parts, method_class
-from edgessl.optim import check_finite, guarded_step, param_groups, set_lr
+from edgessl.optim import check_finite, guarded_step, make_optimizer, param_groups, set_lr
 from edgessl.runfiles import RunFiles, check_run_dir, run_lock
 from edgessl.runs import check_run_data, data_record
 from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs, size_at
@@ -124,7 +124,7 @@ def build(cfg: Config, decide: bool = True) -> Setup:
     graph = cfg.run.capture is True and note is None
     s = Setup(cfg=cfg, device=device, precision=precision, train=train.to(device),
               val=val.to(device) if val is not None else None, image_size=size, model=model,
-              optimizer=make_optimizer(cfg, model, capturable=graph), scaler=grad_scaler(device, precision),
+              optimizer=pretraining_optimizer(cfg, model, capturable=graph), scaler=grad_scaler(device, precision),
               augment=BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
               steps_per_epoch=len(train) // (cfg.optim.batch_size * world), rank=rank, world=world,
               forward=forward, data_identity=data_record(train, val), choices=choices,
@@ -195,16 +195,11 @@ def method_args(cfg: Config, train: data_lib.ImageData) -> dict:
     return {"num_classes": len(train.classes)}
 
 
-def make_optimizer(cfg: Config, model: torch.nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
-    """SGD (released recipe) or AdamW; no weight decay on biases and norm weights; torch's fused
-    kernel where it has one (optim.fused: CPU and CUDA), the for-loop elsewhere. `capturable`: AdamW's
-    step count stays on the device, so a CUDA graph can hold its step (SGD has none)."""
-    groups = param_groups(model, cfg.optim.weight_decay)
-    devices = {p.device.type for p in model.parameters()}
-    fused = {"fused": True} if cfg.optim.fused and devices <= {"cpu", "cuda"} else {}
-    if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.optim.lr, **fused, **({"capturable": True} if capturable else {}))
-    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, **fused)
+def pretraining_optimizer(cfg: Config, model: torch.nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
+    """optim.name (SGD, the released recipe, or AdamW) over the whole method module."""
+    o = cfg.optim
+    return make_optimizer(param_groups(model, o.weight_decay), o.name, o.lr, o.momentum, fused=o.fused,
+                          capturable=capturable)
 
 
 def eager():

@@ -368,7 +368,7 @@ def test_optimizer_step_reports_a_skipped_fp16_step_without_reading_the_scale(fu
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_the_fused_optimizer_makes_the_for_loops_update(name):
     from edgessl.config import from_dict
-    from edgessl.train import make_optimizer
+    from edgessl.train import pretraining_optimizer as make_optimizer
 
     torch.manual_seed(0)
     # no bias before the BatchNorm: its gradient is float noise, which Adam would scale up to lr-sized steps
@@ -398,3 +398,20 @@ def test_the_usage_page_names_exactly_the_keys_a_resume_may_change():
     page = (REPO / "docs" / "usage.md").read_text()
     named = re.search(r"resume keys: (.*?)\);", page, re.S).group(1)
     assert set(re.findall(r"`([a-z_]+\.[a-z_]+)`", named)) == {f"{s}.{k}" for s, k in BUDGET_KEYS}
+
+
+def test_one_weight_decay_rule_with_a_learning_rate_scale_per_part():
+    """param_groups, which pretraining, fine-tuning and the int8 student all use: weight decay on
+    kernels and matrices only, in every part, each part's pair with its learning-rate scale."""
+    from edgessl.optim import make_optimizer, param_groups
+
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    head = torch.nn.Linear(4, 2)
+    groups = param_groups(torch.nn.Sequential(body, head), 0.1, {body: 0.5, head: 1.0})
+    assert [(g["weight_decay"], g["lr_scale"], [tuple(p.shape) for p in g["params"]]) for g in groups] == [
+        (0.1, 0.5, [(4, 3, 3, 3)]), (0.0, 0.5, [(4,), (4,), (4,)]), (0.1, 1.0, [(2, 4)]), (0.0, 1.0, [(2,)])]
+    opt = make_optimizer(groups, "sgd", 0.2, nesterov=True)
+    from edgessl.optim import set_lr
+
+    set_lr(opt, 0.2)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1, 0.2, 0.2] and opt.defaults["nesterov"]
