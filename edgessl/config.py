@@ -172,7 +172,7 @@ class OptimConfig:
     minutes: Optional[float] = setting(None, flag="--minutes", parse=float,
                                        help="Budget: stop at the first epoch end after this many minutes.")
     # torch's fused optimizer kernel (one pass over each tensor) on CPU and CUDA: the same update to float rounding,
-    # 3-7 ms less of a 73-97 ms 32 px step on 2 cores (docs/benchmarks.md)
+    # a shorter step (docs/benchmarks.md, "The step")
     fused: bool = True
 
 
@@ -183,7 +183,7 @@ class RunConfig:
     precision: str = setting("auto", flag="--precision", choices=("auto", "bf16", "fp16", "fp32"),
                              help="auto: bf16 on CUDA and on a CPU with AMX, fp32 on other CPUs.")
     threads: int = 0  # intra-op threads for the network; 0: torch's default
-    # threads for the augmentation alone; 0: the same as the network (8.0 ms/batch on 2 threads against 12.5 on 1,
+    # threads for the augmentation alone; 0: the same as the network (more threads augmented faster:
     # scripts/bench_step.py, so the default does not pin it)
     augment_threads: int = 0
     monitor_every: int = 1  # kNN monitor every N epochs (needs labels); 0: off

@@ -1,10 +1,9 @@
 """A faster CPU backward for depthwise convolutions, the bulk of a MobileNet training step.
 
 PyTorch's CPU kernel for the weight gradient of a depthwise convolution (groups == channels)
-is slow for 5x5 kernels on the small feature maps of small inputs: over 576 channels of 2x2
-maps, batch 64, it took 39 ms for a few million multiply-adds, against about 1 ms for the
-forward pass, and the 5x5 depthwise backward was about a third of a MobileNetV3-small step
-at 32 px on this project's 2-core machine (docs/benchmarks.md, "The step").
+is slow for 5x5 kernels on the small feature maps of small inputs: many times the forward
+pass for a few million multiply-adds, and a large share of a MobileNetV3-small step at 32 px
+(docs/benchmarks.md, "The step").
 The same gradient is two other calls that are fast there:
 
 - maps of at most SMALL_MAP pixels: a grouped convolution of the input with the output
@@ -12,8 +11,8 @@ The same gradient is two other calls that are fast there:
 - larger maps: PyTorch's own weight-gradient kernel on channels-last copies.
 
 Under bf16 autocast on the CPU the depthwise convolutions compute in fp32 (the rest of the
-network in bf16): PyTorch's bf16 depthwise backward made a bf16 MobileNetV3 step 0.6x the
-speed of fp32, and with it in fp32 the pointwise convolutions get bf16's speed (AMX) alone.
+network in bf16): PyTorch's bf16 depthwise backward made a bf16 MobileNetV3 step slower than
+fp32, and with it in fp32 the pointwise convolutions get bf16's speed (AMX) alone.
 
 The forward pass and the input gradient stay PyTorch's own. The numbers are the same to
 float rounding (tests/test_depthwise.py checks both against autograd). `fast_depthwise(model)`

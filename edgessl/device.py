@@ -2,10 +2,8 @@
 
 "Mixed precision" is measured per device: on CUDA bf16 (or fp16 with a GradScaler); on a
 CPU with bf16 matrix units (Intel AMX) bf16, and fp32 on other CPUs, where bf16 autocast
-ran 2.4x slower than fp32 (docs/benchmarks.md, "The step"). With AMX a MobileNetV3-small
-step at 32 / 64 px ran 0.99x / 1.06x in bf16 alone (depthwise convolutions kept in fp32, see
-edgessl.depthwise) and 1.42x / 1.52x with the backbone compiled, against 1.31x / 1.32x
-compiled in fp32 (docs/benchmarks.md, "The step").
+ran slower than fp32. The step's numbers on both kinds of CPU, with the depthwise convolutions
+kept in fp32 (edgessl.depthwise) and with the backbone compiled: docs/benchmarks.md, "The step".
 """
 from __future__ import annotations
 

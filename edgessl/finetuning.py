@@ -36,7 +36,7 @@ FINETUNE_AUGMENT = AugmentConfig(crop_scale=(0.35, 1.0), jitter_prob=0.0, graysc
 FIELDS = ["epoch", "step", "loss", "lr_head", "seconds", "test_top1"]
 RUN_ONLY = ("device", "precision")  # settings a resume may change: where it runs, not what it learns
 LABELLED_EPOCHS = 30  # epochs over the labelled images alone (--unlabelled none)
-SEMI_EPOCHS = 6  # epochs over the unlabelled images: under 2 minutes for 2,300 photos at 96 px on 2 cores
+SEMI_EPOCHS = 6  # epochs over the unlabelled images (their cost: docs/benchmarks.md, "Few labels")
 UNLABELLED_WEIGHT = 1.0  # the pseudo-labelled loss against the labelled one
 AUTO_MIN_PER_CLASS = 5  # --unlabelled auto propagates from this many labelled images in the median class
 

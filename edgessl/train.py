@@ -205,8 +205,7 @@ def pretraining_optimizer(cfg: Config, model: torch.nn.Module, capturable: bool 
 def eager():
     """A context in which a compiled backbone (run.compile) runs eager: the passes outside the
     training step (bank calibration, kNN monitor) would each compile graphs of their own (eval
-    mode, no grad, other batch sizes), which took about a minute on 2 cores for a few seconds
-    of work."""
+    mode, no grad, other batch sizes), each costing far more than their few seconds of work."""
     return torch.compiler.set_stance("force_eager")
 
 
