@@ -60,13 +60,13 @@ def resolve_config(out: str | Path, config: Optional[str | Path | dict] = None, 
                    **overrides) -> Config:
     """The run's config: stored (resume) or the defaults, the method's preset, a YAML recipe (or
     dict), then the overrides. A minute budget without an epoch count fits the schedule to it."""
-    from edgessl.train import config_from_checkpoint
+    from edgessl.rebuild import read_state, run_config
 
     given = nest(overrides)
     if resume:
         if config is not None:
             raise EdgesslError("--resume uses the run's stored config; drop --config")
-        return config_lib.from_dict(given, config_from_checkpoint(out))
+        return config_lib.from_dict(given, run_config(read_state(out)))
     recipe = config if isinstance(config, dict) else config_lib.load_yaml(config) if config else {}
     name = given.get("method", {}).get("name") or recipe.get("method", {}).get("name", "memdistill")
     if name not in METHODS:
@@ -94,7 +94,7 @@ class Run:
     """A run directory (`edgessl pretrain` or `edgessl finetune`), opened from its checkpoint."""
 
     def __init__(self, path: str | Path, summary: Optional[dict] = None):
-        from edgessl.runs import read_state
+        from edgessl.rebuild import read_state
 
         self.path = Path(path)
         self._state = read_state(self.path)
@@ -109,7 +109,7 @@ class Run:
 
     @property
     def config(self) -> Config:
-        from edgessl.runs import run_config
+        from edgessl.rebuild import run_config
 
         return run_config(self._state)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from edgessl import formats, isolate
-from edgessl.adapt import CAP_SECONDS
+from edgessl.student import CAP_SECONDS
 from edgessl.errors import EdgesslError
 from edgessl.export import ADAPT_MAX_KNN_LOSS, MIN_TOP1_AGREEMENT, export_model
 from edgessl.runfiles import BENCHMARK, atomic_write

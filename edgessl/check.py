@@ -15,7 +15,7 @@ from edgessl.augment import normalize
 from edgessl.export import export_module
 from edgessl.onnxrt import latency, ort_features, parity, read_metadata, session
 from edgessl.runfiles import record_export
-from edgessl.runs import load_run
+from edgessl.rebuild import load_run
 
 
 def check(model_path: str | Path, against: Optional[str] = None, data: Optional[str] = None,

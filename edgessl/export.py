@@ -23,7 +23,7 @@ from torch import nn
 
 from edgessl import data as data_lib
 from edgessl import formats, isolate
-from edgessl.adapt import CAP_SECONDS, distill, needs_adapting, rewrite_hard_activations
+from edgessl.student import CAP_SECONDS, distill, needs_adapting, rewrite_hard_activations
 from edgessl.augment import normalize
 from edgessl.config import Config
 from edgessl.errors import EdgesslError
@@ -32,7 +32,7 @@ from edgessl.onnxrt import batch_of, latency_side_by_side, parity, speedups
 from edgessl_edge.backends import Backend, open_model
 from edgessl_edge.backends import latency as backend_latency
 from edgessl.runfiles import atomic_write, record_export
-from edgessl.runs import Classifier, check_run_data, is_classifier, load_run
+from edgessl.rebuild import Classifier, check_run_data, is_classifier, load_run
 from edgessl.version import __version__
 
 # The export's own bar for an fp32 file: max abs diff <= 1e-4 of the feature scale
@@ -113,7 +113,7 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
     int8 of a pretraining run whose backbone has hard-swish or squeeze-excite blocks
     (MobileNetV3), with `adapt` (None: the format's choice, formats.Format.int8_student): the
     exported network is a student without them (ReLU, mean gates folded) distilled from it for
-    `adapt_seconds` (edgessl.adapt); the kNN change is then measured against the original
+    `adapt_seconds` (edgessl.student); the kNN change is then measured against the original
     network in torch fp32, so it states what the adaptation and int8 cost together. fp16 and
     int8 files are timed against the same runtime's fp32 file of the run, side by side
     (`speedup_vs_fp32`). A format with one batch size per file (LiteRT, ExecuTorch) writes

@@ -27,7 +27,7 @@ from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precis
 from edgessl.errors import EdgesslError
 from edgessl.optim import check_finite, guarded_step, make_optimizer, param_groups, set_lr
 from edgessl.runfiles import CsvLog, check_run_dir, run_lock
-from edgessl.runs import (Classifier, build_classifier, check_run_data, data_record, is_classifier, load_encoder,
+from edgessl.rebuild import (Classifier, build_classifier, check_run_data, data_record, is_classifier, load_encoder,
                           run_config)
 from edgessl.schedule import lr_at
 

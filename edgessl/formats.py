@@ -39,7 +39,7 @@ class Format:
     packages: tuple[str, ...]  # what the writer imports beyond the core (the extra of the same name has them)
     why: str  # the int8 choice, in one line
     threads: tuple[int, ...] = (1, 0)  # thread counts it is timed at (0: the runtime's default)
-    relu6_forms: bool = False  # int8 rewrites hard-swish / hard-sigmoid into ops the runtime quantises (edgessl.adapt)
+    relu6_forms: bool = False  # int8 rewrites hard-swish / hard-sigmoid into ops the runtime quantises (edgessl.student)
 
     @property
     def writer(self):

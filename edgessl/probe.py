@@ -61,7 +61,7 @@ def untrained_features(name: str):
 
 
 def run_features(run_dir: Path):
-    from edgessl.runs import load_run
+    from edgessl.rebuild import load_run
 
     model, cfg, state = load_run(run_dir)
     backbone = model.backbone.eval()
@@ -135,7 +135,7 @@ def probe(source: str, train_spec: Optional[str], test_spec: Optional[str], knn_
     if train_spec is None and test_spec is None:
         if not Path(source).is_dir():
             raise EdgesslError("probing needs --train and --test (only a run has its own split)")
-        from edgessl.runs import read_state, run_config
+        from edgessl.rebuild import read_state, run_config
 
         train, test = data_lib.load_split(run_config(read_state(source)).data)
         if test is None:

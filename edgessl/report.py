@@ -20,7 +20,7 @@ import yaml
 from edgessl import data as data_lib
 from edgessl.errors import EdgesslError
 from edgessl.runfiles import BENCHMARK, EXPORTS, atomic_write
-from edgessl.runs import check_run_data, is_classifier, read_state, run_config
+from edgessl.rebuild import check_run_data, is_classifier, read_state, run_config
 
 
 

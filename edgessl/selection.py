@@ -47,7 +47,7 @@ def pool(run_dir: str | Path, spec: Optional[str] = None) -> Pool:
     """The run's training images (or `spec`'s), embedded by the run's encoder once and kept in
     RUN/features/, keyed by the images and the checkpoint."""
     from edgessl.probe import run_features
-    from edgessl.runs import read_state, run_config
+    from edgessl.rebuild import read_state, run_config
 
     run_dir = Path(run_dir)
     state = read_state(run_dir)

@@ -36,7 +36,7 @@ from edgessl.knn import heldout_knn, pixels_margin
 from edgessl.methods import create_method, loss_parts, method_class
 from edgessl.optim import check_finite, guarded_step, make_optimizer, param_groups, set_lr
 from edgessl.runfiles import RunFiles, check_run_dir, run_lock
-from edgessl.runs import check_run_data, data_record
+from edgessl.rebuild import check_run_data, data_record
 from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs, size_at
 
 # what --resume may change: the budget, where images live, whether a report is written, how the step is computed
@@ -549,8 +549,3 @@ def summary(s: Setup, files: RunFiles, pos: Position, log, stopped: bool = False
         lines.append(f"stopped    at step {pos.step}, checkpoint saved: --resume continues the run")
     log("\n".join(lines))
     return out
-
-
-def config_from_checkpoint(run_dir: str | Path) -> Config:
-    """The stored config of a run (what --resume starts from)."""
-    return from_dict(checkpoint.load(Path(run_dir) / "checkpoint.pt")["config"])

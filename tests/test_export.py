@@ -14,7 +14,7 @@ from edgessl.check import check
 from edgessl.export import Encoder, export_model, export_timm
 from edgessl.formats import int8_weight_bits
 from edgessl.onnxrt import read_metadata, session
-from edgessl.runs import load_run
+from edgessl.rebuild import load_run
 from edgessl.train import pretrain
 
 pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
@@ -184,7 +184,7 @@ def test_check_profile_names_the_float_islands_of_an_int8_graph(run_dir, tmp_pat
 
 
 def test_hardswish_student_is_relu_and_distillation_moves_it_towards_the_teacher(run_dir):
-    from edgessl.adapt import distill, needs_adapting, swap_hardswish
+    from edgessl.student import distill, needs_adapting, swap_hardswish
     from edgessl.data import load_split
 
     model, cfg, _ = load_run(run_dir)
@@ -204,7 +204,7 @@ def test_hardswish_student_is_relu_and_distillation_moves_it_towards_the_teacher
 def test_se_blocks_fold_to_their_mean_gate_exactly():
     import copy
 
-    from edgessl.adapt import fold_se_means, squeeze_excite_blocks
+    from edgessl.student import fold_se_means, squeeze_excite_blocks
     from edgessl.backbones import create_backbone
 
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def test_folded_se_gates_compute_the_same_features_and_export_as_clip(tmp_path):
     import copy
 
     from edgessl.backbones import create_backbone
-    from edgessl.adapt import HardSigmoidRelu6, fold_se_gates, rewrite_hard_activations
+    from edgessl.student import HardSigmoidRelu6, fold_se_gates, rewrite_hard_activations
     from edgessl.formats import torch_export
 
     torch.manual_seed(0)
@@ -290,7 +290,7 @@ def test_int8_classifier_warns_when_under_99_percent_of_top1_classes_agree():
 def test_neighbour_kl_against_a_naive_loop_and_an_exact_value():
     import math
 
-    from edgessl.adapt import neighbour_kl
+    from edgessl.student import neighbour_kl
 
     torch.manual_seed(0)
     s, t, bank = torch.randn(5, 7), torch.randn(5, 7), torch.nn.functional.normalize(torch.randn(11, 7), dim=1)
@@ -335,7 +335,7 @@ def test_the_student_stops_when_it_settles_not_when_the_clock_says():
     """train_for reads the probe every CHECK_EVERY steps; a probe that never improves after its first
     read halves the learning rate every PATIENCE reads and settles after DECAYS halvings: exactly
     (1 + PATIENCE * (DECAYS + 1)) * CHECK_EVERY steps, however fast the CPU. The clock is a cap."""
-    from edgessl import adapt
+    from edgessl import student as adapt
 
     w = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.SGD([w], lr=0.1)

@@ -12,7 +12,7 @@ from edgessl import EdgesslError, checkpoint
 from edgessl.check import check
 from edgessl.export import export_model
 from edgessl.onnxrt import read_metadata, session
-from edgessl.runs import load_run
+from edgessl.rebuild import load_run
 from edgessl.finetuning import AUTO_MIN_PER_CLASS, finetune, stratified_subset, unlabelled_mode
 
 pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, make_npz, tiny_config
 from edgessl import EdgesslError
 from edgessl.export import Encoder, export_model
-from edgessl.runs import load_run
+from edgessl.rebuild import load_run
 from edgessl.train import pretrain
 
 sys.path.insert(0, str(REPO / "export"))
