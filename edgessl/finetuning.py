@@ -102,7 +102,7 @@ def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str
     an uninterrupted run's. `stop_at_epoch` stops after that epoch's checkpoint (what a
     preemption does; the resume test uses it). The run directory is locked while it trains."""
     out = Path(out)
-    _check_out(out, resume)
+    check_run_dir(out, resume)
     state = _resume_state(out) if resume else None
     if state is None:
         if label_fraction is None and labels_per_class is None and not settings.get("labels"):
@@ -122,16 +122,8 @@ def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str
         encoder = None
     t = build(ft, source, state, encoder)
     with run_lock(out):
-        _check_out(out, resume, locked=True)  # a run that ended in `out` while this one was being built
+        check_run_dir(out, resume, locked=True)  # a run that ended in `out` while this one was being built
         return _train(t, out, state, progress, stop_at_epoch, log)
-
-
-def _check_out(out: Path, resume: bool, locked: bool = False) -> None:
-    if resume and not (out / "checkpoint.pt").exists():
-        raise EdgesslError(f"nothing to resume: {out} holds no checkpoint.pt")
-    if not resume and (out / "checkpoint.pt").exists():
-        raise EdgesslError(f"{out} already holds a run; choose another --out (or --resume it)")
-    check_run_dir(out, resume, locked=locked)  # writable, with room for checkpoints
 
 
 def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Optional[nn.Module]) -> Tuning:
@@ -160,7 +152,8 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     train, test = train.subset(subset).to(dev), test.to(dev) if test is not None else None
     classes = train.classes or [str(c) for c in range(int(train.labels.max()) + 1)]
     model = (build_classifier(state) if state is not None else Classifier(encoder, len(classes))).to(dev).train()
-    if dev.type == "cpu":
+    run = source.config["run"]  # the pretraining run's kernel settings, as its own steps used them
+    if dev.type == "cpu" and run.get("fast_depthwise", True):
         fast_depthwise(model)  # the faster CPU backward of depthwise convolutions (edgessl.depthwise)
     groups = param_groups(model, ft.weight_decay, {model.backbone: ft.backbone_lr_scale, model.fc: 1.0})
     stored = {k: v for k, v in dataclasses.asdict(ft).items() if k not in RUN_ONLY}
@@ -169,7 +162,8 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     semi = unlabelled is not None
     ub = min(ft.batch_size, len(unlabelled)) if semi else 0
     epochs = ft.epochs if ft.epochs != AUTO else SEMI_EPOCHS if semi else LABELLED_EPOCHS
-    return Tuning(ft, model, make_optimizer(groups, "sgd", ft.lr, nesterov=True), grad_scaler(dev, prec),
+    return Tuning(ft, model, make_optimizer(groups, "sgd", ft.lr, nesterov=True,
+                                             fused=source.config["optim"].get("fused", True)), grad_scaler(dev, prec),
                   BatchAugment(FINETUNE_AUGMENT, source.backbone["image_size"], *_norm(source.config)),
                   train, test, classes,
                   {**source.config, "finetune": {"source": source.path, **stored, "n_labelled": len(train),

@@ -281,10 +281,11 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
         folded = fold_se_means(student, normalize(images[idx], cfg.data.mean, cfg.data.std))
     else:
         folded = 0
-    fast_depthwise(student)  # the faster CPU backward (edgessl.depthwise): more steps in the budget
+    if cfg.run.fast_depthwise:  # the run's kernel settings: the faster CPU backward (edgessl.depthwise)
+        fast_depthwise(student)
     student.train()
     augment = BatchAugment(cfg.augment, images.shape[-1], cfg.data.mean, cfg.data.std)
-    opt = make_optimizer(param_groups(student, 0.0), "adamw", lr)
+    opt = make_optimizer(param_groups(student, 0.0), "adamw", lr, fused=cfg.optim.fused)
     clean = round(clean_fraction * batch_size)  # images as deployed (flipped at random), the rest augmented
     bank = feature_bank(teacher, images, cfg) if neighbours else None
 

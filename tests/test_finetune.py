@@ -137,7 +137,7 @@ def test_finetune_resume_is_bit_exact(pretrained, tmp_path, unlabelled):
     assert all(torch.equal(a[k], b[k]) for k in a)
     r = subprocess.run([sys.executable, "-m", "edgessl", "finetune", "--out", str(tmp_path / "nothing"), "--resume"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "nothing to resume" in r.stderr
+    assert r.returncode == 2 and "--resume: no checkpoint in" in r.stderr
     r = subprocess.run([sys.executable, "-m", "edgessl", "finetune", "--out", str(tmp_path / "full"), "--resume",
                         "--json"], capture_output=True, text=True)  # already finished: nothing left to train
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["test_top1"] == full["test_top1"]
