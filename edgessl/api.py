@@ -298,7 +298,7 @@ class Trainer:
 
     Keywords are config overrides, as for `pretrain`."""
 
-    capture_warmup = 3  # with run.capture: the eager steps before the step is captured (edgessl.capture)
+    capture_warmup = config_lib.CAPTURE_WARMUP  # with run.capture: the eager steps before the step is captured
 
     def __init__(self, config: Optional[str | Path | dict] = None, **overrides):
         from edgessl.train import build

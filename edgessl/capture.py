@@ -18,7 +18,9 @@ from typing import Callable, Optional
 
 import torch
 
-WARMUP_STEPS = 3  # (edgessl.Trainer.capture_warmup) eager steps before the capture, on a side stream (cuDNN's choices, the allocator, optimizer state)
+from edgessl.config import CAPTURE_WARMUP
+
+WARMUP_STEPS = CAPTURE_WARMUP  # (config.py; edgessl.Trainer.capture_warmup)
 
 
 def why_not(cfg, device: torch.device, precision: str, world: int, mapped: bool = False) -> Optional[str]:

@@ -32,6 +32,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMATS = ("onnx", "openvino", "litert", "executorch")  # the runtimes, edgessl.formats.FORMATS' order
 PRECISIONS = ("fp32", "fp16", "int8")
 KNN_K = 200  # neighbours of the kNN monitor and probe
+# run.capture: eager steps before the capture, on a side stream (cuDNN's choices, the allocator, optimizer state)
+CAPTURE_WARMUP = 3
 ADAPT_SECONDS = 600.0  # the longest distillation of the int8 ReLU student; it stops sooner once it settles
 
 
