@@ -1,22 +1,18 @@
 """Pretraining: data -> augment -> backbone -> method (loss + bank) -> optimizer -> checkpoint.
 
-`pretrain(cfg, run_dir)` is the library entry point the CLI calls. The loop is short
-on purpose (nanoGPT): everything it needs is built first (and every input checked
-before anything is written), then steps run until the epoch or minute budget ends.
-Where the run is lives in one typed `Position`, stored in every checkpoint.
+`pretrain(cfg, run_dir)` is the library entry point the CLI calls. Everything a run needs is
+built first (and every input checked before anything is written); then the one training loop
+(edgessl.loop, shared with fine-tuning and the int8 student) runs its steps until the epoch or
+minute budget ends.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import math
 import random
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from edgessl import capture, checkpoint, data as data_lib, distributed, recipe
+from edgessl import capture, checkpoint, data as data_lib, distributed, loop, recipe
 from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
 from edgessl.config import Config, auto_settings, dump_yaml, from_dict, to_dict
@@ -34,47 +30,23 @@ from edgessl.device import autocast, grad_scaler, peak_mem_mb, precision_why, re
 from edgessl.errors import EdgesslError
 from edgessl.knn import heldout_knn, pixels_margin
 from edgessl.methods import create_method, loss_parts, method_class
-from edgessl.optim import check_finite, guarded_step, make_optimizer, param_groups, set_lr
+from edgessl.optim import guarded_step, make_optimizer, param_groups, set_lr
 from edgessl.runfiles import RunFiles, check_run_dir, run_lock
 from edgessl.rebuild import check_run_data, data_record
-from edgessl.schedule import PLAN_AFTER_STEPS, lr_at, plan_epochs, replan_epochs, size_at
+from edgessl.loop import Position, Step, Steps
+from edgessl.schedule import lr_at, size_at
 
 # what --resume may change: the budget, where images live, whether a report is written, how the step is computed
 # (compilation, the depthwise kernel, the fused optimizer: float rounding only; a CUDA graph: that and the jitter's
 # recorded order) and how often the loss is read
 BUDGET_KEYS = {("optim", "minutes"), ("data", "storage"), ("run", "report"), ("run", "compile"), ("run", "sync_every"),
                ("run", "fast_depthwise"), ("optim", "fused"), ("run", "capture")}
-GPU_SYNC_EVERY = 32  # run.sync_every's auto value off the CPU
 
 
 def metric_fields(method: str) -> list[str]:
     """metrics.csv columns: the trainer's, with the method's own loss parts after `loss`."""
     return ["epoch", "step", "loss", *loss_parts(method), "lr", "seconds", "images_per_s", "peak_mem_mb",
             "knn_top1"]
-
-
-@dataclass
-class Position:
-    """Where a run is. Stored in every checkpoint as a plain dict; --resume continues from it."""
-
-    epoch: int = 0  # epochs done
-    step: int = 0  # optimizer steps done
-    epoch_step: int = 0  # steps done in the current epoch
-    elapsed: float = 0.0  # training seconds so far, calibration included
-    calib_s: float = 0.0  # seconds of the bank calibration pass
-    perm: Optional[torch.Tensor] = None  # the current epoch's image order (None: not drawn yet)
-    sums: dict = field(default_factory=dict)  # loss (and parts) summed over the current epoch
-    baselines: dict = field(default_factory=dict)  # kNN of raw pixels and of the untrained network
-    planned_epochs: Optional[int] = None  # None: a minute budget not yet planned
-    plan_at: Optional[list] = None  # [step, elapsed] when the budget was first planned
-    skipped_steps: int = 0  # fp16 steps skipped by the GradScaler
-    last_loss: Optional[float] = None
-    last_knn: Optional[float] = None
-
-    @classmethod
-    def from_state(cls, stored: dict) -> "Position":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in stored.items() if k in names})
 
 
 @dataclass
@@ -128,7 +100,7 @@ def build(cfg: Config, decide: bool = True) -> Setup:
               augment=BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
               steps_per_epoch=len(train) // (cfg.optim.batch_size * world), rank=rank, world=world,
               forward=forward, data_identity=data_record(train, val), choices=choices,
-              sync_every=cfg.run.sync_every or (1 if device.type == "cpu" else GPU_SYNC_EVERY),
+              sync_every=cfg.run.sync_every or loop.sync_every(device),
               capture_note=f"capture    off: {note}; eager steps" if note else "")
     if graph:
         s.captured = capture.StaticStep(lambda idx, progress: graph_step(s, idx, progress), s.optimizer,
@@ -312,38 +284,24 @@ def _pretrain(s: Setup, run_dir: Path, state: Optional[dict], progress, stop_at_
         f"(output stride {bb.output_stride}, {bb.feature_dim}-d) | {cfg.method.name} | {s.device} {s.precision} "
         f"({precision_why(s.cfg.run.precision, s.device)})"
         + (f" | {s.world} processes x batch {cfg.optim.batch_size}" if s.world > 1 else ""))
-    with stop_signals() as signalled:
-        try:
-            result = train_loop(s, files, pos, progress, lambda step: step == stop_at_step or bool(signalled), log)
-        except RuntimeError as e:
-            if s.world == 1:
-                raise
-            # a collective failed: another rank died or stopped answering (gloo / nccl / timeout)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EdgesslError(f"rank {s.rank} of {s.world}: a collective failed, another process probably died "
-                               f"({first[:300]}); the last checkpoint is kept, --resume continues") from e
+    show = (sys.stderr.isatty() if progress is None else progress) and s.rank == 0
+    s.model.train()
+    try:
+        stopped = loop.run(loop_steps(s, files, show), pos, lambda step: step == stop_at_step)
+    except RuntimeError as e:
+        if s.world == 1:
+            raise
+        # a collective failed: another rank died or stopped answering (gloo / nccl / timeout)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgesslError(f"rank {s.rank} of {s.world}: a collective failed, another process probably died "
+                           f"({first[:300]}); the last checkpoint is kept, --resume continues") from e
+    result = summary(s, files, pos, log, stopped)
     if s.rank == 0 and cfg.run.report and not result["stopped_early"]:
         from edgessl.report import write_report
 
         result["report"] = str(write_report(run_dir))
         log(f"report     {result['report']}")
     return result
-
-
-@contextmanager
-def stop_signals():
-    """SIGINT / SIGTERM during training: finish the step, checkpoint, stop (the list fills up)."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {sig: signal.signal(sig, lambda num, frame: received.append(num))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def restore(s: Setup, state: dict) -> Position:
@@ -359,7 +317,7 @@ def save(s: Setup, files: RunFiles, pos: Position) -> None:
     if not files.enabled:
         return
     bb = s.model.backbone
-    checkpoint.save({"config": to_dict(s.cfg), "position": dataclasses.asdict(pos),
+    checkpoint.save({"config": to_dict(s.cfg), "position": pos.state(),
                      **checkpoint.training_state(s.model, s.optimizer, s.scaler),
                      "method_args": {"num_samples": len(s.train), **method_args(s.cfg, s.train)},
                      "data": s.data_identity, "backbone": {
@@ -371,102 +329,29 @@ def _fmt(x: Optional[float]) -> str:
     return "" if x is None else f"{x:.2f}"
 
 
-def train_loop(s: Setup, files: RunFiles, pos: Position, progress, stop: Callable[[int], bool], log) -> dict:
-    """Epochs until the planned count, or until the first epoch end past the minute budget
-    (so at least one epoch always runs); a stop request checkpoints at a step boundary."""
-    budget = s.cfg.optim.minutes * 60 if s.cfg.optim.minutes else None
-    show = (sys.stderr.isatty() if progress is None else progress) and s.rank == 0
-    s.model.train()
-    while (pos.planned_epochs is None or pos.epoch < pos.planned_epochs) and not (
-            budget and distributed.any_rank(pos.elapsed >= budget, s.device) and pos.epoch_step == 0
-            and pos.epoch > 0):
-        if run_epoch(s, files, pos, show, stop, budget) or distributed.any_rank(stop(pos.step), s.device):
-            return summary(s, files, pos, log, stopped=True)
-    return summary(s, files, pos, log)
+def loop_steps(s: Setup, files: RunFiles, show: bool) -> Steps:
+    """Pretraining's steps, as the loop (edgessl.loop) runs them."""
+    c = s.cfg
 
-
-def run_epoch(s: Setup, files: RunFiles, pos: Position, show: bool, stop, budget: Optional[float]) -> bool:
-    """The rest of the current epoch; True when a stop request ended it early (checkpointed)."""
-    from tqdm import tqdm
-
-    c, bs = s.cfg, s.cfg.optim.batch_size
-    warmup = int(c.optim.warmup_epochs * s.steps_per_epoch)
-    if pos.perm is None:  # seeded by (seed, epoch): the same order on every rank
+    def begin_epoch(pos: Position) -> None:  # the order, seeded by (seed, epoch): the same on every rank
         pos.perm = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(
             c.run.seed * 100_003 + pos.epoch))
-    perm = pos.perm.to(s.device)  # once an epoch: a step's indices are a slice on the device, not a copy to it
-    t0 = t_epoch = time.perf_counter()
-    done, step_log, unread = 0, [], []
-    bar = tqdm(total=s.steps_per_epoch, initial=pos.epoch_step, disable=not show, leave=False,
-               desc=f"epoch {pos.epoch + 1}/{pos.planned_epochs or '?'}", file=sys.stderr)
-    while pos.epoch_step < s.steps_per_epoch:
-        if pos.planned_epochs is None and pos.step == PLAN_AFTER_STEPS:
-            read_steps(s, pos, unread, step_log, bar)  # the plan times finished steps, not queued ones
-            first_plan(s, pos, budget, time.perf_counter() - t0)
-        total = (pos.planned_epochs or 10**9) * s.steps_per_epoch
-        start = pos.epoch_step * bs * s.world + s.rank * bs  # this rank's slice of the global batch
-        idx = perm[start:start + bs]
+
+    def step(pos: Position, total: int) -> Step:
+        start = pos.epoch_step * c.optim.batch_size * s.world + s.rank * c.optim.batch_size  # this rank's slice
+        idx = pos.perm[start:start + c.optim.batch_size].to(s.device)
+        warmup = int(c.optim.warmup_epochs * s.steps_per_epoch)
         out = train_step(s, idx, lr_at(pos.step, total, warmup, c.optim.lr), pos.step, total)
-        unread.append((pos.step, ["loss", *out["parts"]], out["values"], out["skipped"]))
-        pos.step, pos.epoch_step, done = pos.step + 1, pos.epoch_step + 1, done + 1
-        bar.update()
-        if len(unread) >= s.sync_every:
-            read_steps(s, pos, unread, step_log, bar)
-        stopping = distributed.any_rank(stop(pos.step), s.device)
-        every, minutes = c.run.checkpoint_every_steps, c.run.checkpoint_every_minutes
-        due = every and pos.step % every == 0 or minutes and time.perf_counter() - t0 >= minutes * 60
-        if pos.epoch_step < s.steps_per_epoch and (stopping or due):
-            read_steps(s, pos, unread, step_log, bar)  # a NaN among them stops the run before the save
-            pos.elapsed += time.perf_counter() - t0
-            files.add_steps(step_log)
-            save(s, files, pos)
-            t0, step_log = time.perf_counter(), []
-            if stopping:
-                bar.close()
-                return True
-    read_steps(s, pos, unread, step_log, bar)
-    bar.close()
-    pos.elapsed += time.perf_counter() - t0
-    replan(s, pos, budget)
-    last = pos.epoch + 1 == pos.planned_epochs or bool(
-        budget and distributed.any_rank(pos.elapsed >= budget, s.device))
-    end_epoch(s, files, pos, s.optimizer.param_groups[0]["lr"], step_log,
-              done * bs / max(time.perf_counter() - t_epoch, 1e-9), last)
-    return False
+        return Step(["loss", *out["parts"]], out["values"], out["skipped"])
 
+    def save_steps(pos: Position, step_log: list) -> None:
+        files.add_steps(step_log)
+        save(s, files, pos)
 
-def read_steps(s: Setup, pos: Position, unread: list, step_log: list, bar) -> None:
-    """The unread steps' loss and parts, from the device in one wait (run.sync_every steps): a NaN or
-    inf among them stops the run here, naming its step, before anything of them is saved."""
-    if not unread:
-        return
-    rows = torch.stack([values for _, _, values, _ in unread]).tolist()
-    for (step, names, _, skipped), row in zip(unread, rows):
-        if s.sync_every > 1:  # (every step: train_step checked it before the optimizer step)
-            check_finite(row[0], step, s.device)
-        for name, v in zip(names, row):
-            pos.sums[name] = pos.sums.get(name, 0.0) + v
-        step_log.append((step, row[0]))
-        pos.skipped_steps += int(skipped)  # fp16: a device flag, read here with the loss (not in the step)
-    unread.clear()
-    bar.set_postfix(loss=f"{rows[-1][0]:.3f}")
-
-
-def first_plan(s: Setup, pos: Position, budget: float, epoch_s: float) -> None:
-    """A minute budget's first plan, from the speed of the first steps (calibration excluded)."""
-    pos.planned_epochs = int(distributed.from_rank0(plan_epochs(
-        budget - pos.calib_s, pos.elapsed - pos.calib_s + epoch_s, pos.step, s.steps_per_epoch), s.device))
-    pos.plan_at = [pos.step, pos.elapsed + epoch_s]
-
-
-def replan(s: Setup, pos: Position, budget: Optional[float]) -> None:
-    """The first steps run slower (allocations, kernel selection): at an epoch end, re-fit the
-    cosine to the speed of the steps since the plan, so a run fills its budget instead of ending early."""
-    plan_step, plan_s = pos.plan_at or (None, None)
-    if budget and plan_step is not None and pos.step - plan_step >= PLAN_AFTER_STEPS:
-        step_s = (pos.elapsed - plan_s) / (pos.step - plan_step)
-        pos.planned_epochs = int(distributed.from_rank0(replan_epochs(
-            budget, pos.elapsed, step_s, pos.epoch + 1, s.steps_per_epoch), s.device))
+    return Steps(s.steps_per_epoch, step, lambda *a: end_epoch(s, files, *a), save_steps, begin_epoch, s.device,
+                 s.sync_every, c.optim.batch_size * s.world, c.optim.minutes * 60 if c.optim.minutes else None,
+                 every_steps=c.run.checkpoint_every_steps, every_minutes=c.run.checkpoint_every_minutes,
+                 desc="epoch", show=show)
 
 
 def train_step(s: Setup, idx: torch.Tensor, lr: float, step: int, total: int = 1) -> dict:
@@ -508,18 +393,16 @@ def graph_step(s: Setup, idx: torch.Tensor, progress: torch.Tensor) -> dict:
     return {"values": out["values"], "parts": list(out["parts"])}
 
 
-def end_epoch(s: Setup, files: RunFiles, pos: Position, lr: float, step_log: list, images_per_s: float,
+def end_epoch(s: Setup, files: RunFiles, pos: Position, sums: dict, step_log: list, images_per_s: float,
               last: bool) -> None:
     c, steps = s.cfg, s.steps_per_epoch
-    pos.epoch += 1
     knn = monitor(s) if c.run.monitor_every and (pos.epoch % c.run.monitor_every == 0 or last) else None
     files.add_steps(step_log)
-    files.add_metrics({"epoch": pos.epoch, "step": pos.step, "lr": f"{lr:.6g}",
-                       **{k: f"{v / steps:.6f}" for k, v in pos.sums.items()},
+    files.add_metrics({"epoch": pos.epoch, "step": pos.step, "lr": f"{s.optimizer.param_groups[0]['lr']:.6g}",
+                       **{k: f"{v / steps:.6f}" for k, v in sums.items()},
                        "seconds": f"{pos.elapsed:.2f}", "images_per_s": f"{images_per_s:.1f}",
                        "peak_mem_mb": f"{peak_mem_mb(s.device):.0f}", "knn_top1": _fmt(knn)})
-    pos.last_loss, pos.last_knn = pos.sums.get("loss", 0.0) / steps, knn
-    pos.perm, pos.epoch_step, pos.sums = None, 0, {}
+    pos.last_loss, pos.last_score = sums.get("loss", 0.0) / steps, knn
     save(s, files, pos)
 
 
@@ -530,7 +413,7 @@ def summary(s: Setup, files: RunFiles, pos: Position, log, stopped: bool = False
            "device": str(s.device), "precision": s.precision, "epochs": pos.epoch, "steps": pos.step,
            "seconds": round(pos.elapsed, 2), "images_per_s": round(images / max(pos.elapsed, 1e-9), 1),
            "peak_mem_mb": round(peak_mem_mb(s.device)), "final_loss": pos.last_loss,
-           "knn_top1": pos.last_knn, **pos.baselines, "stopped_early": stopped,
+           "knn_top1": pos.last_score, **pos.baselines, "stopped_early": stopped,
            "skipped_steps": pos.skipped_steps}
     lines = [f"run        {out['run_dir']}",
              f"trained    {out['epochs']} epochs, {out['steps']} steps in {out['seconds']:.0f} s "

@@ -200,12 +200,12 @@ def test_minutes_budget_plans_the_schedule(tiny_npz, tmp_path, monkeypatch):
     """The planner is asked once, after the first steps, with the budget in seconds, the steps
     timed and the epoch's length, and the run trains exactly the epochs it answers (the replan at
     each epoch end keeps them here)."""
-    from edgessl import train
+    from edgessl import loop
 
     asked = []
-    monkeypatch.setattr(train, "PLAN_AFTER_STEPS", 2)
-    monkeypatch.setattr(train, "plan_epochs", lambda *args: asked.append(args) or 3)
-    monkeypatch.setattr(train, "replan_epochs", lambda budget, elapsed, step_s, done, per_epoch: 3)
+    monkeypatch.setattr(loop, "PLAN_AFTER_STEPS", 2)
+    monkeypatch.setattr(loop, "plan_epochs", lambda *args: asked.append(args) or 3)
+    monkeypatch.setattr(loop, "replan_epochs", lambda budget, elapsed, step_s, done, per_epoch: 3)
     cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": None, "minutes": 0.5}, run={"monitor_every": 0})
     out = pretrain(cfg, tmp_path / "run", log=quiet)
     (budget_s, elapsed_s, steps, per_epoch), = asked
@@ -231,11 +231,11 @@ def test_lr_schedule_is_pure():
 
 
 def test_minutes_budget_is_replanned_when_the_first_steps_misjudge_it(tiny_npz, tmp_path, monkeypatch):
-    from edgessl import train
+    from edgessl import loop
 
     # a first plan of one epoch, as slow warm-up steps can give; the budget holds several epochs
-    monkeypatch.setattr(train, "PLAN_AFTER_STEPS", 2)
-    monkeypatch.setattr(train, "plan_epochs", lambda *args: 1)
+    monkeypatch.setattr(loop, "PLAN_AFTER_STEPS", 2)
+    monkeypatch.setattr(loop, "plan_epochs", lambda *args: 1)
     cfg = tiny_config(f"npz:{tiny_npz}", optim={"epochs": None, "minutes": 0.05}, run={"monitor_every": 0})
     out = pretrain(cfg, tmp_path / "run", log=quiet)
     assert out["epochs"] > 1 and out["seconds"] >= 3.0
@@ -313,11 +313,11 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resumes(tiny_npz, tmp_path):
 def test_reading_the_loss_every_few_steps_changes_nothing_but_the_waits(tiny_npz, tmp_path, monkeypatch):
     """run.sync_every 3 (what a GPU gets): one read per 3 steps and per epoch end instead of one per step,
     and the same metrics, steps and weights as reading every step; a resume across it is exact."""
-    import edgessl.train as train
+    from edgessl import loop
 
     reads = []
-    real = train.read_steps
-    monkeypatch.setattr(train, "read_steps", lambda s, pos, unread, *a: (reads.append(len(unread)) if unread else None,
+    real = loop.read_steps
+    monkeypatch.setattr(loop, "read_steps", lambda s, pos, unread, *a: (reads.append(len(unread)) if unread else None,
                                                                          real(s, pos, unread, *a)))
     every = pretrain(tiny_config(f"npz:{tiny_npz}"), tmp_path / "every", log=quiet)
     assert reads == [1] * 8  # 2 epochs of 4 steps
