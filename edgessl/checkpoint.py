@@ -22,7 +22,9 @@ from edgessl.runfiles import atomic_write
 from edgessl.version import __version__
 
 FORMAT = "edgessl-checkpoint"
-FORMAT_VERSION = 3  # 2: data.fit and data.image_size stored resolved; 3: method.negatives too (upgrade())
+# 2: data.fit and data.image_size stored resolved; 3: method.negatives too; 4: one Position for every trainer
+# (edgessl.loop) and run.threads / augment_threads / sync_every spell auto "auto" (upgrade())
+FORMAT_VERSION = 4
 
 
 def versions() -> dict:
@@ -127,4 +129,16 @@ def upgrade(state: dict) -> dict:
             # those runs resolved it at each step: every bank row up to 16,384 images, 4,096 sampled beyond
             method["negatives"] = "all" if state["method_args"]["num_samples"] <= 16_384 else 4096
         state["format_version"] = 3
+    if state["format_version"] < 4:
+        pos = state.get("position")
+        if pos is not None and "last_knn" in pos:  # pretraining's position: its score had the monitor's name
+            pos["last_score"] = pos.pop("last_knn")
+        if pos is not None and "test_top1" in pos:  # fine-tuning's own position, saved at epoch ends only
+            pos.update(elapsed=pos.pop("seconds", 0.0), last_score=pos.pop("test_top1"),
+                       planned_epochs=pos.pop("planned", None))
+        run = state.get("config", {}).get("run")
+        for key in ("threads", "augment_threads", "sync_every"):
+            if run is not None and run.get(key) == 0:  # their auto was spelled 0
+                run[key] = "auto"
+        state["format_version"] = 4
     return state

@@ -18,17 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgessl import checkpoint, data as data_lib
+from edgessl import checkpoint, data as data_lib, loop
 from edgessl.augment import BatchAugment
 from edgessl.config import AUTO, AugmentConfig, FinetuneConfig, finetune_config, to_dict
 from edgessl.depthwise import fast_depthwise
 from edgessl.features import features
 from edgessl.device import autocast, grad_scaler, resolve_device, resolve_precision
 from edgessl.errors import EdgesslError
-from edgessl.optim import check_finite, guarded_step, make_optimizer, param_groups, set_lr
+from edgessl.optim import guarded_step, make_optimizer, param_groups, set_lr
 from edgessl.runfiles import CsvLog, check_run_dir, run_lock
 from edgessl.rebuild import (Classifier, build_classifier, check_run_data, data_record, is_classifier, load_encoder,
                           run_config)
+from edgessl.loop import Position, Step, Steps
 from edgessl.schedule import lr_at
 
 # Fine-tuning augmentation: crop and flip, no colour jitter (the usual supervised recipe).
@@ -92,15 +93,16 @@ class Tuning:
 
 def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str = "", out: str | Path = "",
              label_fraction: Optional[float] = None, labels_per_class: Optional[int] = None, *,
-             resume: bool = False, progress: Optional[bool] = None, stop_at_epoch: Optional[int] = None,
+             resume: bool = False, progress: Optional[bool] = None, stop_at_step: Optional[int] = None,
              log=print, **settings) -> dict:
     """Fine-tune `run_dir`'s encoder on labelled `train_spec`, test on `test_spec`, write the run
     to `out`; `settings` are FinetuneConfig keys (epochs, seed, init, batch_size, lr, ...).
 
-    A checkpoint is written at every epoch end. `resume=True` continues the run in `out` with
-    its stored settings (only device and precision may be given); on CPU the result equals
-    an uninterrupted run's. `stop_at_epoch` stops after that epoch's checkpoint (what a
-    preemption does; the resume test uses it). The run directory is locked while it trains."""
+    A checkpoint is written at every epoch end, and on SIGINT / SIGTERM at the next step
+    (edgessl.loop). `resume=True` continues the run in `out` with its stored settings (only
+    device and precision may be given); on CPU the result equals an uninterrupted run's.
+    `stop_at_step` checkpoints and stops there (what a preemption does; the resume test uses
+    it). The run directory is locked while it trains."""
     out = Path(out)
     check_run_dir(out, resume)
     state = _resume_state(out) if resume else None
@@ -123,7 +125,7 @@ def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str
     t = build(ft, source, state, encoder)
     with run_lock(out):
         check_run_dir(out, resume, locked=True)  # a run that ended in `out` while this one was being built
-        return _train(t, out, state, progress, stop_at_epoch, log)
+        return _train(t, out, state, progress, stop_at_step, log)
 
 
 def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Optional[nn.Module]) -> Tuning:
@@ -189,53 +191,77 @@ def _norm(config: dict) -> tuple:
     return config["data"]["mean"], config["data"]["std"]
 
 
-def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_epoch, log) -> dict:
-    from tqdm import tqdm
-
+def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_step, log) -> dict:
     metrics = CsvLog(out / "metrics.csv", FIELDS)
-    pos = {"epoch": 0, "step": 0, "seconds": 0.0, "test_top1": 0.0, "planned": t.epochs}
     if state is None:
+        pos = Position(planned_epochs=None if t.ft.minutes else t.epochs)
         out.mkdir(parents=True, exist_ok=True)
         metrics.create()
     else:
         checkpoint.restore_training(state, t.model, t.optimizer, t.scaler)
-        pos = {k: state["position"].get(k, v) for k, v in pos.items()}
-        metrics.keep(pos["epoch"])  # exactly the epochs its checkpoint covers (a kill may have added one)
-    done, planned = pos["epoch"], pos["planned"]
+        pos = Position.from_state(state["position"])
+        metrics.keep(pos.epoch)  # exactly the epochs its checkpoint covers (a kill may have added one)
+    done = f" (from epoch {pos.epoch}{f', step {pos.step}' if pos.epoch_step else ''})" if pos.step else ""
     log(f"edgessl finetune: {len(t.train)} labelled images ({t.config['finetune']['n_labelled']} of the train set, "
-        f"seed {t.ft.seed}), {len(t.classes)} classes, init {t.ft.init}, {unlabelled_line(t)}, {planned} epochs"
-        f"{f' (from epoch {done})' if done else ''}, {t.device} {t.precision}")
+        f"seed {t.ft.seed}), {len(t.classes)} classes, init {t.ft.init}, {unlabelled_line(t)}, "
+        f"{pos.planned_epochs or f'up to {t.epochs}'} epochs{done}, {t.device} {t.precision}")
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=planned * t.steps_per_epoch, initial=pos["step"], disable=not show, leave=False, unit="step",
-               desc="finetune")
-    start = time.perf_counter() - pos["seconds"]
-    epoch = done
-    while epoch < planned:
-        epoch += 1
-        pos["step"], loss, lr = run_epoch(t, pos["step"], planned * t.steps_per_epoch, bar)
-        if epoch == 1 and t.ft.minutes:  # the budget's epochs, from the first epoch's speed (calibration included)
-            planned = max(1, min(t.epochs, int(t.ft.minutes * 60 / (time.perf_counter() - start))))
-            bar.total = planned * t.steps_per_epoch
-        top1 = evaluate(t.model, t.test, *_norm(t.config), t.device, t.precision) if t.test is not None else None
-        pos.update(epoch=epoch, planned=planned, seconds=time.perf_counter() - start, test_top1=top1)
-        metrics.append({"epoch": epoch, "step": pos["step"], "loss": f"{loss:.6f}", "lr_head": f"{lr:.6g}",
-                        "seconds": f"{pos['seconds']:.2f}", "test_top1": "" if top1 is None else f"{top1:.2f}"})
-        if top1 is not None:
-            bar.set_postfix(top1=f"{top1:.1f}")
-        checkpoint.save({"kind": "classifier", "config": t.config, "classes": t.classes, "backbone": t.backbone,
-                         "data": t.identity, "position": dict(pos),
-                         **checkpoint.training_state(t.model, t.optimizer, t.scaler)}, out / "checkpoint.pt")
-        if epoch == stop_at_epoch:
-            break
-    bar.close()
-    top1 = pos["test_top1"]
-    log(f"{'no test images' if top1 is None else f'test top-1 {top1:.2f} %'} after {pos['epoch']} epochs on "
-        f"{len(t.train)} labels and "
-        f"{unlabelled_line(t)} ({out}/checkpoint.pt)")
-    return {"run_dir": str(out), "test_top1": top1, "n_labelled": len(t.train), "epochs": pos["epoch"],
+    start = time.perf_counter()
+    stopped = loop.run(loop_steps(t, out, metrics, show), pos, lambda step: step == stop_at_step)
+    top1 = pos.last_score
+    log(f"{'no test images' if top1 is None else f'test top-1 {top1:.2f} %'} after {pos.epoch} epochs on "
+        f"{len(t.train)} labels and {unlabelled_line(t)} ({out}/checkpoint.pt)"
+        + (f"\nstopped at step {pos.step}, checkpoint saved: --resume continues the run" if stopped else ""))
+    return {"run_dir": str(out), "test_top1": top1, "n_labelled": len(t.train), "epochs": pos.epoch,
             "n_unlabelled": len(t.unlabelled) if t.unlabelled is not None else 0,
             "unlabelled": "label propagation" if t.unlabelled is not None else "none",
-            "init": t.ft.init, "seed": t.ft.seed, "seconds": round(time.perf_counter() - start, 2)}
+            "init": t.ft.init, "seed": t.ft.seed, "seconds": round(time.perf_counter() - start, 2),
+            "stopped_early": stopped}
+
+
+def loop_steps(t: Tuning, out: Path, metrics: CsvLog, show: bool) -> Steps:
+    """Fine-tuning's steps, as the loop (edgessl.loop) runs them. Labelled batches only, or with
+    unlabelled images a pass over them, each step a labelled batch (drawn at random) beside an
+    unlabelled one with its pseudo-labels (propagated from the features at the epoch's start)."""
+    sync = loop.sync_every(t.device)
+
+    def begin_epoch(pos: Position) -> None:
+        if t.unlabelled is not None:
+            labels, weight = propagate_labels(t)
+            pos.epoch_state = {"labels": labels, "weight": weight}
+        t.model.train()
+        n = len(t.train if t.unlabelled is None else t.unlabelled)
+        pos.perm = torch.randperm(n, generator=torch.Generator().manual_seed(t.ft.seed * 100_003 + pos.epoch)).to(
+            t.device)
+
+    def step(pos: Position, total: int) -> Step:
+        set_lr(t.optimizer, lr_at(pos.step, total, min(t.steps_per_epoch, total // 10), t.ft.lr))
+        i = pos.epoch_step
+        if t.unlabelled is None:
+            loss = batch_loss(t, t.train.images, t.train.labels, pos.perm[i * t.batch:(i + 1) * t.batch])
+        else:
+            loss = semi_loss(t, (pos.epoch_state["labels"], pos.epoch_state["weight"]),
+                             torch.randint(0, len(t.train), (t.batch,), device=t.device),
+                             pos.perm[i * t.unlabelled_batch:(i + 1) * t.unlabelled_batch])
+        skipped = guarded_step(loss, t.optimizer, t.scaler, pos.step, t.device, read=sync == 1)
+        return Step(["loss"], loss.detach().float().reshape(1), skipped)
+
+    def end_epoch(pos: Position, sums: dict, step_log: list, images_per_s: float, last: bool) -> None:
+        top1 = evaluate(t.model, t.test, *_norm(t.config), t.device, t.precision) if t.test is not None else None
+        pos.last_loss, pos.last_score = sums["loss"] / t.steps_per_epoch, top1
+        metrics.append({"epoch": pos.epoch, "step": pos.step, "loss": f"{pos.last_loss:.6f}",
+                        "lr_head": f"{t.optimizer.param_groups[-1]['lr']:.6g}", "seconds": f"{pos.elapsed:.2f}",
+                        "test_top1": "" if top1 is None else f"{top1:.2f}"})
+        save(pos)
+
+    def save(pos: Position, step_log: Optional[list] = None) -> None:
+        checkpoint.save({"kind": "classifier", "config": t.config, "classes": t.classes, "backbone": t.backbone,
+                         "data": t.identity, "position": pos.state(),
+                         **checkpoint.training_state(t.model, t.optimizer, t.scaler)}, out / "checkpoint.pt")
+
+    return Steps(t.steps_per_epoch, step, end_epoch, save, begin_epoch, t.device, sync,
+                 t.batch + t.unlabelled_batch, t.ft.minutes * 60 if t.ft.minutes else None, most_epochs=t.epochs,
+                 desc="finetune", show=show)
 
 
 def unlabelled_line(t: Tuning) -> str:
@@ -244,33 +270,6 @@ def unlabelled_line(t: Tuning) -> str:
         return f"no unlabelled images ({why})" if why else "no unlabelled images"
     how = "; ".join(["pseudo-labelled by label propagation each epoch", *([why] if why else [])])
     return f"{len(t.unlabelled)} unlabelled images ({how})"
-
-
-def run_epoch(t: Tuning, step: int, total: int, bar) -> tuple[int, float, float]:
-    """One epoch: (steps done, mean loss, last head lr). Labelled batches only, or with unlabelled
-    images a pass over them, each step a labelled batch (drawn at random) beside an unlabelled one
-    with its pseudo-labels (propagated from the current features at the epoch's start). The losses
-    are read from the device once, at the end, before anything is saved."""
-    pseudo = propagate_labels(t) if t.unlabelled is not None else None
-    t.model.train()
-    order = torch.randperm(len(t.train if pseudo is None else t.unlabelled), device=t.device)
-    losses = []
-    for i in range(t.steps_per_epoch):
-        lr = lr_at(step, total, min(t.steps_per_epoch, total // 10), t.ft.lr)
-        set_lr(t.optimizer, lr)
-        if pseudo is None:
-            loss = batch_loss(t, t.train.images, t.train.labels, order[i * t.batch:(i + 1) * t.batch])
-        else:
-            loss = semi_loss(t, pseudo, torch.randint(0, len(t.train), (t.batch,), device=t.device),
-                             order[i * t.unlabelled_batch:(i + 1) * t.unlabelled_batch])
-        losses.append(loss.detach())
-        guarded_step(loss, t.optimizer, t.scaler, step, t.device, read=t.device.type == "cpu")
-        step += 1
-        bar.update(1)
-    values = torch.stack(losses).tolist()  # one wait for the device per epoch, before the checkpoint
-    for i, value in enumerate(values):
-        check_finite(value, step - len(values) + i, t.device)
-    return step, sum(values) / len(values), lr
 
 
 def batch_loss(t: Tuning, images, labels, idx, weight=None) -> torch.Tensor:

@@ -116,6 +116,9 @@ def run(steps: Steps, pos: Position, stop: Callable[[int], bool]) -> bool:
     runs); True when a stop request (`stop(step)`, a signal) ended it, checkpointed."""
     from tqdm import tqdm
 
+    if pos.perm is not None:  # a resume mid-epoch: the epoch's draws, back on the device
+        pos.perm = pos.perm.to(steps.device)
+    pos.epoch_state = {k: v.to(steps.device) if isinstance(v, torch.Tensor) else v for k, v in pos.epoch_state.items()}
     with stop_signals() as signalled, tqdm(total=_bar_total(steps, pos), initial=pos.step, disable=not steps.show,
                                            leave=False, unit="step", desc=steps.desc, file=sys.stderr) as bar:
         asked = lambda step: stop(step) or bool(signalled)  # noqa: E731

@@ -54,7 +54,7 @@ def _pretraining_parts(run_dir: Path, state: dict, grid: bool) -> list[str]:
                                               f"{state['backbone']['output_stride']}"],
                                ["data", html.escape(cfg.data.spec)], ["epochs / steps", f"{pos['epoch']} / {pos['step']}"],
                                ["training seconds", f"{pos['elapsed']:.0f}"],
-                               ["kNN top-1 (held out)", _pct(pos.get("last_knn"))],
+                               ["kNN top-1 (held out)", _pct(pos.get("last_score"))],
                                ["kNN raw pixels / untrained", f"{_pct(base.get('knn_pixels'))} / "
                                                               f"{_pct(base.get('knn_untrained'))}"]])]
     if metrics:
@@ -77,7 +77,7 @@ def _classifier_parts(run_dir: Path, state: dict) -> list[str]:
                                ["labelled images", ft["n_labelled"]],
                                ["unlabelled images", html.escape(str(ft.get("unlabelled", "none")))],
                                ["init", ft["init"]], ["epochs / steps", f"{pos['epoch']} / {pos['step']}"],
-                               ["test top-1", _pct(pos["test_top1"])]])]
+                               ["test top-1", _pct(pos["last_score"])]])]
     if rows:
         parts += ["<h2>Fine-tuning</h2>", _img(_finetune_curves(rows))]
     return parts

@@ -335,11 +335,11 @@ def loop_steps(s: Setup, files: RunFiles, show: bool) -> Steps:
 
     def begin_epoch(pos: Position) -> None:  # the order, seeded by (seed, epoch): the same on every rank
         pos.perm = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(
-            c.run.seed * 100_003 + pos.epoch))
+            c.run.seed * 100_003 + pos.epoch)).to(s.device)  # once an epoch: a step's indices are a slice of it
 
     def step(pos: Position, total: int) -> Step:
         start = pos.epoch_step * c.optim.batch_size * s.world + s.rank * c.optim.batch_size  # this rank's slice
-        idx = pos.perm[start:start + c.optim.batch_size].to(s.device)
+        idx = pos.perm[start:start + c.optim.batch_size]
         warmup = int(c.optim.warmup_epochs * s.steps_per_epoch)
         out = train_step(s, idx, lr_at(pos.step, total, warmup, c.optim.lr), pos.step, total)
         return Step(["loss", *out["parts"]], out["values"], out["skipped"])

@@ -118,14 +118,16 @@ def _rows_without_seconds(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("unlabelled", ["propagate", "none"])
 def test_finetune_resume_is_bit_exact(pretrained, tmp_path, unlabelled):
-    """Stopped after epoch 2 of 4 and resumed: the metrics (but wall-clock seconds) and the final
-    weights equal an uninterrupted run's, with the unlabelled images (pseudo-labels propagated
-    again from the restored weights) and without."""
+    """Stopped inside epoch 3 of 4 and resumed: the metrics (but wall-clock seconds) and the final
+    weights equal an uninterrupted run's, with the unlabelled images (the epoch's pseudo-labels
+    and order restored from the checkpoint) and without."""
     root, train, test = pretrained
     kw = dict(labels_per_class=6, epochs=4, batch_size=6, seed=1, unlabelled=unlabelled, log=lambda *_: None)
     full = finetune(root / "run", train, test, tmp_path / "full", **kw)
     assert full["n_unlabelled"] == (45 if unlabelled == "propagate" else 0)  # the run's 60 - 25% held out
-    finetune(root / "run", train, test, tmp_path / "part", stop_at_epoch=2, **kw)
+    steps = checkpoint.load(tmp_path / "full" / "checkpoint.pt")["position"]["step"]
+    stopped = finetune(root / "run", train, test, tmp_path / "part", stop_at_step=steps // 2 + 1, **kw)
+    assert stopped["stopped_early"] and stopped["epochs"] == 2  # inside epoch 3: its draws are in the checkpoint
     assert len((tmp_path / "part" / "metrics.csv").read_text().splitlines()) == 3
     with open(tmp_path / "part" / "metrics.csv", "a") as f:
         f.write("3,99,0.0,0.0,0.0,0.0\n")  # a row written after the checkpoint, before a kill

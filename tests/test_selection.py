@@ -270,7 +270,7 @@ def test_a_resume_needs_the_labels_it_started_with(photos, tmp_path):
     body = "path,label\n" + "".join(f'"{p}",{p.split("/")[0]}\n' for p in picks)
     csv.write_text(body)
     quiet = dict(progress=False, log=lambda *_: None)
-    finetune(run, out=tmp_path / "ft", labels=str(csv), epochs=2, stop_at_epoch=1, **quiet)
+    finetune(run, out=tmp_path / "ft", labels=str(csv), epochs=2, stop_at_step=1, **quiet)
     csv.write_text(body.replace(",c0\n", ",c1\n", 1) if ",c0\n" in body else body.replace(",c1\n", ",c0\n", 1))
     with pytest.raises(EdgesslError, match="no longer gives the labelled subset"):
         finetune(None, out=tmp_path / "ft", resume=True, **quiet)
