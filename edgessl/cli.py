@@ -13,7 +13,7 @@ from click.core import ParameterSource
 from edgessl import api
 from edgessl.api import Run
 from edgessl.config import FITS, FORMATS, PRECISIONS, SELECT_RULES, Config, FinetuneConfig, flagged, shortcut
-from edgessl.errors import EdgesslError
+from edgessl.errors import EdgesslError, Stopped
 from edgessl_edge.image import EdgeError
 from edgessl.version import __version__
 
@@ -263,6 +263,8 @@ def finetune(run_dir, out, resume, as_json, train, test, label_fraction, labels_
                      labels_per_class=labels_per_class, resume=resume, **settings).summary
     if as_json:
         click.echo(json.dumps(r))
+    if r["stopped_early"]:  # SIGINT / SIGTERM: checkpointed at a step boundary
+        sys.exit(130)
 
 
 @cli.command()
@@ -350,6 +352,9 @@ def main() -> None:
         sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
+        sys.exit(130)
+    except Stopped as e:  # a stop request, its work saved to continue from
+        click.echo(f"stopped: {e}", err=True)
         sys.exit(130)
     except (EdgesslError, EdgeError) as e:  # EdgeError: a file the edge runtime could not open or run
         if debug:

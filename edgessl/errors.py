@@ -1,4 +1,4 @@
-"""The one error type users see: a clear line, exit code 2, no traceback (see cli.py)."""
+"""The one error type users see: a clear line, exit code 2 (130 for a stop request), no traceback (cli.py)."""
 
 
 class EdgesslError(Exception):
@@ -7,3 +7,7 @@ class EdgesslError(Exception):
 
 class ConfigError(EdgesslError):
     """A config key that does not exist, or a value of the wrong type or range."""
+
+
+class Stopped(EdgesslError):
+    """SIGINT / SIGTERM stopped work that was saved to continue from (the CLI exits 130)."""

@@ -67,6 +67,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+STUDENTS = "students"  # RUN/students/: the int8 students distilled from the run, kept for the next export
 FIT_RULES = {"squash": "resize the whole image to input_size x input_size (aspect ratio not kept)",
              "crop": "centre square of the short side, resized to input_size x input_size"}
 
@@ -132,7 +133,8 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
     batch = 1 if batch == "dynamic" and not spec.dynamic_batch else batch
     knn = knn and not is_classifier(state)
     job = _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn,
-                   spec.int8_student if adapt is None else adapt, adapt_seconds, progress, students)
+                   spec.int8_student if adapt is None else adapt, adapt_seconds, progress, students,
+                   Path(run_dir) / STUDENTS)
     meta = metadata(cfg, state, job.encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
     meta["runtime"] = fmt
     if precision == "int8":
@@ -159,9 +161,10 @@ class _Job:
 
 
 def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, adapt, adapt_seconds,
-             progress, students: Optional[dict] = None) -> _Job:
+             progress, students: Optional[dict] = None, keep: Optional[Path] = None) -> _Job:
     """The images to calibrate and check with, and the network to export (the int8 student,
-    distilled, or taken from `students` ({seconds: (student, report)}) where one was made before)."""
+    distilled, or taken from `students` ({seconds: (student, report)}) where one was made before
+    in this process, or continued from `keep` where one was saved: edgessl.student.distill)."""
     size = state["backbone"]["image_size"]
     own = None  # a pretraining run's own (train, held-out) images: calibration and the kNN change
     if not is_classifier(state) and (calib is None or knn):
@@ -176,7 +179,7 @@ def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, a
     if precision == "int8" and adapt and not is_classifier(state) and needs_adapting(model.backbone):
         if students is None or adapt_seconds not in students:
             made = distill(model.backbone, own[0].images if own else source.images, cfg, seconds=adapt_seconds,
-                           progress=progress)
+                           progress=progress, keep=keep)
             students = {adapt_seconds: made} if students is None else students
             students.setdefault(adapt_seconds, made)
         student, adapted = copy.deepcopy(students[adapt_seconds][0]), dict(students[adapt_seconds][1])

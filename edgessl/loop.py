@@ -48,7 +48,8 @@ class Position:
     calib_s: float = 0.0  # seconds of that work (pretraining's bank calibration): not part of a step's speed
     perm: Optional[torch.Tensor] = None  # the current epoch's order (None: not drawn yet)
     sums: dict = field(default_factory=dict)  # loss (and parts) summed over the current epoch
-    baselines: dict = field(default_factory=dict)  # what the trainer measured before its first step
+    # the trainer's own numbers across epochs (pretraining's kNN floors, the student's best read and halvings)
+    baselines: dict = field(default_factory=dict)
     planned_epochs: Optional[int] = None  # None: a budget not yet planned (or none to plan)
     plan_at: Optional[list] = None  # [step, elapsed] when the budget was first planned
     skipped_steps: int = 0  # fp16 steps skipped by the GradScaler

@@ -15,20 +15,24 @@ what a kNN probe or a search over the features reads off them).
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import sys
-import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgessl import checkpoint, loop
 from edgessl.augment import BatchAugment, normalize
 from edgessl.config import ADAPT_SECONDS, Config
 from edgessl.depthwise import fast_depthwise, plain_depthwise
 from edgessl.features import features
 from edgessl.device import grad_scaler
+from edgessl.errors import Stopped
+from edgessl.loop import Position, Step, Steps
 from edgessl.optim import guarded_step, make_optimizer, param_groups, set_lr
 
 
@@ -206,41 +210,51 @@ MIN_GAIN = 0.01  # relative
 DECAYS = 3  # halvings, after which the student has settled
 
 
-def train_for(seconds: float, opt: torch.optim.Optimizer, lr: float, loss_fn, probe_fn, desc: str,
-              progress: Optional[bool] = None) -> dict:
-    """Step `opt` on `loss_fn()` (a scalar tensor) until the student settles or `seconds` pass: every
-    CHECK_EVERY steps `probe_fn()` (its loss on fixed clean images) is read; PATIENCE reads without a
-    MIN_GAIN improvement halve the learning rate, and the student has settled after DECAYS halvings.
-    Its progress, not the CPU's speed, decides when it stops; the clock is a cap. Returns {"steps",
-    "seconds", "stopped" ("settled" or "time cap"), "loss_first", "loss_last" (mean of the last
-    20), "probe_loss" (the best read)}."""
-    from tqdm import tqdm
-
-    show = sys.stderr.isatty() if progress is None else progress
-    start, losses, best, stale, decays = time.perf_counter(), [], math.inf, 0, 0
+def settling_steps(opt: torch.optim.Optimizer, lr: float, loss_fn, probe_fn, seconds: float, desc: str,
+                   show: bool) -> Steps:
+    """The student's steps, as the loop (edgessl.loop) runs them: epochs of CHECK_EVERY steps on
+    `loss_fn()` (a scalar tensor), each ending with a read of `probe_fn()` (its loss on fixed clean
+    images); PATIENCE reads without a MIN_GAIN improvement halve the learning rate, and after DECAYS
+    halvings the student has settled (pos.settled). The clock (`seconds`) is only a cap."""
     scaler, cpu = grad_scaler(torch.device("cpu"), "fp32"), torch.device("cpu")  # (a disabled scaler: fp32)
-    set_lr(opt, lr)
-    stopped = "time cap"
-    with tqdm(total=round(seconds), disable=not show, unit="s", desc=desc, leave=False) as bar:
-        while time.perf_counter() - start < seconds:
-            loss = loss_fn()
-            guarded_step(loss, opt, scaler, len(losses), cpu, read=True)  # the trainers' step and NaN stop
-            losses.append(loss.item())
-            bar.update(round(time.perf_counter() - start) - bar.n)
-            if len(losses) % CHECK_EVERY:
-                continue
-            read = float(probe_fn())
-            best, stale = (read, 0) if read < best * (1 - MIN_GAIN) else (min(best, read), stale + 1)
-            if stale == PATIENCE:
-                decays, stale = decays + 1, 0
-                if decays > DECAYS:
-                    stopped = "settled"
-                    break
-                set_lr(opt, lr * 0.5 ** decays)
-    return {"steps": len(losses), "seconds": round(time.perf_counter() - start, 1), "stopped": stopped,
-            "loss_first": losses[0] if losses else None,
-            "loss_last": sum(losses[-20:]) / max(1, len(losses[-20:])),
-            "probe_loss": best if best < math.inf else None}
+
+    def step(pos: Position, total: int) -> Step:
+        loss = loss_fn()
+        guarded_step(loss, opt, scaler, pos.step, cpu, read=True)  # the trainers' step and NaN stop
+        if pos.step == 0:
+            pos.baselines["loss_first"] = float(loss.detach())
+        return Step(["loss"], loss.detach().float().reshape(1))
+
+    def end_epoch(pos: Position, sums: dict, step_log: list, images_per_s: float, last: bool) -> None:
+        p, read = pos.baselines, float(probe_fn())
+        best, stale = p.get("best", math.inf), p.get("stale", 0)
+        best, stale = (read, 0) if read < best * (1 - MIN_GAIN) else (min(best, read), stale + 1)
+        p.update(best=best, stale=stale)
+        if stale == PATIENCE:
+            p.update(decays=p.get("decays", 0) + 1, stale=0)
+            pos.settled = p["decays"] > DECAYS
+            set_lr(opt, lr * 0.5 ** p["decays"])
+        pos.last_loss, pos.last_score = sums["loss"] / CHECK_EVERY, best
+
+    return Steps(CHECK_EVERY, step, end_epoch, lambda pos, step_log: None, device=cpu, budget=seconds, plan=False,
+                 desc=desc, show=show)
+
+
+def train_for(seconds: float, opt: torch.optim.Optimizer, lr: float, loss_fn, probe_fn, desc: str,
+              progress: Optional[bool] = None, pos: Optional[Position] = None, stop=lambda step: False) -> dict:
+    """Step `opt` on `loss_fn()` until the student settles or `seconds` pass (settling_steps), from
+    `pos` (a resumed student) or the start. Its progress, not the CPU's speed, decides when it
+    stops. Returns {"steps", "seconds", "stopped" ("settled", "time cap" or "stop request"), "loss_first",
+    "loss_last" (the last CHECK_EVERY steps' mean), "probe_loss" (the best read), "position"}."""
+    show = sys.stderr.isatty() if progress is None else progress
+    pos = pos or Position()
+    if pos.step == 0:
+        set_lr(opt, lr)
+    signalled = loop.run(settling_steps(opt, lr, loss_fn, probe_fn, seconds, desc, show), pos, stop)
+    return {"steps": pos.step, "seconds": round(pos.elapsed, 1),
+            "stopped": "stop request" if signalled else "settled" if pos.settled else "time cap",
+            "loss_first": pos.baselines.get("loss_first"), "loss_last": pos.last_loss,
+            "probe_loss": pos.last_score, "position": pos}
 
 
 def clean_probe(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: Config, match, count: int = 256):
@@ -264,14 +278,20 @@ def clean_probe(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cf
 def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: float = CAP_SECONDS,
             batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: Optional[bool] = None,
             fold_se: bool = True, clean_fraction: float = 0.5, neighbours: float = 1.0,
-            tau: float = 0.05) -> tuple:
+            tau: float = 0.05, keep: Optional[Path] = None, stop_at_step: Optional[int] = None) -> tuple:
     """(student, stats): the teacher with hard-swish swapped for ReLU (and with `fold_se`, its
     squeeze-excite blocks folded to their mean gates), trained until it settles (train_for; at most
     `seconds`) so its pooled features match the teacher's on `images` (uint8 N x 3 x S x S):
     1 - cosine, plus `neighbours` times `neighbour_kl` over the teacher's features of `images` at
     temperature `tau`.
     `clean_fraction` of each batch is as deployed (flipped at random), the rest augmented as in
-    pretraining."""
+    pretraining.
+
+    `keep`: a folder where the student is saved when it stops, named by what it learns from (the
+    teacher's weights, the images, these settings): a later call with the same continues it
+    (stopped by SIGINT / SIGTERM or `stop_at_step`) exactly, or reuses it (finished). A stop request
+    saves it and raises EdgesslError."""
+    identity = _identity(teacher, images, seconds, batch_size, lr, seed, fold_se, clean_fraction, neighbours, tau)
     torch.manual_seed(seed)
     teacher = teacher.eval()
     student = copy.deepcopy(teacher)
@@ -303,6 +323,33 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
         return match(student(x), target)
 
     probe = clean_probe(student, teacher, images, cfg, match)
-    stats = train_for(seconds, opt, lr, loss, probe, "int8: distilling ReLU student", progress)
+    path = keep / f"{identity}.pt" if keep is not None else None
+    scaler = grad_scaler(torch.device("cpu"), "fp32")  # (disabled: the student trains in fp32)
+    pos = None
+    if path is not None and path.is_file():
+        saved = checkpoint.load(path)
+        checkpoint.restore_training(saved, student, opt, scaler)
+        pos = Position.from_state(saved["position"])
+    stats = train_for(seconds, opt, lr, loss, probe, "int8: distilling ReLU student", progress, pos,
+                      lambda step: step == stop_at_step)
+    if path is not None:
+        path.parent.mkdir(exist_ok=True)
+        checkpoint.save({"kind": "student", "position": stats["position"].state(),
+                         **checkpoint.training_state(student, opt, scaler)}, path)
+    if stats.pop("stopped") == "stop request":
+        kept = f"; it is kept in {path}: the same export continues it" if path is not None else ""
+        raise Stopped(f"the int8 student's distillation was stopped at step {stats['position'].step}{kept}")
+    stats["stopped"] = "settled" if stats["position"].settled else "time cap"
+    del stats["position"]
     plain_depthwise(student)
     return student.eval(), {"swapped": swapped, "se_folded": folded, **stats}
+
+
+def _identity(teacher: nn.Module, images: torch.Tensor, *settings) -> str:
+    """What a student learns from, as a name: the teacher's weights, the images and the settings."""
+    h = hashlib.sha256(repr(settings).encode())
+    for t in teacher.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr(tuple(images.shape)).encode())
+    h.update(images[torch.linspace(0, len(images) - 1, min(64, len(images))).long()].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_npz, tiny_config
-from edgessl import EdgesslError, load_backbone
+from edgessl import EdgesslError, checkpoint, load_backbone
 from edgessl.check import check
 from edgessl.export import Encoder, export_model, export_timm
 from edgessl.formats import int8_weight_bits
@@ -201,6 +201,65 @@ def test_hardswish_student_is_relu_and_distillation_moves_it_towards_the_teacher
     assert not any(type(m).__name__ == "DepthwiseConv2d" for m in student.modules())  # plain convs again
 
 
+def test_a_stopped_student_continues_exactly_and_a_finished_one_is_reused(run_dir, tmp_path):
+    """The student steps through the one loop: stopped at step 70 (inside its second check) and
+    continued to step 130, it has the weights, optimizer and counters of one stopped at 130 without
+    a break. Its file is named by what it learns from; a finished student is reused, not retrained."""
+    from edgessl.data import load_split
+    from edgessl.student import distill
+
+    model, cfg, _ = load_run(run_dir)
+    train, _ = load_split(cfg.data)
+    kw = dict(seconds=600.0, batch_size=8, progress=False)
+    with pytest.raises(EdgesslError, match="stopped at step 130"):
+        distill(model.backbone, train.images, cfg, keep=tmp_path / "a", stop_at_step=130, **kw)
+    with pytest.raises(EdgesslError, match="stopped at step 70; it is kept in .*the same export continues it"):
+        distill(model.backbone, train.images, cfg, keep=tmp_path / "b", stop_at_step=70, **kw)
+    with pytest.raises(EdgesslError, match="stopped at step 130"):
+        distill(model.backbone, train.images, cfg, keep=tmp_path / "b", stop_at_step=130, **kw)
+    (a,), (b,) = (list((tmp_path / d).iterdir()) for d in "ab")
+    assert a.name == b.name
+    sa, sb = checkpoint.load(a), checkpoint.load(b)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    assert sa["position"]["baselines"] == sb["position"]["baselines"] and sb["position"]["step"] == 130
+    assert torch.equal(sa["optimizer"]["state"][0]["exp_avg"], sb["optimizer"]["state"][0]["exp_avg"])
+    first, stats = distill(model.backbone, train.images, cfg, keep=tmp_path / "c", **{**kw, "seconds": 1.0})
+    again, same = distill(model.backbone, train.images, cfg, keep=tmp_path / "c", **{**kw, "seconds": 1.0})
+    assert same == stats and stats["stopped"] == "time cap"
+    assert all(torch.equal(x, y) for x, y in zip(first.state_dict().values(), again.state_dict().values()))
+    distill(model.backbone, train.images, cfg, keep=tmp_path / "c", **{**kw, "seconds": 1.0, "lr": 2e-3})
+    assert len(list((tmp_path / "c").iterdir())) == 2  # another setting, another student
+
+
+def test_a_signal_stops_the_student_and_saves_it(run_dir, tmp_path, monkeypatch):
+    """SIGTERM during the distillation (raised here by the student's first probe read, at step 50):
+    the loop finishes the step, the student is saved, and Stopped (the CLI's exit 130) says where."""
+    import signal
+    import threading
+
+    from edgessl import student as student_lib
+    from edgessl.data import load_split
+    from edgessl.errors import Stopped
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed from the main thread only")
+    real = student_lib.clean_probe
+
+    def probe_then_signal(*args, **kwargs):
+        probe = real(*args, **kwargs)
+        return lambda: signal.raise_signal(signal.SIGTERM) or probe()
+
+    monkeypatch.setattr(student_lib, "clean_probe", probe_then_signal)
+    model, cfg, _ = load_run(run_dir)
+    train, _ = load_split(cfg.data)
+    with pytest.raises(Stopped, match=f"stopped at step {student_lib.CHECK_EVERY}; it is kept in"):
+        student_lib.distill(model.backbone, train.images, cfg, seconds=600.0, batch_size=8, progress=False,
+                            keep=tmp_path)
+    (saved,) = tmp_path.iterdir()
+    assert checkpoint.load(saved)["position"]["step"] == student_lib.CHECK_EVERY
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop put the handler back
+
+
 def test_se_blocks_fold_to_their_mean_gate_exactly():
     import copy
 
@@ -345,8 +404,8 @@ def test_the_student_stops_when_it_settles_not_when_the_clock_says():
     assert stats["stopped"] == "settled" and stats["probe_loss"] == 1.0
     assert stats["steps"] == (1 + adapt.PATIENCE * (adapt.DECAYS + 1)) * adapt.CHECK_EVERY
     assert reads == [0.1] * 3 + [0.05] * 2 + [0.025] * 2 + [0.0125] * 2  # the rate each read saw
-    capped = adapt.train_for(0.0, opt, 0.1, lambda: (w ** 2).sum(), probe, "test", progress=False)
-    assert capped["stopped"] == "time cap" and capped["steps"] == 0
+    capped = adapt.train_for(1e-9, opt, 0.1, lambda: (w ** 2).sum(), probe, "test", progress=False)
+    assert capped["stopped"] == "time cap" and capped["steps"] == adapt.CHECK_EVERY  # the cap is read at a check
     from edgessl.cli import cli  # the CLI's default cap is the library's (it does not import torch to read it)
 
     for command in ("export", "benchmark"):

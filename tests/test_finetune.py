@@ -145,6 +145,32 @@ def test_finetune_resume_is_bit_exact(pretrained, tmp_path, unlabelled):
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["test_top1"] == full["test_top1"]
 
 
+@pytest.mark.slow
+def test_sigterm_checkpoints_a_finetune_at_a_step_boundary(pretrained, tmp_path):
+    """The one loop's stop: a signal mid-run finishes the step, writes the checkpoint, exits 130;
+    --resume continues from that step."""
+    import signal
+    import time
+
+    root, train, test = pretrained
+    out = tmp_path / "ft"
+    args = [sys.executable, "-m", "edgessl", "finetune", str(root / "run"), "--train", train, "--test", test,
+            "--out", str(out), "--labels-per-class", "8", "--batch-size", "8", "--epochs", "2000"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:  # after the first epoch
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume continues" in stdout
+    pos = checkpoint.load(out / "checkpoint.pt")["position"]
+    assert 0 < pos["step"] < 2000 * 6 and pos["planned_epochs"] == 2000
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + pos["epoch"]  # the epochs the checkpoint covers, no more
+
+
 def test_finetune_holds_the_run_lock_while_it_trains(pretrained, tmp_path):
     """Another process asking while the run trains finds it locked by this one; after, nobody holds it."""
     import os
