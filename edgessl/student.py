@@ -294,16 +294,7 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
     identity = _identity(teacher, images, seconds, batch_size, lr, seed, fold_se, clean_fraction, neighbours, tau)
     torch.manual_seed(seed)
     teacher = teacher.eval()
-    student = copy.deepcopy(teacher)
-    swapped = swap_hardswish(student)
-    if fold_se:
-        idx = torch.linspace(0, len(images) - 1, min(512, len(images))).long()
-        folded = fold_se_means(student, normalize(images[idx], cfg.data.mean, cfg.data.std))
-    else:
-        folded = 0
-    if cfg.run.fast_depthwise:  # the run's kernel settings: the faster CPU backward (edgessl.depthwise)
-        fast_depthwise(student)
-    student.train()
+    student, swapped, folded = relu_student(teacher, images, cfg, fold_se)
     augment = BatchAugment(cfg.augment, images.shape[-1], cfg.data.mean, cfg.data.std)
     opt = make_optimizer(param_groups(student, 0.0), "adamw", lr, fused=cfg.optim.fused)
     clean = round(clean_fraction * batch_size)  # images as deployed (flipped at random), the rest augmented
@@ -324,25 +315,46 @@ def distill(teacher: nn.Module, images: torch.Tensor, cfg: Config, seconds: floa
 
     probe = clean_probe(student, teacher, images, cfg, match)
     path = keep / f"{identity}.pt" if keep is not None else None
+    stats = kept_train_for(path, student, opt, lr, loss, probe, seconds, progress, lambda step: step == stop_at_step)
+    plain_depthwise(student)
+    return student.eval(), {"swapped": swapped, "se_folded": folded, **stats}
+
+
+def kept_train_for(path: Optional[Path], student: nn.Module, opt, lr: float, loss, probe, seconds: float,
+                   progress, stop) -> dict:
+    """train_for from the student saved at `path` (when there is one), saved there again when it
+    ends or stops; a stop request raises Stopped once it is saved."""
     scaler = grad_scaler(torch.device("cpu"), "fp32")  # (disabled: the student trains in fp32)
     pos = None
     if path is not None and path.is_file():
         saved = checkpoint.load(path)
         checkpoint.restore_training(saved, student, opt, scaler)
         pos = Position.from_state(saved["position"])
-    stats = train_for(seconds, opt, lr, loss, probe, "int8: distilling ReLU student", progress, pos,
-                      lambda step: step == stop_at_step)
+    stats = train_for(seconds, opt, lr, loss, probe, "int8: distilling ReLU student", progress, pos, stop)
+    pos = stats.pop("position")
     if path is not None:
         path.parent.mkdir(exist_ok=True)
-        checkpoint.save({"kind": "student", "position": stats["position"].state(),
+        checkpoint.save({"kind": "student", "position": pos.state(),
                          **checkpoint.training_state(student, opt, scaler)}, path)
-    if stats.pop("stopped") == "stop request":
+    if stats["stopped"] == "stop request":
         kept = f"; it is kept in {path}: the same export continues it" if path is not None else ""
-        raise Stopped(f"the int8 student's distillation was stopped at step {stats['position'].step}{kept}")
-    stats["stopped"] = "settled" if stats["position"].settled else "time cap"
-    del stats["position"]
-    plain_depthwise(student)
-    return student.eval(), {"swapped": swapped, "se_folded": folded, **stats}
+        raise Stopped(f"the int8 student's distillation was stopped at step {stats['steps']}{kept}")
+    return stats
+
+
+def relu_student(teacher: nn.Module, images: torch.Tensor, cfg: Config, fold_se: bool) -> tuple:
+    """(student, hard-swishes swapped, squeeze-excite blocks folded): a copy of the teacher with
+    ReLU for hard-swish and, with `fold_se`, its gates folded to their means over `images`; in
+    training mode, with the run's depthwise kernel (edgessl.depthwise)."""
+    student = copy.deepcopy(teacher)
+    swapped = swap_hardswish(student)
+    folded = 0
+    if fold_se:
+        idx = torch.linspace(0, len(images) - 1, min(512, len(images))).long()
+        folded = fold_se_means(student, normalize(images[idx], cfg.data.mean, cfg.data.std))
+    if cfg.run.fast_depthwise:  # the run's kernel settings: the faster CPU backward
+        fast_depthwise(student)
+    return student.train(), swapped, folded
 
 
 def _identity(teacher: nn.Module, images: torch.Tensor, *settings) -> str:

@@ -23,7 +23,7 @@ LAYERS = [
      "edgessl.methods.supervised"},
     {"edgessl.methods.heads", "edgessl.losses", "edgessl.losses.instance", "edgessl.losses.sqrtkl",
      "edgessl.losses.ntxent", "edgessl.losses.byol"},
-    {"edgessl.features"},
+    {"edgessl.features", "edgessl.loop"},
     {"edgessl.optim", "edgessl.capture", "edgessl.device", "edgessl.schedule", "edgessl.checkpoint", "edgessl.onnxrt", "edgessl.formats", "edgessl.knn",
      "edgessl.depthwise", "edgessl.augment", "edgessl.backbones", "edgessl.data", "edgessl.semi", "edgessl.labelpage"},
     {"edgessl.distributed", "edgessl.cache", "edgessl.config"},
