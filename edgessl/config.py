@@ -184,20 +184,22 @@ class RunConfig:
     device: str = setting("auto", flag="--device", help="auto, cpu, cuda or cuda:N.")
     precision: str = setting("auto", flag="--precision", choices=("auto", "bf16", "fp16", "fp32"),
                              help="auto: bf16 on CUDA and on a CPU with AMX, fp32 on other CPUs.")
-    threads: int = 0  # intra-op threads for the network; 0: torch's default
-    # threads for the augmentation alone; 0: the same as the network (more threads augmented faster:
+    # The machine's settings (device, precision, threads, augment_threads, sync_every) are stored as given, auto
+    # included, and resolved by each process where it runs (train.build): a resumed run picks for its machine.
+    threads: Union[str, int] = AUTO  # intra-op threads for the network; auto: torch's default
+    # threads for the augmentation alone; auto: the same as the network (more threads augmented faster:
     # scripts/bench_step.py, so the default does not pin it)
-    augment_threads: int = 0
+    augment_threads: Union[str, int] = AUTO
     monitor_every: int = 1  # kNN monitor every N epochs (needs labels); 0: off
     knn_k: int = KNN_K
     checkpoint_every_steps: int = 0  # also checkpoint every N steps (0: epoch ends only) ...
     checkpoint_every_minutes: float = 10.0  # ... and every M minutes of training (0: off)
     sync_bn: bool = False  # torchrun on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm is CUDA-only)
     report: bool = True  # write RUN_DIR/report.html when the run ends (edgessl report writes it any time)
-    # read the loss from the device every N steps (one wait for N steps); 0: auto, every step on the CPU (where the
+    # read the loss from the device every N steps (one wait for N steps); auto: every step on the CPU (where the
     # read costs nothing, so a NaN stops the run before the weights take it in), every 32 on a GPU (a NaN stops the
-    # run at the next read, before any checkpoint is written: the last one is always from before it)
-    sync_every: int = 0
+    # run at the next read, before any checkpoint is written: the last one is always from before it; edgessl.loop)
+    sync_every: Union[str, int] = AUTO
     # CPU training: depthwise convolutions' weight gradient by edgessl.depthwise (the same numbers to float rounding;
     # PyTorch's own CPU kernel for it is the slowest part of a MobileNet step); false: PyTorch's everywhere
     fast_depthwise: bool = True
@@ -405,16 +407,21 @@ def validate(cfg: Config) -> Config:
         ("data.val_fraction", 0 <= d.val_fraction < 1),
         ("data.image_size", d.image_size == AUTO or 8 <= d.image_size <= 1024),
         ("augment.crop_scale", scale == AUTO or 0 < scale[0] <= scale[1] <= 1),
-        ("run.threads", cfg.run.threads >= 0), ("run.augment_threads", cfg.run.augment_threads >= 0),
+        ("run.threads", _auto_or_positive(cfg.run.threads)),
+        ("run.augment_threads", _auto_or_positive(cfg.run.augment_threads)),
         ("run.knn_k", cfg.run.knn_k >= 1), ("run.checkpoint_every_minutes", cfg.run.checkpoint_every_minutes >= 0),
         ("run.checkpoint_every_steps", cfg.run.checkpoint_every_steps >= 0),
-        ("run.sync_every", cfg.run.sync_every >= 0), ("run.monitor_every", cfg.run.monitor_every >= 0),
+        ("run.sync_every", _auto_or_positive(cfg.run.sync_every)), ("run.monitor_every", cfg.run.monitor_every >= 0),
     ]
     for key, ok in checks:
         if not ok:
             section, name = key.split(".")
             raise ConfigError(f"config key '{key}' is out of range: {flat[section][name]!r}")
     return cfg
+
+
+def _auto_or_positive(value) -> bool:
+    return value == AUTO or isinstance(value, int) and value >= 1
 
 
 def finetune_config(overrides: dict) -> FinetuneConfig:

@@ -23,7 +23,7 @@ import torch
 from edgessl import capture, checkpoint, data as data_lib, distributed, loop, recipe
 from edgessl.augment import BatchAugment, normalize
 from edgessl.backbones import create_backbone, resolve_name
-from edgessl.config import Config, auto_settings, dump_yaml, from_dict, to_dict
+from edgessl.config import AUTO, Config, auto_settings, dump_yaml, from_dict, to_dict
 from edgessl.depthwise import fast_depthwise
 from edgessl.features import features
 from edgessl.device import autocast, grad_scaler, peak_mem_mb, precision_why, resolve_device, resolve_precision
@@ -97,10 +97,11 @@ def build(cfg: Config, decide: bool = True) -> Setup:
     s = Setup(cfg=cfg, device=device, precision=precision, train=train.to(device),
               val=val.to(device) if val is not None else None, image_size=size, model=model,
               optimizer=pretraining_optimizer(cfg, model, capturable=graph), scaler=grad_scaler(device, precision),
-              augment=BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std, cfg.run.augment_threads),
+              augment=BatchAugment(cfg.augment, size, cfg.data.mean, cfg.data.std,
+                                   0 if cfg.run.augment_threads == AUTO else cfg.run.augment_threads),
               steps_per_epoch=len(train) // (cfg.optim.batch_size * world), rank=rank, world=world,
               forward=forward, data_identity=data_record(train, val), choices=choices,
-              sync_every=cfg.run.sync_every or loop.sync_every(device),
+              sync_every=loop.sync_every(device) if cfg.run.sync_every == AUTO else cfg.run.sync_every,
               capture_note=f"capture    off: {note}; eager steps" if note else "")
     if graph:
         s.captured = capture.StaticStep(lambda idx, progress: graph_step(s, idx, progress), s.optimizer,
@@ -109,7 +110,7 @@ def build(cfg: Config, decide: bool = True) -> Setup:
 
 
 def seed_everything(cfg: Config) -> None:
-    if cfg.run.threads:
+    if cfg.run.threads != AUTO:  # (auto: torch's default)
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)  # unused by edgessl, but in every checkpoint: same seed, same state

@@ -273,6 +273,31 @@ def test_a_format_1_checkpoint_is_upgraded_on_load(tmp_path):
     assert checkpoint.load(tmp_path / "new.pt")["config"]["data"] == {"fit": "crop", "image_size": 96}
 
 
+def test_a_format_3_checkpoint_gets_the_one_position_and_the_one_spelling_of_auto(tmp_path):
+    """Format 3 spelled the machine's auto 0 and kept fine-tuning's position in a dict of its own:
+    the upgrade gives today's (a 0 is refused now), and a resume reads one Position from either."""
+    from edgessl.config import from_dict
+    from edgessl.errors import ConfigError
+    from edgessl.loop import Position
+
+    run = {"threads": 0, "augment_threads": 2, "sync_every": 0}
+    checkpoint.save({"config": {"run": run}, "position": {"epoch": 3, "step": 30, "last_knn": 41.5}}, tmp_path / "a.pt")
+    checkpoint.save({"position": {"epoch": 2, "step": 8, "seconds": 1.5, "test_top1": 60.0, "planned": 4}},
+                    tmp_path / "b.pt")
+    for name in ("a.pt", "b.pt"):
+        state = torch.load(tmp_path / name, weights_only=True)
+        state["format_version"] = 3
+        torch.save(state, tmp_path / name)
+    a, b = checkpoint.load(tmp_path / "a.pt"), checkpoint.load(tmp_path / "b.pt")
+    assert a["config"]["run"] == {"threads": "auto", "augment_threads": 2, "sync_every": "auto"}
+    assert Position.from_state(a["position"]) == Position(epoch=3, step=30, last_score=41.5)
+    assert Position.from_state(b["position"]) == Position(epoch=2, step=8, elapsed=1.5, last_score=60.0,
+                                                          planned_epochs=4)
+    for key in ("threads", "augment_threads", "sync_every"):
+        with pytest.raises(ConfigError, match=f"run.{key}' is out of range: 0"):
+            from_dict({"run": {key: 0}})
+
+
 @pytest.mark.parametrize("rows,negatives", [(5000, "all"), (20000, 4096)])
 def test_a_format_2_checkpoint_gets_the_negatives_its_steps_used(tmp_path, rows, negatives):
     """Runs stored before the recipe recorded its negatives pick resolved "auto" at each step by
