@@ -268,3 +268,25 @@ def test_a_setting_the_method_does_not_read_is_refused_for_it(tiny_npz, tmp_path
     assert "method.negatives" not in {c.key for c in picks} and "optim.batch_size" in {c.key for c in picks}
     picks = edgessl.Trainer(data=f"npz:{tiny_npz}", batch_size=8, precision="fp32").choices
     assert "method.negatives" in {c.key for c in picks}
+
+
+def test_a_stop_request_is_exit_130_and_bad_input_exit_2(monkeypatch, capsys):
+    """cli.main's mapping: Stopped (work saved to continue from, e.g. an int8 student) is one
+    'stopped:' line and exit 130; any other EdgesslError one 'error:' line and exit 2."""
+    from edgessl import cli as cli_module
+    from edgessl.errors import EdgesslError, Stopped
+
+    for error, code, line in ((Stopped("kept in RUN/students/x.pt"), 130, "stopped: kept in RUN/students/x.pt"),
+                              (EdgesslError("no such run"), 2, "error: no such run")):
+        class Failing:  # a run whose export raises `error`
+            def __init__(self, path, error=error):
+                self.error = error
+
+            def export(self, *args, **kwargs):
+                raise self.error
+
+        monkeypatch.setattr(cli_module, "Run", Failing)
+        monkeypatch.setattr(sys, "argv", ["edgessl", "export", "RUN", "--out", "x.onnx"])
+        with pytest.raises(SystemExit) as e:
+            cli_module.main()
+        assert e.value.code == code and capsys.readouterr().err.strip() == line
