@@ -119,7 +119,7 @@ class Run:
         """`edgessl export RUN --out OUT --format FORMAT`: a file for that runtime (onnx, openvino,
         litert, executorch), checked in it, or with format="timm" a folder of timm weights; the
         report. The keywords are the CLI's option names."""
-        from edgessl import export as export_lib
+        from edgessl import exporter as export_lib
 
         _one_of(format, (*config_lib.FORMATS, "timm"), "--format")
         _one_of(precision, config_lib.PRECISIONS, "--precision")

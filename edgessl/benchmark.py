@@ -1,6 +1,6 @@
 """Which file to ship: every runtime x precision of one run, written, checked and timed side by side.
 
-Each (format, precision) is a real export (edgessl.export.export_model) into RUN/benchmark/, so
+Each (format, precision) is a real export (edgessl.exporter.export_model) into RUN/benchmark/, so
 its parity, kNN change (an encoder) or top-1 agreement (a classifier) are measured in its own
 runtime. Then every file that was written is timed at batch 1 and 32 on one thread, all files
 taking turns (edgessl.onnxrt.latency_side_by_side), and compared with ONNX fp32. LiteRT and
@@ -16,7 +16,7 @@ from typing import Optional
 from edgessl import formats, isolate
 from edgessl.student import CAP_SECONDS
 from edgessl.errors import EdgesslError
-from edgessl.export import ADAPT_MAX_KNN_LOSS, MIN_TOP1_AGREEMENT, export_model
+from edgessl.exporter import ADAPT_MAX_KNN_LOSS, MIN_TOP1_AGREEMENT, export_model
 from edgessl.runfiles import BENCHMARK, atomic_write
 from edgessl_edge.backends import set_executorch_threads
 from edgessl_edge.image import EdgeError

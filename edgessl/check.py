@@ -12,7 +12,7 @@ import torch
 from edgessl import data as data_lib
 from edgessl import isolate
 from edgessl.augment import normalize
-from edgessl.export import export_module
+from edgessl.exporter import export_module
 from edgessl.onnxrt import latency, ort_features, parity, read_metadata, session
 from edgessl.runfiles import record_export
 from edgessl.rebuild import load_run

@@ -121,7 +121,7 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
 def export(run_dir, out, as_json, **options):
     """Export a run's encoder or classifier for a runtime (checked in that runtime) or as timm weights."""
-    from edgessl import export as export_lib
+    from edgessl import exporter as export_lib
 
     report = Run(run_dir).export(out, **options)
     if options["format"] == "timm":

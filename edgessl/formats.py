@@ -1,12 +1,12 @@
 """The runtimes an encoder or classifier ships to, and each one's own converter and int8 quantiser.
 
-    onnx        onnxruntime   torch.onnx (edgessl.export), onnxruntime quantize_static
+    onnx        onnxruntime   torch.onnx (edgessl.exporter), onnxruntime quantize_static
     openvino    OpenVINO IR   openvino.convert_model of the checked fp32 ONNX file, NNCF quantize
     litert      LiteRT        litert_torch.convert, its PT2E quantizer
     executorch  ExecuTorch    torch.export + the XNNPACK delegate, XNNPACKQuantizer (PT2E)
 
 Every writer here (Format.writer: one signature) gets the network in torch and real calibration
-images (normalised float32), and writes one file; edgessl.export checks that file in its own runtime (edgessl_edge.backends)
+images (normalised float32), and writes one file; edgessl.exporter checks that file in its own runtime (edgessl_edge.backends)
 before it replaces anything at --out.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import REPO, make_npz, tiny_config
 from edgessl.augment import normalize
 from edgessl.data import load
-from edgessl.export import export_model
+from edgessl.exporter import export_model
 from edgessl.train import pretrain
 
 sys.path.insert(0, str(REPO / "export"))

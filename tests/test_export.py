@@ -11,7 +11,7 @@ import torch
 from conftest import make_npz, tiny_config
 from edgessl import EdgesslError, checkpoint, load_backbone
 from edgessl.check import check
-from edgessl.export import Encoder, export_model, export_timm
+from edgessl.exporter import Encoder, export_model, export_timm
 from edgessl.formats import int8_weight_bits
 from edgessl.onnxrt import read_metadata, session
 from edgessl.rebuild import load_run
@@ -329,7 +329,7 @@ def test_folded_se_gates_compute_the_same_features_and_export_as_clip(tmp_path):
 
 
 def test_adapted_int8_export_warns_when_the_student_loses_more_than_a_point():
-    from edgessl.export import export_advice
+    from edgessl.exporter import export_advice
 
     adapted = {"adapted": {"seconds": 120.0, "steps": 600}}
     assert export_advice({**adapted, "knn_change": -0.4}) is None
@@ -339,7 +339,7 @@ def test_adapted_int8_export_warns_when_the_student_loses_more_than_a_point():
 
 
 def test_int8_classifier_warns_when_under_99_percent_of_top1_classes_agree():
-    from edgessl.export import export_advice
+    from edgessl.exporter import export_advice
 
     assert export_advice({"top1_agreement": 0.995, "agreement_images": 1024}) is None
     line = export_advice({"top1_agreement": 0.954, "agreement_images": 1024})

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_pretrained_run
 from edgessl import EdgesslError, checkpoint
 from edgessl.check import check
-from edgessl.export import export_model
+from edgessl.exporter import export_model
 from edgessl.onnxrt import read_metadata, session
 from edgessl.rebuild import load_run
 from edgessl.finetuning import AUTO_MIN_PER_CLASS, finetune, stratified_subset, unlabelled_mode

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, make_npz, tiny_config
 from edgessl import EdgesslError
-from edgessl.export import Encoder, export_model
+from edgessl.exporter import Encoder, export_model
 from edgessl.rebuild import load_run
 from edgessl.train import pretrain
 

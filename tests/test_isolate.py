@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from conftest import make_npz, tiny_config
-from edgessl import EdgesslError, export
+from edgessl import EdgesslError, exporter as export
 from edgessl.isolate import NativeCrash, call, step
 from edgessl.train import pretrain
 

@@ -15,7 +15,7 @@ LAYERS = [
     {"edgessl.cli"},
     {"edgessl.api"},
     {"edgessl.train", "edgessl.benchmark", "edgessl.check"},
-    {"edgessl.finetuning", "edgessl.export"},
+    {"edgessl.finetuning", "edgessl.exporter"},
     {"edgessl.report", "edgessl.embed", "edgessl.selection"},
     {"edgessl.probe", "edgessl.student", "edgessl.recipe"},
     {"edgessl.rebuild"},

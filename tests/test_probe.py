@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_pretrained_run
 from edgessl import EdgesslError
-from edgessl.export import export_model
+from edgessl.exporter import export_model
 from edgessl.probe import linear_probe, probe
 
 pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)

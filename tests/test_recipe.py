@@ -158,7 +158,7 @@ def test_one_photo_is_the_same_tensor_in_training_probe_onnx_and_the_runtime(tmp
     """The rule that makes a photo square is stored with the run and travels into the ONNX
     metadata: training, `probe`, onnxruntime through edgessl and the edge runtime see one tensor."""
     from edgessl.augment import normalize
-    from edgessl.export import export_model
+    from edgessl.exporter import export_model
     from edgessl.probe import featurizer
     from edgessl.train import pretrain
 

@@ -288,7 +288,7 @@ def test_edge_gallery_and_model_loading_fail_with_exit_2(edge_files, key, how):
 
 @pytest.fixture(scope="module")
 def edge_files(tmp_path_factory):
-    from edgessl.export import export_model
+    from edgessl.exporter import export_model
 
     tmp = tmp_path_factory.mktemp("edge_fuzz")
     npz = make_npz(tmp / "d.npz", n=24, size=16)
