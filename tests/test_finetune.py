@@ -208,3 +208,23 @@ def test_the_unlabelled_images_labels_never_enter(tmp_path):
     assert clean["n_unlabelled"] == poisoned["n_unlabelled"] == 36 and clean["test_top1"] == poisoned["test_top1"]
     a, b = (checkpoint.load(tmp_path / d / "checkpoint.pt")["model"] for d in ("clean", "poisoned"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("plan,epochs", [(2, 2), (50, 3)])
+def test_a_finetune_minute_budget_is_planned_by_the_loop_capped_by_epochs(pretrained, tmp_path, monkeypatch, plan,
+                                                                          epochs):
+    """--minutes: the one planner is asked once, after the first steps, with the budget in seconds,
+    and the run trains what it answers, at most --epochs (3 here)."""
+    from edgessl import loop
+
+    asked = []
+    monkeypatch.setattr(loop, "PLAN_AFTER_STEPS", 2)
+    monkeypatch.setattr(loop, "plan_epochs", lambda *args: asked.append(args) or plan)
+    monkeypatch.setattr(loop, "replan_epochs", lambda *args: plan)
+    root, train, test = pretrained
+    r = finetune(root / "run", train, test, tmp_path / "ft", labels_per_class=8, epochs=3, batch_size=8,
+                 minutes=0.5, unlabelled="none", log=lambda *_: None)
+    (budget_s, _, steps, per_epoch), = asked
+    assert budget_s == 30.0 and steps == 2 and per_epoch == 24 // 8
+    pos = checkpoint.load(tmp_path / "ft" / "checkpoint.pt")["position"]
+    assert r["epochs"] == pos["epoch"] == pos["planned_epochs"] == epochs and pos["step"] == epochs * per_epoch
