@@ -77,3 +77,21 @@ def tiny_pretrained_run(root: Path) -> tuple[str, str]:
 # the recipe does not compile there (docs/benchmarks.md, "The step")
 INDUCTOR_ON_AVX2 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "AVX2",
                                       reason="inductor gives NaN at one thread on AVX2 kernels (torch 2.14.1)")
+
+
+def sigterm_once_checkpointed(args: list, ckpt: Path) -> tuple[int, str, str]:
+    """Run `edgessl ARGS` in a child, SIGTERM it once `ckpt` exists (its first checkpoint, plus half
+    a second of training); (exit code, stdout, stderr)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgessl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err

@@ -149,21 +149,14 @@ def test_finetune_resume_is_bit_exact(pretrained, tmp_path, unlabelled):
 def test_sigterm_checkpoints_a_finetune_at_a_step_boundary(pretrained, tmp_path):
     """The one loop's stop: a signal mid-run finishes the step, writes the checkpoint, exits 130;
     --resume continues from that step."""
-    import signal
-    import time
+    from conftest import sigterm_once_checkpointed
 
     root, train, test = pretrained
     out = tmp_path / "ft"
-    args = [sys.executable, "-m", "edgessl", "finetune", str(root / "run"), "--train", train, "--test", test,
-            "--out", str(out), "--labels-per-class", "8", "--batch-size", "8", "--epochs", "2000"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "checkpoint.pt").exists() and time.time() < deadline:  # after the first epoch
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    stdout, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, stdout, err = sigterm_once_checkpointed(
+        ["finetune", str(root / "run"), "--train", train, "--test", test, "--out", str(out), "--labels-per-class",
+         "8", "--batch-size", "8", "--epochs", "2000"], out / "checkpoint.pt")  # (after its first epoch)
+    assert code == 130, err
     assert "Traceback" not in err and "--resume continues" in stdout
     pos = checkpoint.load(out / "checkpoint.pt")["position"]
     assert 0 < pos["step"] < 2000 * 6 and pos["planned_epochs"] == 2000

@@ -313,22 +313,13 @@ def test_a_format_2_checkpoint_gets_the_negatives_its_steps_used(tmp_path, rows,
 @pytest.mark.slow
 def test_sigterm_checkpoints_at_a_step_boundary_and_resumes(tiny_npz, tmp_path):
     """A signal mid-run: the step finishes, a checkpoint is written, exit 130; --resume goes on."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from conftest import sigterm_once_checkpointed
 
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "edgessl", "pretrain", "--data", f"npz:{tiny_npz}", "--out", str(run),
-            "--backbone", "mobilenetv3_small_050", "--batch-size", "8", "--epochs", "400"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, out, err = sigterm_once_checkpointed(
+        ["pretrain", "--data", f"npz:{tiny_npz}", "--out", str(run), "--backbone", "mobilenetv3_small_050",
+         "--batch-size", "8", "--epochs", "400"], run / "checkpoint.pt")
+    assert code == 130, err
     assert "Traceback" not in err and "--resume continues" in out
     step = checkpoint.load(run / "checkpoint.pt")["position"]["step"]
     assert 0 < step < 400 * 6
