@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 import hashlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ LABELLED_EPOCHS = 30  # epochs over the labelled images alone (--unlabelled none
 SEMI_EPOCHS = 6  # epochs over the unlabelled images (their cost: docs/benchmarks.md, "Few labels")
 UNLABELLED_WEIGHT = 1.0  # the pseudo-labelled loss against the labelled one
 AUTO_MIN_PER_CLASS = 5  # --unlabelled auto propagates from this many labelled images in the median class
+TEST_SHARE = 0.25  # the test passes cost at most this share of the training (a trained image costs ~3 tested)
 
 
 def stratified_subset(labels: torch.Tensor, seed: int, fraction: Optional[float] = None,
@@ -89,6 +91,14 @@ class Tuning:
     unlabelled: Optional[data_lib.ImageData] = None  # their labels stripped: never read
     unlabelled_batch: int = 0
     unlabelled_why: str = ""  # what --unlabelled auto decided from
+
+    @property
+    def test_every(self) -> int:
+        """Epochs between two test passes: every epoch, unless the test set is large beside an epoch
+        (a few labels alone: one-step epochs, whose 30 test passes were most of the run); the last
+        epoch is always tested."""
+        trained = self.steps_per_epoch * (self.batch + self.unlabelled_batch)
+        return max(1, math.ceil(len(self.test) / (TEST_SHARE * 3 * trained))) if self.test is not None else 1
 
 
 def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str = "", out: str | Path = "",
@@ -209,7 +219,9 @@ def _train(t: Tuning, out: Path, state: Optional[dict], progress, stop_at_step, 
     start = time.perf_counter()
     stopped = loop.run(loop_steps(t, out, metrics, show), pos, lambda step: step == stop_at_step)
     top1 = pos.last_score
-    log(f"{'no test images' if top1 is None else f'test top-1 {top1:.2f} %'} after {pos.epoch} epochs on "
+    score = ("no test images" if t.test is None else "not tested at this epoch" if top1 is None
+             else f"test top-1 {top1:.2f} %")
+    log(f"{score} after {pos.epoch} epochs on "
         f"{len(t.train)} labels and {unlabelled_line(t)} ({out}/checkpoint.pt)"
         + (f"\nstopped at step {pos.step}, checkpoint saved: --resume continues the run" if stopped else ""))
     return {"run_dir": str(out), "test_top1": top1, "n_labelled": len(t.train), "epochs": pos.epoch,
@@ -247,7 +259,8 @@ def loop_steps(t: Tuning, out: Path, metrics: CsvLog, show: bool) -> Steps:
         return Step(["loss"], loss.detach().float().reshape(1), skipped)
 
     def end_epoch(pos: Position, sums: dict, step_log: list, images_per_s: float, last: bool) -> None:
-        top1 = evaluate(t.model, t.test, *_norm(t.config), t.device, t.precision) if t.test is not None else None
+        tested = t.test is not None and (pos.epoch % t.test_every == 0 or last)
+        top1 = evaluate(t.model, t.test, *_norm(t.config), t.device, t.precision) if tested else None
         pos.last_loss, pos.last_score = sums["loss"] / t.steps_per_epoch, top1
         metrics.append({"epoch": pos.epoch, "step": pos.step, "loss": f"{pos.last_loss:.6f}",
                         "lr_head": f"{t.optimizer.param_groups[-1]['lr']:.6g}", "seconds": f"{pos.elapsed:.2f}",

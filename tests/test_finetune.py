@@ -109,6 +109,30 @@ def test_random_init_cli(pretrained, tmp_path):
     assert r.returncode == 2 and "give one of" in r.stderr
 
 
+def test_a_few_labels_alone_are_tested_every_few_epochs_and_at_the_last(pretrained, tmp_path, monkeypatch):
+    """One-step epochs beside 30 test images: a test pass every `every` epochs and at the last, so
+    the passes cost at most TEST_SHARE of the training; the result equals testing every epoch."""
+    import math
+
+    from edgessl import finetuning
+
+    root, train, test = pretrained
+    classes = 3
+    every = math.ceil(30 / (finetuning.TEST_SHARE * 3 * classes))  # 30 test images, one label a class, one step
+    assert every > 2
+    kw = dict(labels_per_class=1, epochs=every + 2, batch_size=8, unlabelled="none", log=lambda *_: None)
+    r = finetune(root / "run", train, test, tmp_path / "few", **kw)
+    assert r["n_labelled"] == classes and r["test_top1"] is not None
+    rows = [line.split(",") for line in (tmp_path / "few" / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(row[0]) for row in rows if row[-1]] == [every, every + 2]
+    monkeypatch.setattr(finetuning, "TEST_SHARE", 1e9)  # every epoch
+    each = finetune(root / "run", train, test, tmp_path / "each", **kw)
+    assert all(row.split(",")[-1] for row in (tmp_path / "each" / "metrics.csv").read_text().splitlines()[1:])
+    assert each["test_top1"] == r["test_top1"]
+    a, b = (checkpoint.load(tmp_path / d / "checkpoint.pt")["model"] for d in ("few", "each"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _rows_without_seconds(path):
     rows = [r.split(",") for r in path.read_text().splitlines()]
     col = rows[0].index("seconds")
