@@ -274,6 +274,16 @@ def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, I
     return data.subset(perm[:-n_val].sort().values), data.subset(perm[-n_val:].sort().values)
 
 
+def absolute(spec: Optional[str]) -> Optional[str]:
+    """`spec` with its path made absolute, as a run stores it: the run then reads the same images
+    from any working directory (a spec without a path, or none, is returned as it is)."""
+    kind, sep, rest = (spec or "").partition(":")
+    path, query = rest.partition("?")[0], rest.partition("?")[2]
+    if not sep or not path:
+        return spec
+    return f"{kind}:{os.path.abspath(os.path.expanduser(path))}" + (f"?{query}" if "?" in rest else "")
+
+
 def folder_root(spec: str) -> Optional[Path]:
     """The folder a folder:DIR spec names, what its files' paths are relative to (None for other specs)."""
     kind, _, rest = spec.partition(":")

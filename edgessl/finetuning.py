@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 import hashlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -119,11 +120,13 @@ def finetune(run_dir: Optional[str | Path], train_spec: str = "", test_spec: str
     if state is None:
         if label_fraction is None and labels_per_class is None and not settings.get("labels"):
             label_fraction = 1.0
-        ft = finetune_config({"train": train_spec, "test": test_spec, "label_fraction": label_fraction,
-                              "labels_per_class": labels_per_class, **settings})
+        if settings.get("labels"):  # stored absolute, as the specs: a resume from anywhere reads the same files
+            settings["labels"] = os.path.abspath(settings["labels"])
+        ft = finetune_config({"train": data_lib.absolute(train_spec), "test": data_lib.absolute(test_spec),
+                              "label_fraction": label_fraction, "labels_per_class": labels_per_class, **settings})
         torch.manual_seed(ft.seed)  # a random init (and the new head) are drawn from the run's seed
         encoder, src_cfg, src_state = load_encoder(run_dir, ft.init)
-        source = Source(to_dict(src_cfg), src_state["backbone"], str(run_dir), src_state.get("data"))
+        source = Source(to_dict(src_cfg), src_state["backbone"], os.path.abspath(run_dir), src_state.get("data"))
     else:
         stored = state["config"]["finetune"]
         names = {f.name for f in dataclasses.fields(FinetuneConfig)}

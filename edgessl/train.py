@@ -80,6 +80,8 @@ def build(cfg: Config, decide: bool = True) -> Setup:
     rank, world = distributed.init(device.type)
     seed_everything(cfg)
     resolve_name(cfg.backbone.name)  # a typo fails before the data is decoded
+    if decide:  # stored absolute: the run reads the same images from any working directory
+        cfg.data.spec, cfg.data.val_spec = data_lib.absolute(cfg.data.spec), data_lib.absolute(cfg.data.val_spec)
     choices, train, val = recipe.resolve(cfg, device, world, decide)
     if cfg.optim.batch_size * world > len(train):
         raise EdgesslError(f"batch size {cfg.optim.batch_size}{f' x {world} processes' if world > 1 else ''} is "

@@ -3,6 +3,7 @@ import gzip
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from conftest import make_npz
 from edgessl import EdgesslError
-from edgessl.data import load, split
+from edgessl.data import absolute, load, split
 
 
 def test_npz_default_keys(tiny_npz):
@@ -191,3 +192,13 @@ def test_split_is_fixed_and_disjoint(tiny_npz):
 def test_shared_cifar_file(shared_npz):
     d = load(f"npz:{shared_npz}")
     assert d.images.shape == (5170, 3, 32, 32) and len(d.classes) == 10 and d.classes[0] == "airplane"
+
+
+def test_a_spec_is_stored_with_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute("npz:a/../b.npz") == f"npz:{tmp_path / 'b.npz'}"
+    assert absolute("fashion-mnist:d?split=test") == f"fashion-mnist:{tmp_path / 'd'}?split=test"
+    assert absolute("folder:/x/y") == "folder:/x/y"
+    assert absolute("folder:~/p") == f"folder:{Path.home() / 'p'}"
+    for spec in ("fashion-mnist", "fashion-mnist?split=test", "", None):
+        assert absolute(spec) == spec

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
 from edgessl.errors import EdgesslError
@@ -289,3 +290,28 @@ def test_select_from_other_images_embeds_them_with_the_run(photos, tmp_path):
     assert r["pool"] == len(flat) and set(r["picks"]) <= flat and len(set(r["picks"])) == 3
     assert len(set((photos / "run_labelled" / "features").glob("*.npy")) - before) == 1
     assert run.select(budget=3, data=f"folder:{photos / 'flat'}")["features_cached"]
+
+
+def test_a_run_made_from_relative_paths_works_from_any_directory(photos, tmp_path, monkeypatch):
+    """Relative --data and --labels are stored absolute: select, finetune and its resume run the same
+    from another working directory (and a same-named file there is never read instead)."""
+    from edgessl.finetuning import finetune
+    from edgessl.train import pretrain
+
+    import edgessl as api
+
+    monkeypatch.chdir(photos)
+    pretrain(tiny_config("folder:labelled", data={"image_size": 32}, optim={"epochs": 1}), tmp_path / "run",
+             log=lambda *_: None)
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["spec"]
+    assert stored == f"folder:{photos / 'labelled'}"
+    (tmp_path / "elsewhere" / "labelled").mkdir(parents=True)  # an empty namesake the run must not read
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    picks = api.Run(tmp_path / "run").select(budget=4)["picks"]
+    Path("labels.csv").write_text("path,label\n" + "".join(f'"{p}",{p.split("/")[0]}\n' for p in picks))
+    quiet = dict(progress=False, log=lambda *_: None)
+    finetune(tmp_path / "run", out="ft", labels="labels.csv", epochs=2, stop_at_step=1, **quiet)
+    ft = torch.load(tmp_path / "elsewhere" / "ft" / "checkpoint.pt", weights_only=False)["config"]["finetune"]
+    assert ft["labels"] == str(tmp_path / "elsewhere" / "labels.csv") and ft["source"] == str(tmp_path / "run")
+    monkeypatch.chdir(photos)
+    assert finetune(None, out=tmp_path / "elsewhere" / "ft", resume=True, **quiet)["epochs"] == 2
