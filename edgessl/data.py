@@ -278,10 +278,10 @@ def absolute(spec: Optional[str]) -> Optional[str]:
     """`spec` with its path made absolute, as a run stores it: the run then reads the same images
     from any working directory (a spec without a path, or none, is returned as it is)."""
     kind, sep, rest = (spec or "").partition(":")
-    path, query = rest.partition("?")[0], rest.partition("?")[2]
+    path, q, query = rest.partition("?")
     if not sep or not path:
         return spec
-    return f"{kind}:{os.path.abspath(os.path.expanduser(path))}" + (f"?{query}" if "?" in rest else "")
+    return f"{kind}:{os.path.abspath(os.path.expanduser(path))}{q}{query}"
 
 
 def folder_root(spec: str) -> Optional[Path]:
