@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from edgessl.rebuild import (Classifier, build_classifier, check_run_data, data_
                           run_config)
 from edgessl.loop import Position, Step, Steps
 from edgessl.schedule import lr_at
+from edgessl.semi import held_out_duel, propagate, sign_test
 
 # Fine-tuning augmentation: crop and flip, no colour jitter (the usual supervised recipe).
 FINETUNE_AUGMENT = AugmentConfig(crop_scale=(0.35, 1.0), jitter_prob=0.0, grayscale_prob=0.0)
@@ -42,6 +43,7 @@ LABELLED_EPOCHS = 30  # epochs over the labelled images alone (--unlabelled none
 SEMI_EPOCHS = 6  # epochs over the unlabelled images (their cost: docs/benchmarks.md, "Few labels")
 UNLABELLED_WEIGHT = 1.0  # the pseudo-labelled loss against the labelled one
 AUTO_MIN_PER_CLASS = 5  # --unlabelled auto propagates from this many labelled images in the median class
+AUTO_P = 0.05  # and below it when held-out labels say propagation beats the class means (unlabelled_mode)
 TEST_SHARE = 0.25  # the test passes cost at most this share of the training (a trained image costs ~3 tested)
 
 
@@ -159,8 +161,12 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     if state is not None and digest != state["config"]["finetune"]["subset_sha256"]:
         raise EdgesslError(f"{ft.train or 'the pretraining run split'} no longer gives the labelled subset this run "
                            "started with; cannot resume")
-    mode, why = unlabelled_mode(ft.unlabelled, train.labels[subset])
-    unlabelled = unlabelled_pool(ft, source.config, train, subset) if mode == "propagate" else None
+    prec = resolve_precision(ft.precision, dev)
+    pool = unlabelled_pool(ft, source.config, train, subset) if ft.unlabelled != "none" else None
+    duel = None if pool is None else lambda: pool_duel(encoder, train.subset(subset), pool, source.config, dev,
+                                                       prec, ft.seed)
+    mode, why = unlabelled_mode(ft.unlabelled, train.labels[subset], duel)
+    unlabelled = pool if mode == "propagate" else None
     if mode == "propagate" and unlabelled is None:
         why = f"{why + ', but ' if why else ''}every training image is labelled"
     ft = dataclasses.replace(ft, unlabelled="none" if unlabelled is None else "propagate")  # stored resolved
@@ -173,7 +179,6 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
     groups = param_groups(model, ft.weight_decay, {model.backbone: ft.backbone_lr_scale, model.fc: 1.0})
     stored = {k: v for k, v in dataclasses.asdict(ft).items() if k not in RUN_ONLY}
     bs = min(ft.batch_size, len(train))
-    prec = resolve_precision(ft.precision, dev)
     semi = unlabelled is not None
     ub = min(ft.batch_size, len(unlabelled)) if semi else 0
     epochs = ft.epochs if ft.epochs != AUTO else SEMI_EPOCHS if semi else LABELLED_EPOCHS
@@ -188,16 +193,42 @@ def build(ft: FinetuneConfig, source: Source, state: Optional[dict], encoder: Op
                   unlabelled.to(dev) if semi else None, ub, why)
 
 
-def unlabelled_mode(choice: str, labels: torch.Tensor) -> tuple[str, str]:
-    """(none | propagate, why) for --unlabelled: auto propagates when the median class holds at least
-    AUTO_MIN_PER_CLASS of the labelled images `labels` (docs/benchmarks.md, "Few labels and the
-    unlabelled images": propagation cost 2.8 points at 2 labels a class, gained 1.7 on average from 5 to 25)."""
+def unlabelled_mode(choice: str, labels: torch.Tensor,
+                    duel: Optional[Callable[[], tuple[int, int]]] = None) -> tuple[str, str]:
+    """(none | propagate, why) for --unlabelled. auto propagates when the median class holds at least
+    AUTO_MIN_PER_CLASS of the labelled images `labels` (propagation cost 2.8 points at 2 labels a class on
+    flowers, gained 1.7 on average from 5 to 25), and below that when `duel()` (held-out labelled images:
+    propagation's wins and losses against the labelled images' class means, edgessl.semi.held_out_duel)
+    passes a sign test at AUTO_P: features whose neighbours know the classes (docs/benchmarks.md, "Few
+    labels and the unlabelled images")."""
     if choice != AUTO:
         return choice, ""
     median = int(labels.unique(return_counts=True)[1].float().median().item())
     if median >= AUTO_MIN_PER_CLASS:
         return "propagate", f"auto: {median} labels in the median class, at least {AUTO_MIN_PER_CLASS}"
-    return "none", f"auto: {median} labels in the median class, fewer than {AUTO_MIN_PER_CLASS}"
+    head = f"auto: {median} labels in the median class, fewer than {AUTO_MIN_PER_CLASS}"
+    if duel is None:
+        return "none", head
+    wins, losses = duel()
+    p = sign_test(wins, losses)
+    head += f"; on held-out labels propagation beat the class means {wins} to {losses}, p = {p:.3f}"
+    return ("propagate", head) if p < AUTO_P else ("none", f"{head}, not below {AUTO_P}")
+
+
+def pool_duel(encoder: nn.Module, labelled: data_lib.ImageData, pool: data_lib.ImageData, config: dict,
+              device: torch.device, precision: str, seed: int) -> tuple[int, int]:
+    """edgessl.semi.held_out_duel on the encoder's features of the labelled images and the pool."""
+    feats, labels, known = graph_inputs(encoder.to(device), labelled, pool, config, device, precision)
+    return held_out_duel(feats, labels, known, int(labels.max()) + 1, seed=seed)
+
+
+def graph_inputs(net: nn.Module, labelled: data_lib.ImageData, pool: data_lib.ImageData, config: dict,
+                 device: torch.device, precision: str) -> tuple:
+    """edgessl.semi's inputs: `net`'s features of the labelled images, then of the pool (fp32, on the
+    CPU), their labels (the pool's zeros, never read), and the mask of the labelled rows."""
+    feats = torch.cat([features(net, d.images, *_norm(config), device, precision).cpu() for d in (labelled, pool)])
+    labels = torch.cat([labelled.labels.cpu(), torch.zeros(len(pool), dtype=torch.long)])
+    return feats, labels, torch.arange(len(feats)) < len(labelled)
 
 
 def _norm(config: dict) -> tuple:
@@ -307,15 +338,9 @@ def semi_loss(t: Tuning, pseudo: tuple, labelled_idx, unlabelled_idx) -> torch.T
 def propagate_labels(t: Tuning) -> tuple:
     """(pseudo-labels, weights) of the unlabelled images: label propagation over the kNN graph of the
     model's features of the labelled and unlabelled images together (edgessl.semi)."""
-    from edgessl.semi import propagate
-
-    mean, std = _norm(t.config)
-    feats = torch.cat([features(t.model.backbone, d.images, mean, std, t.device, t.precision).cpu()
-                       for d in (t.train, t.unlabelled)])
-    n = len(t.train)
-    labels = torch.cat([t.train.labels.cpu(), torch.zeros(len(t.unlabelled), dtype=torch.long)])
-    labelled = torch.arange(len(feats)) < n
+    feats, labels, labelled = graph_inputs(t.model.backbone, t.train, t.unlabelled, t.config, t.device, t.precision)
     pseudo, weight, _ = propagate(feats, labels, labelled, len(t.classes))
+    n = len(t.train)
     return pseudo[n:].to(t.device), weight[n:].to(t.device)
 
 

@@ -71,3 +71,39 @@ def propagate(features: torch.Tensor, labels: torch.Tensor, labelled: torch.Tens
     pseudo[labelled], weight[labelled] = known, 1.0
     p[labelled] = F.one_hot(known, num_classes).float()
     return pseudo, weight.clamp(0, 1), p
+
+
+@torch.no_grad()
+def held_out_duel(features: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor, num_classes: int,
+                  folds: int = 5, seed: int = 0) -> tuple[int, int]:
+    """Do the unlabelled images carry what the labelled ones do not? The labelled images (bool
+    `labelled` (N,)) are held out a fold at a time; each is classified by label propagation from the
+    other folds' labels over all N images, and by the nearest class mean of the other folds'
+    features (what the labelled images alone know). (wins, losses): held-out images propagation
+    got right and the class means wrong, and the reverse. An image whose class has no label in the
+    other folds is not counted; with one label a class there is nothing to hold out."""
+    x = F.normalize(features.float(), dim=1)
+    idx = labelled.nonzero().flatten()
+    idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
+    fold = torch.arange(len(idx)) % folds
+    wins = losses = 0
+    for f in range(min(folds, len(idx))):
+        held, keep = idx[fold == f], idx[fold != f]
+        present = torch.isin(torch.arange(num_classes), labels[keep])
+        held = held[present[labels[held]]]
+        if len(held) == 0:
+            continue
+        mask = torch.zeros(len(x), dtype=torch.bool)
+        mask[keep] = True
+        propagated = propagate(x, labels, mask, num_classes)[0][held] == labels[held]
+        means = F.normalize(torch.zeros(num_classes, x.shape[1]).index_add_(0, labels[keep], x[keep]), dim=1)
+        nearest = (x[held] @ means.T).masked_fill(~present, -math.inf).argmax(1) == labels[held]
+        wins += int((propagated & ~nearest).sum())
+        losses += int((~propagated & nearest).sum())
+    return wins, losses
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """One-sided exact sign test: the chance of at least `wins` of `wins + losses` fair coin flips."""
+    n = wins + losses
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n

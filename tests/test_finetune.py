@@ -13,7 +13,7 @@ from edgessl.check import check
 from edgessl.exporter import export_model
 from edgessl.onnxrt import read_metadata, session
 from edgessl.rebuild import load_run
-from edgessl.finetuning import AUTO_MIN_PER_CLASS, finetune, stratified_subset, unlabelled_mode
+from edgessl.finetuning import AUTO_MIN_PER_CLASS, AUTO_P, finetune, stratified_subset, unlabelled_mode
 
 pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
 
@@ -42,6 +42,28 @@ def test_auto_trains_the_unlabelled_images_from_five_labels_in_the_median_class(
     assert unlabelled_mode("auto", labels(1, 4, 30))[0] == "none"  # nor the mean
     assert unlabelled_mode("none", labels(9, 9)) == ("none", "") and unlabelled_mode("propagate", labels(1)) == (
         "propagate", "")
+
+
+def test_auto_propagates_below_five_when_held_out_labels_say_the_unlabelled_images_help():
+    """Below five labels in the median class the held-out duel decides, by a sign test at AUTO_P;
+    at five and above it is never asked."""
+    two = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert AUTO_P == 0.05
+    assert unlabelled_mode("auto", two, lambda: (6, 0)) == ("propagate", "auto: 2 labels in the median class, "
+                                                            "fewer than 5; on held-out labels propagation beat the "
+                                                            "class means 6 to 0, p = 0.016")
+    assert unlabelled_mode("auto", two, lambda: (4, 0)) == ("none", "auto: 2 labels in the median class, fewer "
+                                                            "than 5; on held-out labels propagation beat the class "
+                                                            "means 4 to 0, p = 0.062, not below 0.05")
+    assert unlabelled_mode("auto", two, lambda: (5, 0))[0] == "propagate"  # p = 0.031
+    assert unlabelled_mode("auto", two, lambda: (9, 3))[0] == "none"  # p = 0.073
+    assert unlabelled_mode("auto", two, lambda: (12, 3))[0] == "propagate"  # p = 0.018
+
+    def never():
+        raise AssertionError("asked at five labels a class")
+
+    assert unlabelled_mode("auto", torch.arange(3).repeat(5), never)[0] == "propagate"
+    assert unlabelled_mode("none", two, never) == ("none", "")
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +220,8 @@ def test_finetune_holds_the_run_lock_while_it_trains(pretrained, tmp_path):
     seen = []
     r = finetune(root / "run", train, test, tmp_path / "ft", labels_per_class=2, epochs=1, batch_size=4,
                  log=lambda line: seen.append((line, lock_holder(tmp_path / "ft"))))
-    assert r["n_unlabelled"] == 0 and "no unlabelled images (auto: 2 labels in the median class, fewer than 5)" in \
-        seen[0][0]
+    assert r["n_unlabelled"] == 0 and "no unlabelled images (auto: 2 labels in the median class, fewer than 5; " \
+        "on held-out labels propagation beat the class means" in seen[0][0] and "not below 0.05)" in seen[0][0]
     seen = [h for _, h in seen]
     assert seen and all(h == f"edgessl pid {os.getpid()}" for h in seen)
     assert lock_holder(tmp_path / "ft") is None

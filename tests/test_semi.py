@@ -1,11 +1,12 @@
-"""Label propagation against a naive dense computation, and on a case whose answer is known."""
+"""Label propagation against a naive dense computation, and on cases whose answer is known; the
+held-out duel that tells whether the unlabelled images carry what the labelled ones do not."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from edgessl.semi import knn_graph, propagate
+from edgessl.semi import held_out_duel, knn_graph, propagate, sign_test
 
 pytestmark = pytest.mark.numeric  # run again with the CPU capped to AVX2 (make test-avx2)
 
@@ -74,3 +75,41 @@ def test_an_unreached_component_gets_no_weight():
     labelled = torch.tensor([True, False, False, False])
     _, weight, _ = propagate(feats, torch.tensor([0, 0, 0, 0]), labelled, 2, k=1, gamma=3.0)
     assert weight[1] > 0.5 and weight[2] == 0 and weight[3] == 0  # k=1: {0, 1} and {2, 3} are apart
+
+
+def test_sign_test_exact_values():
+    assert sign_test(6, 0) == 1 / 64 and sign_test(3, 1) == 5 / 16 and sign_test(10, 10) == pytest.approx(
+        sum(math.comb(20, i) for i in range(10, 21)) / 2 ** 20)
+    assert sign_test(0, 0) == 1.0 and sign_test(0, 3) == 1.0
+
+
+def c_and_blob():
+    """Class 0 a dense C-shaped arc, class 1 a blob in its open mouth: an arc's tips lie nearer the
+    blob than the arc's mean, but the arc's unlabelled images lead back to their class. Lifted off
+    the origin so that cosine similarity follows distance in the plane."""
+    t = torch.linspace(math.radians(40), math.radians(320), 200)
+    blob = torch.tensor([1.5, 0.0]) + 0.05 * torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    plane = torch.cat([torch.stack([t.cos(), t.sin()], 1), blob])
+    labels = torch.tensor([0] * 200 + [1] * 20)
+    labelled = torch.zeros(220, dtype=torch.bool)
+    labelled[[0, 2, 50, 100, 150, 197, 199, 200, 205, 210, 215]] = True  # the arc's four tips among them
+    return torch.cat([plane, torch.full((220, 1), 3.0)], 1), labels, labelled
+
+
+def test_the_duel_credits_propagation_where_the_unlabelled_images_lead():
+    feats, labels, labelled = c_and_blob()
+    duels = [held_out_duel(feats, labels, labelled, 2, seed=s) for s in range(5)]
+    assert duels == [(1, 0), (0, 0), (2, 0), (2, 0), (2, 0)]  # a tip held out beside its neighbour tip: both lost
+    poisoned = labels.clone()
+    poisoned[~labelled] = 1 - poisoned[~labelled]  # the unlabelled images' labels are never read
+    assert held_out_duel(feats, poisoned, labelled, 2, seed=2) == (2, 0)
+    # the labelled images alone: no arc to follow, propagation misses the tips the class means miss, and more
+    only = held_out_duel(feats[labelled], labels[labelled], torch.ones(11, dtype=torch.bool), 2, seed=2)
+    assert only[0] == 0 and only[1] > 0
+
+
+def test_one_label_a_class_holds_nothing_out():
+    feats, labels, _ = c_and_blob()
+    labelled = torch.zeros(220, dtype=torch.bool)
+    labelled[[100, 210]] = True
+    assert held_out_duel(feats, labels, labelled, 2) == (0, 0)
