@@ -231,13 +231,15 @@ class FinetuneConfig:
     labels: str = setting("", flag="--labels", help="labels.csv (path,label; `edgessl select` makes the page that "
                           "writes it): train on exactly these images, paths relative to the data folder.")
     # auto's rule, from label draws on tuning splits (docs/benchmarks.md, "Few labels and the unlabelled images"):
-    # propagation cost 2.8 points at 2 labels a class; from 5 to 25 it changed -0.6 to +6.4, +1.7 on average
+    # propagation cost 2.8 points at 2 labels a class on flowers; from 5 to 25 it changed -0.6 to +6.4, +1.7 on
+    # average; on features whose neighbours know the classes it gained 15-20 at 2 and 5 a class
     unlabelled: str = setting(AUTO, flag="--unlabelled", choices=(AUTO, "none", "propagate"),
                               help="none: the labelled images alone; propagate: the images beyond them (the "
                                    "pretraining run's own) train too, pseudo-labelled by label propagation over the "
                                    "encoder's features.",
-                              auto="propagate when the median class has at least 5 labelled images and there are "
-                                   "unlabelled ones; none otherwise")
+                              auto="propagate when there are unlabelled images and the median class has at least "
+                                   "5 labelled ones, or fewer but propagation recovers held-out labels better than "
+                                   "the labelled images' class means (a sign test, p < 0.05); none otherwise")
     epochs: Union[str, int] = setting(AUTO, flag="--epochs", parse=int, help="Epochs: passes over the unlabelled "
                                       "images (over the labelled ones with --unlabelled none).",
                                       auto="30 over the labelled images alone; 6 over the unlabelled ones when they "

@@ -210,6 +210,8 @@ def unlabelled_mode(choice: str, labels: torch.Tensor,
     if duel is None:
         return "none", head
     wins, losses = duel()
+    if wins + losses == 0:
+        return "none", f"{head}; on held-out labels propagation and the class means never disagreed"
     p = sign_test(wins, losses)
     head += f"; on held-out labels propagation beat the class means {wins} to {losses}, p = {p:.3f}"
     return ("propagate", head) if p < AUTO_P else ("none", f"{head}, not below {AUTO_P}")
