@@ -237,8 +237,8 @@ class FinetuneConfig:
                               help="none: the labelled images alone; propagate: the images beyond them (the "
                                    "pretraining run's own) train too, pseudo-labelled by label propagation over the "
                                    "encoder's features.",
-                              auto="propagate when there are unlabelled images and the median class has at least "
-                                   "5 labelled ones, or fewer but propagation recovers held-out labels better than "
+                              auto="propagate when there are unlabelled images and at least 5 labelled ones a "
+                                   "class on average, or fewer but propagation recovers held-out labels better than "
                                    "the labelled images' class means (a sign test, p < 0.05); none otherwise")
     epochs: Union[str, int] = setting(AUTO, flag="--epochs", parse=int, help="Epochs: passes over the unlabelled "
                                       "images (over the labelled ones with --unlabelled none).",

@@ -31,32 +31,32 @@ def test_stratified_subset_sizes_are_exact():
         stratified_subset(labels, seed=0, per_class=25)
 
 
-def test_auto_trains_the_unlabelled_images_from_five_labels_in_the_median_class():
+def test_auto_trains_the_unlabelled_images_from_five_labels_a_class_on_average():
     def labels(*counts):
         return torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
 
     assert AUTO_MIN_PER_CLASS == 5
-    assert unlabelled_mode("auto", labels(4, 4, 4)) == ("none", "auto: 4 labels in the median class, fewer than 5")
-    assert unlabelled_mode("auto", labels(5, 5, 5)) == ("propagate", "auto: 5 labels in the median class, at least 5")
-    assert unlabelled_mode("auto", labels(1, 5, 9))[0] == "propagate"  # the median class, not the smallest
-    assert unlabelled_mode("auto", labels(1, 4, 30))[0] == "none"  # nor the mean
+    assert unlabelled_mode("auto", labels(4, 4, 4)) == ("none", "auto: 4.0 labels a class on average, fewer than 5")
+    assert unlabelled_mode("auto", labels(5, 5, 5)) == ("propagate", "auto: 5.0 labels a class on average, at least 5")
+    assert unlabelled_mode("auto", labels(2, 3, 4, 7, 9))[0] == "propagate"  # uneven picks: 5 on average
+    assert unlabelled_mode("auto", labels(1, 4, 9))[0] == "none"  # 4.7
     assert unlabelled_mode("none", labels(9, 9)) == ("none", "") and unlabelled_mode("propagate", labels(1)) == (
         "propagate", "")
 
 
 def test_auto_propagates_below_five_when_held_out_labels_say_the_unlabelled_images_help():
-    """Below five labels in the median class the held-out duel decides, by a sign test at AUTO_P;
+    """Below five labels a class on average the held-out duel decides, by a sign test at AUTO_P;
     at five and above it is never asked."""
     two = torch.tensor([0, 0, 1, 1, 2, 2])
     assert AUTO_P == 0.05
-    assert unlabelled_mode("auto", two, lambda: (6, 0)) == ("propagate", "auto: 2 labels in the median class, "
+    assert unlabelled_mode("auto", two, lambda: (6, 0)) == ("propagate", "auto: 2.0 labels a class on average, "
                                                             "fewer than 5; on held-out labels propagation beat the "
                                                             "class means 6 to 0, p = 0.016")
-    assert unlabelled_mode("auto", two, lambda: (4, 0)) == ("none", "auto: 2 labels in the median class, fewer "
+    assert unlabelled_mode("auto", two, lambda: (4, 0)) == ("none", "auto: 2.0 labels a class on average, fewer "
                                                             "than 5; on held-out labels propagation beat the class "
                                                             "means 4 to 0, p = 0.062, not below 0.05")
     assert unlabelled_mode("auto", two, lambda: (5, 0))[0] == "propagate"  # p = 0.031
-    assert unlabelled_mode("auto", two, lambda: (0, 0)) == ("none", "auto: 2 labels in the median class, fewer "
+    assert unlabelled_mode("auto", two, lambda: (0, 0)) == ("none", "auto: 2.0 labels a class on average, fewer "
                                                             "than 5; on held-out labels propagation and the class "
                                                             "means never disagreed")
     assert unlabelled_mode("auto", two, lambda: (9, 3))[0] == "none"  # p = 0.073
@@ -223,7 +223,7 @@ def test_finetune_holds_the_run_lock_while_it_trains(pretrained, tmp_path):
     seen = []
     r = finetune(root / "run", train, test, tmp_path / "ft", labels_per_class=2, epochs=1, batch_size=4,
                  log=lambda line: seen.append((line, lock_holder(tmp_path / "ft"))))
-    assert r["n_unlabelled"] == 0 and "no unlabelled images (auto: 2 labels in the median class, fewer than 5; " \
+    assert r["n_unlabelled"] == 0 and "no unlabelled images (auto: 2.0 labels a class on average, fewer than 5; " \
         "on held-out labels propagation" in seen[0][0]  # the duel asked, and it kept the labelled images alone
     seen = [h for _, h in seen]
     assert seen and all(h == f"edgessl pid {os.getpid()}" for h in seen)
