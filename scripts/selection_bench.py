@@ -23,11 +23,11 @@ def classes_of(run: str) -> int:
     return len(set(r.select(r.select(1, rule="random")["pool"], rule="random")["known_labels"]))
 
 
-def finetune(run: str, m: int, rule: str, seed: int, train: str, test: str) -> dict:
+def finetune(run: str, m: int, rule: str, seed: int, train: str, test: str, unlabelled: str = "auto") -> dict:
     """The default fine-tune on N = m x classes images picked by `rule` (balanced: m per class)."""
     classes = classes_of(run)
     with tempfile.TemporaryDirectory() as tmp:
-        quiet = dict(progress=False, log=lambda *_: None)
+        quiet = dict(progress=False, log=lambda *_: None, unlabelled=unlabelled)
         if rule == "balanced":
             r = edgessl.finetune(run, train, test, Path(tmp) / "ft", labels_per_class=m, seed=seed, **quiet).summary
             return {"top1": r["test_top1"], "empty_classes": 0, "unlabelled": r["unlabelled"]}
@@ -49,15 +49,17 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="the draws (random, balanced) or the clusterings' seeds")
     ap.add_argument("--train", default="", help="finetune: labelled training images (default: the run's own)")
     ap.add_argument("--test", default="", help="finetune: test images (default: the run's held-out images)")
+    ap.add_argument("--unlabelled", default="auto", help="finetune's --unlabelled; other than auto, a row's rule "
+                    "is named RULE:MODE")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     results = load_results(Path(a.out))
     for m in [int(v) for v in a.per_class.split(",")]:
         for rule in a.rules.split(","):
             for seed in [int(v) for v in a.seeds.split(",")]:
-                key = f"{m}/{rule}/{seed}"
+                key = f"{m}/{rule if a.unlabelled == 'auto' else rule + ':' + a.unlabelled}/{seed}"
                 if key not in results:
-                    results[key] = finetune(a.run, m, rule, seed, a.train, a.test)
+                    results[key] = finetune(a.run, m, rule, seed, a.train, a.test, a.unlabelled)
                     save_results(Path(a.out), results)
                     print(key, results[key], flush=True)
     print(table(results))
