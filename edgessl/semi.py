@@ -13,6 +13,7 @@ label with weight 1. Only the labelled images' labels enter: the others' are nev
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +49,14 @@ def knn_graph(features: torch.Tensor, k: int = K, gamma: float = GAMMA, chunk: i
 
 @torch.no_grad()
 def propagate(features: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor, num_classes: int,
-              k: int = K, alpha: float = ALPHA, gamma: float = GAMMA, iters: int = ITERS) -> tuple:
+              k: int = K, alpha: float = ALPHA, gamma: float = GAMMA, iters: int = ITERS,
+              graph: Optional[torch.Tensor] = None) -> tuple:
     """(pseudo-labels (N,) int64, weights (N,) float, scores (N, C) rows summing to 1 or 0) for every
     image from the labels of the `labelled` ones (bool (N,)); `labels` is read only where `labelled`
     is true. An image the diffusion never reached (no labelled image in its component) has zero
-    scores and weight 0."""
+    scores and weight 0. `graph`: knn_graph(features, k, gamma) when the caller has it already."""
     n = features.shape[0]
-    s = knn_graph(features, k, gamma)
+    s = knn_graph(features, k, gamma) if graph is None else graph
     y = torch.zeros(n, num_classes)
     known = labels[labelled]
     counts = torch.bincount(known, minlength=num_classes).clamp(min=1).float()
@@ -86,6 +88,7 @@ def held_out_duel(features: torch.Tensor, labels: torch.Tensor, labelled: torch.
     idx = labelled.nonzero().flatten()
     idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
     fold = torch.arange(len(idx)) % folds
+    graph = knn_graph(x)  # the same for every fold: only the labels held out change
     wins = losses = 0
     for f in range(min(folds, len(idx))):
         held, keep = idx[fold == f], idx[fold != f]
@@ -95,7 +98,7 @@ def held_out_duel(features: torch.Tensor, labels: torch.Tensor, labelled: torch.
             continue
         mask = torch.zeros(len(x), dtype=torch.bool)
         mask[keep] = True
-        propagated = propagate(x, labels, mask, num_classes)[0][held] == labels[held]
+        propagated = propagate(x, labels, mask, num_classes, graph=graph)[0][held] == labels[held]
         means = F.normalize(torch.zeros(num_classes, x.shape[1]).index_add_(0, labels[keep], x[keep]), dim=1)
         nearest = (x[held] @ means.T).masked_fill(~present, -math.inf).argmax(1) == labels[held]
         wins += int((propagated & ~nearest).sum())

@@ -47,6 +47,8 @@ def test_propagation_matches_a_dense_solve():
     s = knn_graph(feats, k=5, gamma=3.0).to_dense().double().numpy()
     np.testing.assert_allclose(s, s_ref, atol=1e-6)
     pseudo, weight, _ = propagate(feats, labels, labelled, 3, k=5, alpha=0.9, gamma=3.0, iters=400)
+    given = propagate(feats, labels, labelled, 3, alpha=0.9, iters=400, graph=knn_graph(feats, k=5, gamma=3.0))
+    assert torch.equal(given[0], pseudo) and torch.equal(given[1], weight)  # a graph built once, passed in
     expect = torch.from_numpy(pseudo_ref)
     expect[labelled] = labels[labelled]
     assert torch.equal(pseudo, expect)
