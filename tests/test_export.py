@@ -122,7 +122,11 @@ def test_bad_onnx_inputs(tmp_path):
     with pytest.raises(EdgesslError, match="not a valid ONNX model"):
         read_metadata(tmp_path / "text.onnx")
     plain = tmp_path / "plain.onnx"
-    torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.zeros(1, 3, 8, 8),), str(plain), dynamo=False)
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 3, 8, 8]) for name in ("x", "y")]
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "plain", io[:1], io[1:])),
+              str(plain))  # a valid ONNX file that no edgessl export wrote
     with pytest.raises(EdgesslError, match="no edgessl metadata"):
         read_metadata(plain)
     r = subprocess.run([sys.executable, "-m", "edgessl", "check", str(tmp_path / "text.onnx")],
