@@ -72,6 +72,8 @@ def _checked(report: dict) -> dict:
     than the export's own bars (kNN points, top-1 agreement)."""
     row = {"status": "ok", "mb": round(report["size_bytes"] / 2**20, 2), "min_cosine": report["min_cosine"],
            "int8_network": report.get("int8_network")}
+    if "student_rejected" in report:  # the student lost too much on the held-out split: the network shipped
+        row["student_knn_change"] = report["student_rejected"]["knn_change"]
     for key in ("knn_export", "knn_change", "top1_agreement"):
         if key in report:
             row[key] = report[key]

@@ -115,7 +115,8 @@ def pretrain(ctx, out, config_path, resume, as_json, **flags):
 @click.option("--opset", type=int, default=_default(Run.export, "opset"))
 @click.option("--with-head", is_flag=True, help="Export the projection head too (unit-norm z).")
 @click.option("--adapt/--no-adapt", default=None, help="int8 of a hard-swish network (MobileNetV3): export a ReLU "
-              "student distilled from it [default: the runtime's choice, printed by the export].")
+              "student distilled from it [default: the runtime's choice, printed by the export; a student "
+              "that loses over a kNN point on the run's labelled held-out images gives way to the network].")
 @click.option("--adapt-seconds", type=float, default=_default(Run.export, "adapt_seconds"),
               help="Longest distillation for --adapt; the student stops sooner once it settles.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report as the last line of stdout.")
@@ -136,11 +137,18 @@ def export(run_dir, out, as_json, **options):
 
 def _print_export(report: dict, fmt: str, precision: str) -> None:
     """What an export wrote and measured, and why int8 quantised the network it did."""
+    from edgessl import exporter as export_lib
     from edgessl.formats import FORMATS
 
     spec = FORMATS[fmt]
     if report.get("int8_network") and (report["int8_network"] == "relu_student") == spec.int8_student:
         click.echo(f"int8: {spec.why}")
+    if "student_rejected" in report:
+        r = report["student_rejected"]
+        click.echo(f"int8: the ReLU student lost {-r['knn_change']:.2f} kNN points on the run's held-out images in "
+                   f"torch fp32 ({r['knn_student']:.2f} % against {r['knn_teacher']:.2f} %), more than "
+                   f"{export_lib.ADAPT_MAX_KNN_LOSS:g}; the network as trained is quantised instead (slower in int8; "
+                   "--adapt ships the student)")
     if "adapted" in report:
         a = report["adapted"]
         click.echo(f"int8 student: {a['swapped']} hard-swish became ReLU and {a['se_folded']} squeeze-excite "

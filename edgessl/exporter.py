@@ -134,12 +134,14 @@ def export_model(run_dir: str | Path, out: str | Path, precision: str = "fp32", 
     knn = knn and not is_classifier(state)
     job = _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn,
                    spec.int8_student if adapt is None else adapt, adapt_seconds, progress, students,
-                   Path(run_dir) / STUDENTS)
+                   Path(run_dir) / STUDENTS, gate=adapt is None)
     meta = metadata(cfg, state, job.encoder, precision, Path(run_dir) / "checkpoint.pt", batch)
     meta["runtime"] = fmt
     if precision == "int8":
         meta["int8_weight_bits"] = formats.int8_weight_bits() if fmt == "onnx" else 8
         meta["int8_network"] = "relu_student" if job.adapted else "as_trained"
+    if job.rejected:
+        meta["student_rejected"] = job.rejected
     if job.adapted:
         a = job.adapted
         meta["adapted"] = {"hard_swish_to_relu": a["swapped"], "squeeze_excite_folded": a["se_folded"],
@@ -158,13 +160,17 @@ class _Job:
     images: np.ndarray  # normalised calibration / parity images
     own: Optional[tuple]  # a pretraining run's own (train, held-out) images
     size: int
+    rejected: Optional[dict] = None  # the int8 student's held-out kNN change, when it lost too much to ship
 
 
 def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, adapt, adapt_seconds,
-             progress, students: Optional[dict] = None, keep: Optional[Path] = None) -> _Job:
+             progress, students: Optional[dict] = None, keep: Optional[Path] = None, gate: bool = False) -> _Job:
     """The images to calibrate and check with, and the network to export (the int8 student,
     distilled, or taken from `students` ({seconds: (student, report)}) where one was made before
-    in this process, or continued from `keep` where one was saved: edgessl.student.distill)."""
+    in this process, or continued from `keep` where one was saved: edgessl.student.distill).
+    `gate` (the runtime's choice, not --adapt): a student that loses more than ADAPT_MAX_KNN_LOSS
+    kNN points on the run's labelled held-out images, in torch fp32, gives way to the network as
+    trained (student_knn_change)."""
     size = state["backbone"]["image_size"]
     own = None  # a pretraining run's own (train, held-out) images: calibration and the kNN change
     if not is_classifier(state) and (calib is None or knn):
@@ -182,12 +188,31 @@ def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, a
                            progress=progress, keep=keep)
             students = {adapt_seconds: made} if students is None else students
             students.setdefault(adapt_seconds, made)
+        if gate and knn and own:  # measured once per student (kept with it in `students`)
+            student_knn_change(model.backbone, *students[adapt_seconds], cfg, *own)
+        if gate and students[adapt_seconds][1].get("knn_change", 0) < -ADAPT_MAX_KNN_LOSS:
+            report = students[adapt_seconds][1]
+            return _Job(encoder, original, None, images, own, size, rejected={
+                k: report[k] for k in ("knn_change", "knn_student", "knn_teacher", "steps", "seconds")})
         student, adapted = copy.deepcopy(students[adapt_seconds][0]), dict(students[adapt_seconds][1])
         encoder = Encoder(student, getattr(model, "head", None) if with_head else None).eval()
         with torch.no_grad():
             adapted["feature_cosine_to_original"] = float(torch.nn.functional.cosine_similarity(
                 encoder(torch.from_numpy(images)), original(torch.from_numpy(images)), dim=1).mean())
     return _Job(encoder, original, adapted, images, own, size)
+
+
+def student_knn_change(teacher: nn.Module, student: nn.Module, report: dict, cfg: Config,
+                       train: data_lib.ImageData, val: Optional[data_lib.ImageData]) -> None:
+    """Into the student's `report` (once): knn_teacher, knn_student and knn_change, the kNN top-1 of
+    both backbones in torch fp32 on the run's held-out split; nothing where it has no labels."""
+    from edgessl.knn import heldout_knn
+
+    if "knn_change" in report or val is None or train.labels is None or val.labels is None:
+        return
+    acc = [heldout_knn(lambda x: features(net, x, cfg.data.mean, cfg.data.std), train, val, cfg.run.knn_k)
+           for net in (teacher, student)]
+    report.update(knn_teacher=acc[0], knn_student=acc[1], knn_change=acc[1] - acc[0])
 
 
 def write_file(module: nn.Module, spec: formats.Format, precision: str, folder: Path, name: str, meta: dict,
@@ -242,6 +267,8 @@ def _write_and_check(job: _Job, tmp: Path, out: Path, cfg, state, spec: formats.
                            f"min cosine {report['min_cosine']:.6f}); nothing written")
     if precision == "int8":
         report["int8_network"] = meta["int8_network"]
+    if job.rejected:
+        report["student_rejected"] = job.rejected
     if job.adapted:
         report["adapted"] = job.adapted
     if baseline is not None:
@@ -275,7 +302,8 @@ def speedup_vs_fp32(fp32: Path, other: Path, images: np.ndarray, batch, threads=
     return speedups(p50, "fp32")["other"]
 
 
-ADAPT_MAX_KNN_LOSS = 1.0  # kNN points an adapted int8 export may lose before the export says so
+ADAPT_MAX_KNN_LOSS = 1.0  # kNN points an int8 student (or file) may lose: beyond it, the network as trained ships
+# instead of the student (measured on the run's held-out split, in torch), and a file's check fails
 MIN_TOP1_AGREEMENT = 0.99  # a classifier's int8 file agreeing less with torch fp32 is reported
 
 

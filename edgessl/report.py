@@ -113,7 +113,14 @@ def benchmark_cells(r: dict) -> list[str]:
                f"{100 * r['top1_agreement']:.1f} %" if "top1_agreement" in r else "")
     return [r["format"], r["precision"], r["status"] + (f": {r['reason']}" if r.get("reason") else ""),
             str(r.get("mb", "")), quality, *(f"{r[k]:.3f}" if k in r else "" for k in ("ms_b1", "ms_b32")),
-            " / ".join(f"{r[k]:.2f}x" for k in ("speedup_b1", "speedup_b32") if k in r), r.get("int8_network") or ""]
+            " / ".join(f"{r[k]:.2f}x" for k in ("speedup_b1", "speedup_b32") if k in r), _network(r)]
+
+
+def _network(r: dict) -> str:
+    """Which network an int8 row quantised, and why the network as trained where the student lost too much."""
+    if "student_knn_change" in r:
+        return f"{r['int8_network']} (the ReLU student's kNN {r['student_knn_change']:+.2f})"
+    return r.get("int8_network") or ""
 
 
 def _benchmark(run_dir: Path) -> list[str]:

@@ -81,7 +81,10 @@ def test_metadata_round_trip(run_dir, tmp_path):
 @pytest.mark.parametrize("precision,min_cos", [("fp16", 0.999), ("int8", 0.8)])
 def test_reduced_precision(run_dir, tmp_path, precision, min_cos):
     out = tmp_path / f"{precision}.onnx"
-    report = export_model(run_dir, out, precision=precision, calib_count=32, adapt_seconds=3)
+    # adapt=True (--adapt): the student ships whatever its held-out kNN, which on 16 queries moves by 6.25
+    # points a query (the gate that may refuse it: test_a_student_that_loses_knn_gives_way_to_the_network)
+    report = export_model(run_dir, out, precision=precision, calib_count=32, adapt_seconds=3,
+                          adapt=True if precision == "int8" else None)
     assert report["min_cosine"] >= min_cos
     assert read_metadata(out)["precision"] == precision
     # the torch fp32 kNN the change is measured from is the run's own last monitor point
@@ -340,6 +343,40 @@ def test_adapted_int8_export_warns_when_the_student_loses_more_than_a_point():
     assert export_advice({"knn_change": -5.0}) is None  # not adapted: plain int8 says its change already
     line = export_advice({**adapted, "knn_change": -5.61})
     assert "5.61 kNN points" in line and "--no-adapt" in line
+
+
+def test_a_student_that_loses_knn_gives_way_to_the_network(run_dir, tmp_path, monkeypatch):
+    """The runtime's choice of int8 network is gated on the student's held-out kNN in torch fp32: a
+    bound it cannot meet ships the network as trained, saying why; --adapt ships the student anyway."""
+    from click.testing import CliRunner
+
+    from edgessl import exporter
+    from edgessl.cli import cli
+
+    monkeypatch.setattr(exporter, "ADAPT_MAX_KNN_LOSS", -101.0)  # a student would have to gain 101 points
+    r = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "a.onnx"), "--precision", "int8",
+                                 "--adapt-seconds", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output.strip().splitlines()[-1])
+    rejected = report["student_rejected"]
+    assert report["int8_network"] == "as_trained" and "adapted" not in report
+    assert rejected["knn_teacher"] == pytest.approx(report["knn_torch_fp32"])  # the same kNN, the same torch net
+    assert rejected["knn_change"] == pytest.approx(rejected["knn_student"] - rejected["knn_teacher"])
+    assert f"the ReLU student lost {-rejected['knn_change']:.2f} kNN points" in r.output
+    meta = read_metadata(tmp_path / "a.onnx")
+    assert meta["int8_network"] == "as_trained" and meta["student_rejected"] == rejected
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "a.onnx")).graph.node}
+    assert "GlobalAveragePool" in ops  # the squeeze-excite blocks are still there: the network as trained
+    from edgessl.benchmark import benchmark, markdown
+
+    (row,) = benchmark(run_dir, ("onnx",), ("int8",), adapt_seconds=1, progress=False)
+    assert row["int8_network"] == "as_trained" and row["student_knn_change"] == rejected["knn_change"]
+    assert f"as_trained (the ReLU student's kNN {rejected['knn_change']:+.2f})" in markdown([row])
+    forced = export_model(run_dir, tmp_path / "b.onnx", precision="int8", adapt=True, adapt_seconds=1, timing=False)
+    assert forced["int8_network"] == "relu_student" and "student_rejected" not in forced
+    monkeypatch.setattr(exporter, "ADAPT_MAX_KNN_LOSS", 101.0)  # any student passes
+    kept = export_model(run_dir, tmp_path / "c.onnx", precision="int8", adapt_seconds=1, timing=False)
+    assert kept["int8_network"] == "relu_student" and kept["adapted"]["knn_change"] == rejected["knn_change"]
 
 
 def test_int8_classifier_warns_when_under_99_percent_of_top1_classes_agree():
