@@ -166,8 +166,8 @@ def _print_export(report: dict, fmt: str, precision: str) -> None:
                f"max abs diff {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.6f} vs torch, "
                f"latency {report['latency_ms_p50']:.2f} ms at batch {report['latency_batch']}{knn}")
     if "speedup_vs_fp32" in report:
-        click.echo(f"speed-up  {speedup_line(report['speedup_vs_fp32'])} against the run's fp32 {fmt} file, "
-                   "timed side by side on this CPU")
+        click.echo(f"speed-up  {export_lib.speedup_line(report['speedup_vs_fp32'])} against the run's fp32 {fmt} "
+                   "file, timed side by side on this CPU")
 
 
 @cli.command()
@@ -186,14 +186,6 @@ def benchmark(run_dir, as_json, **options):
     click.echo(api.benchmark_table(rows))
     if as_json:
         click.echo(json.dumps(rows))
-
-
-def speedup_line(up: dict) -> str:
-    """'1.62x / 1.55x at batch 1 / 32 on 1 thread, ... on onnxruntime's default threads'."""
-    sizes = " / ".join(str(b) for b in next(iter(up.values())))
-    return ", ".join(" / ".join(f"{x:.2f}x" for x in per_b.values()) + f" at batch {sizes} on "
-                     + ("the runtime's default threads" if str(t) == "0" else f"{t} thread{'s' * (str(t) != '1')}")
-                     for t, per_b in up.items())
 
 
 @cli.command()

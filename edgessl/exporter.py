@@ -302,6 +302,14 @@ def speedup_vs_fp32(fp32: Path, other: Path, images: np.ndarray, batch, threads=
     return speedups(p50, "fp32")["other"]
 
 
+def speedup_line(up: dict) -> str:
+    """'1.62x / 1.55x at batch 1 / 32 on 1 thread, ... on the runtime's default threads'."""
+    sizes = " / ".join(str(b) for b in next(iter(up.values())))
+    return ", ".join(" / ".join(f"{x:.2f}x" for x in per_b.values()) + f" at batch {sizes} on "
+                     + ("the runtime's default threads" if str(t) == "0" else f"{t} thread{'s' * (str(t) != '1')}")
+                     for t, per_b in up.items())
+
+
 ADAPT_MAX_KNN_LOSS = 1.0  # kNN points an int8 student (or file) may lose: beyond it, the network as trained ships
 # instead of the student (measured on the run's held-out split, in torch), and a file's check fails
 MIN_TOP1_AGREEMENT = 0.99  # a classifier's int8 file agreeing less with torch fp32 is reported
@@ -311,16 +319,19 @@ def export_advice(report: dict) -> Optional[str]:
     """A warning line when an int8 export lost what a user would notice: an adapted (ReLU
     student) file more than ADAPT_MAX_KNN_LOSS kNN points against the original network, or a
     classifier whose top-1 class agrees with torch fp32 on under MIN_TOP1_AGREEMENT of the
-    held-out images; None otherwise."""
-    agree = report.get("top1_agreement")
+    held-out images, or a file slower than the run's fp32 file at every batch size and thread count
+    it was timed at; None otherwise."""
+    agree, change, up = report.get("top1_agreement"), report.get("knn_change"), report.get("speedup_vs_fp32")
     if agree is not None and agree < MIN_TOP1_AGREEMENT:
         return (f"warning: int8 changes the top-1 class of {100 * (1 - agree):.1f} % of the held-out images; "
                 f"the fp32 export keeps every one")
-    change = report.get("knn_change")
-    if not report.get("adapted") or change is None or change >= -ADAPT_MAX_KNN_LOSS:
-        return None
-    return (f"warning: the ReLU student loses {-change:.2f} kNN points against the original network; "
-            f"--no-adapt exports the network as it is (closer to it, and slower in int8)")
+    if report.get("adapted") and change is not None and change < -ADAPT_MAX_KNN_LOSS:
+        return (f"warning: the ReLU student loses {-change:.2f} kNN points against the original network; "
+                f"--no-adapt exports the network as it is (closer to it, and slower in int8)")
+    if report.get("precision") != "fp32" and up and max(x for per_b in up.values() for x in per_b.values()) < 1:
+        return (f"warning: this {report['precision']} file ran slower than the run's fp32 file on this CPU "
+                f"({speedup_line(up)}); the fp32 file is the faster one to ship here")
+    return None
 
 
 def top1_agreement(classifier: nn.Module, model: Backend, cfg: Config, most: int = 1024) -> dict:

@@ -379,6 +379,20 @@ def test_a_student_that_loses_knn_gives_way_to_the_network(run_dir, tmp_path, mo
     assert kept["int8_network"] == "relu_student" and kept["adapted"]["knn_change"] == rejected["knn_change"]
 
 
+def test_a_file_slower_than_fp32_everywhere_it_was_timed_says_so():
+    from edgessl.exporter import export_advice
+
+    slow = {1: {1: 0.85, 32: 0.96}, 0: {1: 0.9, 32: 0.8}}
+    line = export_advice({"precision": "int8", "speedup_vs_fp32": slow})
+    assert line == ("warning: this int8 file ran slower than the run's fp32 file on this CPU (0.85x / 0.96x at batch "
+                    "1 / 32 on 1 thread, 0.90x / 0.80x at batch 1 / 32 on the runtime's default threads); the fp32 "
+                    "file is the faster one to ship here")
+    assert export_advice({"precision": "int8", "speedup_vs_fp32": {**slow, 0: {1: 0.9, 32: 1.01}}}) is None
+    assert export_advice({"precision": "fp16", "speedup_vs_fp32": {"1": {"1": 0.43}}}).startswith("warning: this fp16")
+    lost = export_advice({"precision": "int8", "speedup_vs_fp32": slow, "adapted": {"steps": 9}, "knn_change": -3.0})
+    assert "3.00 kNN points" in lost  # what the file lost comes before what it costs
+
+
 def test_int8_classifier_warns_when_under_99_percent_of_top1_classes_agree():
     from edgessl.exporter import export_advice
 
