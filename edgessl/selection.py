@@ -28,6 +28,8 @@ from edgessl.runfiles import atomic_write
 TYPICAL_K = 20  # neighbours in an image's typicality (TypiClust's choice)
 MIN_CLUSTER = 5  # clusters smaller than this are picked from last: outliers are not typical
 PURITY = 0.95  # coverage: the largest ball radius at which 95 % of balls stay within one k-means cluster
+HERDING_ROWS = 4096  # herding: the kernel's width is measured on at most this many images' neighbours
+HERDING_BATCH = 64  # herding: stale gains re-scored at once (one matrix product instead of 64)
 KMEANS_ITERS = 100
 CHUNK = 2048  # rows of a distance matrix computed at once
 
@@ -82,7 +84,9 @@ def pick(x: torch.Tensor, budget: int, rule: str = DEFAULT_RULE, labelled: Seque
 
     typical: k-means into (labelled + budget) clusters; from the clusters with the fewest labels,
     largest first, the most typical image (1 / mean distance to its TYPICAL_K nearest neighbours
-    in its cluster). kmeans: the same clusters, the image nearest each centre. coverage: balls of
+    in its cluster). kmeans: the same clusters, the image nearest each centre. herding (MaxHerding,
+    Bae et al. 2024, arXiv 2407.12212): greedily the image that most raises the mean, over all
+    images, of a Gaussian kernel to the nearest pick (labelled images count as picks). coverage: balls of
     the largest radius at which PURITY of them stay within one k-means cluster; greedily the
     image whose ball holds the most images no chosen ball holds. random: a uniform draw."""
     labelled = sorted(set(int(i) for i in labelled))
@@ -99,6 +103,8 @@ def pick(x: torch.Tensor, budget: int, rule: str = DEFAULT_RULE, labelled: Seque
         return rows[torch.randperm(len(rows), generator=g)[:budget]].tolist()
     if rule == "coverage":
         return _coverage(x, budget, labelled, g)
+    if rule == "herding":
+        return _herding(x, budget, labelled, g)
     centres, assign = kmeans(x, len(labelled) + budget, g)
     if rule == "kmeans":
         score = -(x - centres[assign]).norm(dim=1)
@@ -166,6 +172,45 @@ def typicality(x: torch.Tensor, k: int = TYPICAL_K) -> torch.Tensor:
     d = torch.cdist(x, x)
     d.fill_diagonal_(float("inf"))
     return 1.0 / (d.topk(min(k, len(x) - 1), largest=False).values.mean(1) + 1e-8)
+
+
+def kernel_width(x: torch.Tensor, g: torch.Generator, k: int = TYPICAL_K) -> float:
+    """The median distance from an image to its k-th nearest other image (over at most HERDING_ROWS
+    images drawn with `g`): the scale at which an image's neighbourhood ends."""
+    rows = x[torch.randperm(len(x), generator=g)[:HERDING_ROWS]] if len(x) > HERDING_ROWS else x
+    kth = torch.cat([torch.cdist(c, x).topk(min(k + 1, len(x)), largest=False).values[:, -1]
+                     for c in rows.split(CHUNK)])
+    return max(float(kth.median()), 1e-3)
+
+
+def _herding(x: torch.Tensor, budget: int, labelled: list[int], g: torch.Generator) -> list[int]:
+    """Greedy facility location under exp(-|a - b|^2 / 2 sigma^2), sigma = kernel_width(x): each step
+    takes the image whose kernel row raises most images' best similarity to a pick. The objective
+    is submodular, so a gain only falls as picks are added; lazy greedy re-scores only the images
+    whose stale gains are the largest, and takes the best of them when its fresh gain is still the
+    largest of all."""
+    scale = 1.0 / kernel_width(x, g) ** 2  # for unit rows |a - b|^2 = 2 - 2 a.b
+
+    def similarity(rows: torch.Tensor) -> torch.Tensor:
+        return torch.exp((rows @ x.T - 1.0) * scale)
+
+    best = torch.zeros(len(x))  # each image's similarity to its most similar pick
+    for c in torch.tensor(labelled, dtype=torch.long).split(CHUNK) if labelled else ():
+        best = torch.maximum(best, similarity(x[c]).max(0).values)
+    gain = torch.cat([(similarity(c) - best).clamp(min=0).sum(1) for c in x.split(CHUNK)])
+    gain[labelled] = -float("inf")
+    picks = []
+    while len(picks) < budget:
+        top = gain.topk(min(HERDING_BATCH, len(x) - len(labelled) - len(picks))).indices
+        rows = similarity(x[top])
+        gain[top] = (rows - best).clamp(min=0).sum(1)
+        j = int(gain[top].argmax())
+        if gain[top[j]] < gain.max():
+            continue  # every fresh gain fell below a stale one: score the new largest next
+        picks.append(int(top[j]))
+        best = torch.maximum(best, rows[j])
+        gain[top[j]] = -float("inf")
+    return picks
 
 
 def _coverage(x: torch.Tensor, budget: int, labelled: list[int], g: torch.Generator) -> list[int]:

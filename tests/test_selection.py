@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from edgessl.errors import EdgesslError
-from edgessl.selection import kmeans, pick, read_paths, typicality
+from edgessl.selection import kernel_width, kmeans, pick, read_paths, typicality
 from conftest import tiny_config
 
 SIZES = (40, 30, 20, 12, 8)  # five blobs of unequal size, largest first
@@ -48,7 +48,7 @@ def test_kmeans_finds_well_apart_blobs():
     assert len(assign.unique()) == 5
 
 
-@pytest.mark.parametrize("rule", ["typical", "kmeans", "coverage"])
+@pytest.mark.parametrize("rule", ["typical", "kmeans", "herding", "coverage"])
 def test_each_rule_picks_every_blob_once(rule):
     x, y = blobs()
     picks = pick(x, 5, rule)
@@ -65,7 +65,7 @@ def test_typical_picks_the_densest_image_of_each_cluster():
         assert i == int(members[typicality(x[members]).argmax()])
 
 
-@pytest.mark.parametrize("rule", ["typical", "kmeans", "coverage", "random"])
+@pytest.mark.parametrize("rule", ["typical", "kmeans", "herding", "coverage", "random"])
 def test_a_second_round_leaves_the_labelled_out_and_goes_where_they_are_not(rule):
     x, y = blobs()
     labelled = (y <= 1).nonzero().flatten()[::3].tolist()  # blobs 0 and 1 hold labels already
@@ -73,6 +73,21 @@ def test_a_second_round_leaves_the_labelled_out_and_goes_where_they_are_not(rule
     assert not set(picks) & set(labelled) and len(set(picks)) == 3
     if rule != "random":
         assert sorted(y[picks].tolist()) == [2, 3, 4]
+
+
+def test_herding_matches_a_naive_greedy_of_the_coverage_it_maximises():
+    x = F.normalize(torch.randn(60, 6, generator=torch.Generator().manual_seed(2)), dim=1)
+    d = torch.cdist(x, x).double()
+    sigma = float(d.sort(1).values[:, 20].median())  # each row's 20th nearest other row (index 0: itself)
+    assert kernel_width(x, torch.Generator()) == pytest.approx(sigma, rel=1e-5)
+    k = torch.exp(-d.pow(2) / (2 * sigma**2))
+    labelled, picks = [7, 33], []
+    for _ in range(12):  # each step: the image that most raises sum over images of max kernel to a pick
+        def cover(rows):
+            return float(k[rows].max(0).values.sum())
+        i = max((j for j in range(60) if j not in labelled + picks), key=lambda j: cover(labelled + picks + [j]))
+        picks.append(i)
+    assert pick(x, 12, "herding", labelled=labelled) == picks
 
 
 def test_random_is_seeded_and_every_image_can_be_picked():
