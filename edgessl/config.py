@@ -260,7 +260,7 @@ class FinetuneConfig:
 
 # `edgessl select`'s rules, and its default from label draws on tuning splits (docs/benchmarks.md,
 # "Which images to label"; edgessl.selection)
-SELECT_RULES = ("typical", "kmeans", "herding", "coverage", "random")
+SELECT_RULES = ("typical", "graph", "herding", "kmeans", "coverage", "random")
 SELECT_DEFAULT = "typical"
 
 

@@ -29,7 +29,9 @@ TYPICAL_K = 20  # neighbours in an image's typicality (TypiClust's choice)
 MIN_CLUSTER = 5  # clusters smaller than this are picked from last: outliers are not typical
 PURITY = 0.95  # coverage: the largest ball radius at which 95 % of balls stay within one k-means cluster
 HERDING_ROWS = 4096  # herding: the kernel's width is measured on at most this many images' neighbours
-HERDING_BATCH = 64  # herding: stale gains re-scored at once (one matrix product instead of 64)
+HERDING_BATCH = 64  # herding, graph: stale gains re-scored at once (one matrix product instead of 64)
+DIFFUSION = 0.8  # graph: the kernel's alpha (0.8-0.95 within a point of each other on the tuning splits)
+GRAPH_ROWS = 16384  # graph: the dense kernel covers at most this many images (1 GiB)
 KMEANS_ITERS = 100
 CHUNK = 2048  # rows of a distance matrix computed at once
 
@@ -86,9 +88,11 @@ def pick(x: torch.Tensor, budget: int, rule: str = DEFAULT_RULE, labelled: Seque
     largest first, the most typical image (1 / mean distance to its TYPICAL_K nearest neighbours
     in its cluster). kmeans: the same clusters, the image nearest each centre. herding (MaxHerding,
     Bae et al. 2024, arXiv 2407.12212): greedily the image that most raises the mean, over all
-    images, of a Gaussian kernel to the nearest pick (labelled images count as picks). coverage: balls of
-    the largest radius at which PURITY of them stay within one k-means cluster; greedily the
-    image whose ball holds the most images no chosen ball holds. random: a uniform draw."""
+    images, of a Gaussian kernel to the nearest pick (labelled images count as picks). graph: the
+    same greedy under the diffusion kernel of the kNN graph that fine-tuning propagates labels
+    over. coverage: balls of the largest radius at which PURITY of them stay within one k-means
+    cluster; greedily the image whose ball holds the most images no chosen ball holds. random: a
+    uniform draw."""
     labelled = sorted(set(int(i) for i in labelled))
     free = len(x) - len(labelled)
     if not 1 <= budget <= free:
@@ -105,6 +109,8 @@ def pick(x: torch.Tensor, budget: int, rule: str = DEFAULT_RULE, labelled: Seque
         return _coverage(x, budget, labelled, g)
     if rule == "herding":
         return _herding(x, budget, labelled, g)
+    if rule == "graph":
+        return _graph(x, budget, labelled, g)
     centres, assign = kmeans(x, len(labelled) + budget, g)
     if rule == "kmeans":
         score = -(x - centres[assign]).norm(dim=1)
@@ -184,25 +190,51 @@ def kernel_width(x: torch.Tensor, g: torch.Generator, k: int = TYPICAL_K) -> flo
 
 
 def _herding(x: torch.Tensor, budget: int, labelled: list[int], g: torch.Generator) -> list[int]:
-    """Greedy facility location under exp(-|a - b|^2 / 2 sigma^2), sigma = kernel_width(x): each step
-    takes the image whose kernel row raises most images' best similarity to a pick. The objective
-    is submodular, so a gain only falls as picks are added; lazy greedy re-scores only the images
-    whose stale gains are the largest, and takes the best of them when its fresh gain is still the
-    largest of all."""
+    """Facility location under exp(-|a - b|^2 / 2 sigma^2), sigma = kernel_width(x)."""
     scale = 1.0 / kernel_width(x, g) ** 2  # for unit rows |a - b|^2 = 2 - 2 a.b
+    return facility_location(lambda rows: torch.exp((x[rows] @ x.T - 1.0) * scale), len(x), budget, labelled)
 
-    def similarity(rows: torch.Tensor) -> torch.Tensor:
-        return torch.exp((rows @ x.T - 1.0) * scale)
 
-    best = torch.zeros(len(x))  # each image's similarity to its most similar pick
+def diffusion_kernel(x: torch.Tensor, alpha: float = DIFFUSION) -> torch.Tensor:
+    """(I - alpha S)^-1 = sum_t alpha^t S^t over the kNN graph S that fine-tuning propagates labels
+    over (edgessl.semi): how much of a label placed on image j reaches image i. Dense (N, N),
+    symmetric, non-negative; I - alpha S is well conditioned ((1 + alpha) / (1 - alpha)), so
+    float32 suffices."""
+    from edgessl.semi import knn_graph
+
+    return torch.linalg.inv(torch.eye(len(x)) - alpha * knn_graph(x).to_dense())
+
+
+def _graph(x: torch.Tensor, budget: int, labelled: list[int], g: torch.Generator) -> list[int]:
+    """Facility location under diffusion_kernel(x); above GRAPH_ROWS images, over the labelled
+    images and a draw (with `g`) of the others, so the kernel stays at most GRAPH_ROWS squared."""
+    rows = torch.arange(len(x))
+    if len(x) > GRAPH_ROWS:
+        others = torch.ones(len(x), dtype=torch.bool)
+        others[labelled] = False
+        others = others.nonzero().flatten()
+        drawn = others[torch.randperm(len(others), generator=g)[:max(GRAPH_ROWS - len(labelled), budget)]]
+        rows = torch.cat([torch.tensor(labelled, dtype=torch.long), drawn])
+    z = diffusion_kernel(x[rows])
+    held = labelled if len(rows) == len(x) else list(range(len(labelled)))  # the labelled images' rows in z
+    return rows[facility_location(lambda r: z[r], len(rows), budget, held)].tolist()
+
+
+def facility_location(similarity, n: int, budget: int, labelled: list[int]) -> list[int]:
+    """Greedy facility location: each step takes the row whose similarities (`similarity(rows)`:
+    (len(rows), n), non-negative) most raise the sum over all n of each one's best similarity to a
+    pick; labelled rows count as picks. The objective is submodular, so a gain only falls as picks
+    are added: lazy greedy re-scores only the HERDING_BATCH rows whose stale gains are the largest,
+    and takes the best of them when its fresh gain is still the largest of all."""
+    best = torch.zeros(n)  # each row's similarity to its most similar pick
     for c in torch.tensor(labelled, dtype=torch.long).split(CHUNK) if labelled else ():
-        best = torch.maximum(best, similarity(x[c]).max(0).values)
-    gain = torch.cat([(similarity(c) - best).clamp(min=0).sum(1) for c in x.split(CHUNK)])
+        best = torch.maximum(best, similarity(c).max(0).values)
+    gain = torch.cat([(similarity(c) - best).clamp(min=0).sum(1) for c in torch.arange(n).split(CHUNK)])
     gain[labelled] = -float("inf")
     picks = []
     while len(picks) < budget:
-        top = gain.topk(min(HERDING_BATCH, len(x) - len(labelled) - len(picks))).indices
-        rows = similarity(x[top])
+        top = gain.topk(min(HERDING_BATCH, n - len(labelled) - len(picks))).indices
+        rows = similarity(top)
         gain[top] = (rows - best).clamp(min=0).sum(1)
         j = int(gain[top].argmax())
         if gain[top[j]] < gain.max():

@@ -15,7 +15,8 @@ import yaml
 from PIL import Image
 
 from edgessl.errors import EdgesslError
-from edgessl.selection import kernel_width, kmeans, pick, read_paths, typicality
+from edgessl import selection
+from edgessl.selection import diffusion_kernel, kernel_width, kmeans, pick, read_paths, typicality
 from conftest import tiny_config
 
 SIZES = (40, 30, 20, 12, 8)  # five blobs of unequal size, largest first
@@ -48,7 +49,7 @@ def test_kmeans_finds_well_apart_blobs():
     assert len(assign.unique()) == 5
 
 
-@pytest.mark.parametrize("rule", ["typical", "kmeans", "herding", "coverage"])
+@pytest.mark.parametrize("rule", ["typical", "kmeans", "graph", "herding", "coverage"])
 def test_each_rule_picks_every_blob_once(rule):
     x, y = blobs()
     picks = pick(x, 5, rule)
@@ -65,7 +66,7 @@ def test_typical_picks_the_densest_image_of_each_cluster():
         assert i == int(members[typicality(x[members]).argmax()])
 
 
-@pytest.mark.parametrize("rule", ["typical", "kmeans", "herding", "coverage", "random"])
+@pytest.mark.parametrize("rule", ["typical", "kmeans", "graph", "herding", "coverage", "random"])
 def test_a_second_round_leaves_the_labelled_out_and_goes_where_they_are_not(rule):
     x, y = blobs()
     labelled = (y <= 1).nonzero().flatten()[::3].tolist()  # blobs 0 and 1 hold labels already
@@ -75,19 +76,48 @@ def test_a_second_round_leaves_the_labelled_out_and_goes_where_they_are_not(rule
         assert sorted(y[picks].tolist()) == [2, 3, 4]
 
 
+def naive_greedy(k: torch.Tensor, budget: int, labelled: list[int]) -> list[int]:
+    """Each step: the image that most raises the sum over all images of the best kernel value to a pick."""
+    picks = []
+    for _ in range(budget):
+        free = [j for j in range(len(k)) if j not in labelled + picks]
+        picks.append(max(free, key=lambda j: float(k[labelled + picks + [j]].max(0).values.sum())))
+    return picks
+
+
 def test_herding_matches_a_naive_greedy_of_the_coverage_it_maximises():
     x = F.normalize(torch.randn(60, 6, generator=torch.Generator().manual_seed(2)), dim=1)
     d = torch.cdist(x, x).double()
     sigma = float(d.sort(1).values[:, 20].median())  # each row's 20th nearest other row (index 0: itself)
     assert kernel_width(x, torch.Generator()) == pytest.approx(sigma, rel=1e-5)
     k = torch.exp(-d.pow(2) / (2 * sigma**2))
-    labelled, picks = [7, 33], []
-    for _ in range(12):  # each step: the image that most raises sum over images of max kernel to a pick
-        def cover(rows):
-            return float(k[rows].max(0).values.sum())
-        i = max((j for j in range(60) if j not in labelled + picks), key=lambda j: cover(labelled + picks + [j]))
-        picks.append(i)
-    assert pick(x, 12, "herding", labelled=labelled) == picks
+    assert pick(x, 12, "herding", labelled=[7, 33]) == naive_greedy(k, 12, [7, 33])
+
+
+def test_graph_matches_a_naive_greedy_under_a_naive_diffusion_of_the_knn_graph():
+    x = F.normalize(torch.randn(70, 6, generator=torch.Generator().manual_seed(3)), dim=1).double()
+    cos = x @ x.T
+    a = torch.zeros(70, 70, dtype=torch.float64)
+    for i in range(70):  # each image's 20 most similar others, weighted max(cos, 0)^3
+        others = sorted((j for j in range(70) if j != i), key=lambda j: -float(cos[i, j]))[:20]
+        a[i, others] = cos[i, others].clamp(min=0) ** 3
+    w = a + a.T
+    d = w.sum(1).rsqrt()
+    s, z, term = d[:, None] * w * d[None], torch.zeros(70, 70, dtype=torch.float64), torch.eye(70, dtype=torch.float64)
+    for _ in range(300):  # sum_t alpha^t S^t
+        z, term = z + term, selection.DIFFUSION * s @ term
+    torch.testing.assert_close(diffusion_kernel(x.float()).double(), z, rtol=1e-4, atol=1e-5)
+    assert pick(x.float(), 10, "graph", labelled=[4, 50]) == naive_greedy(z, 10, [4, 50])
+
+
+def test_graph_above_its_size_limit_picks_from_a_seeded_draw(monkeypatch):
+    x, y = blobs()
+    monkeypatch.setattr(selection, "GRAPH_ROWS", 60)
+    labelled = [0, 1, 2]
+    picks = pick(x, 8, "graph", labelled=labelled, seed=1)
+    assert picks == pick(x, 8, "graph", labelled=labelled, seed=1) and len(set(picks)) == 8
+    assert not set(picks) & set(labelled) and len(set(y[picks].tolist())) >= 4
+    assert len({tuple(pick(x, 8, "graph", seed=s)) for s in range(4)}) > 1  # each seed its own draw
 
 
 def test_random_is_seeded_and_every_image_can_be_picked():
