@@ -276,9 +276,9 @@ def finetune(run_dir, out, resume, as_json, train, test, label_fraction, labels_
 @click.option("--exclude", type=click.Path(dir_okay=False),
               help="A CSV with a path column (an earlier labels.csv or picks.csv): those images are labelled.")
 @click.option("--rule", type=click.Choice(SELECT_RULES), default=_default(Run.select, "rule"),
-              help="typical: the most typical image of each k-means cluster; kmeans: the one nearest each centre; "
-                   "graph: greedy cover under the kNN graph's diffusion kernel; "
-                   "herding: greedy cover under a Gaussian kernel; coverage: greedy cover by balls of pure radius; "
+              help="graph: greedy cover under the diffusion kernel of the features' kNN graph; typical: the most "
+                   "typical image of each k-means cluster; herding: greedy cover under a Gaussian kernel; kmeans: the "
+                   "image nearest each centre; coverage: greedy cover by balls of pure radius; "
                    "random: a uniform draw.")
 @click.option("--seed", type=int, default=_default(Run.select, "seed"), help="Seed of the clustering or the draw.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")

@@ -260,8 +260,8 @@ class FinetuneConfig:
 
 # `edgessl select`'s rules, and its default from label draws on tuning splits (docs/benchmarks.md,
 # "Which images to label"; edgessl.selection)
-SELECT_RULES = ("typical", "graph", "herding", "kmeans", "coverage", "random")
-SELECT_DEFAULT = "typical"
+SELECT_RULES = ("graph", "typical", "herding", "kmeans", "coverage", "random")
+SELECT_DEFAULT = "graph"
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Which images to label first: `select` picks from a run's unlabelled images, in priority order.
 
-With few labels, which images carry them matters as much as how the classifier trains: typical
-images from every region of the feature space beat a random draw (TypiClust, Hacohen et al. 2022,
-arXiv 2202.02794; ProbCover, Yehuda et al. 2022, arXiv 2205.11320). Every rule works on the run's
-L2-normalised backbone features, computed once and kept with the run (RUN/features/); `select`
-writes the picks as a CSV (rank, path) and the labelling page beside it (edgessl.labelpage).
+With few labels, which images carry them matters as much as how the classifier trains: images
+that stand for many others beat a random draw (TypiClust, Hacohen et al. 2022, arXiv 2202.02794;
+ProbCover, Yehuda et al. 2022, arXiv 2205.11320; MaxHerding, Bae et al. 2024, arXiv 2407.12212).
+The default, graph, measures "stands for" as fine-tuning will use it: how far a label spreads
+over the features' kNN graph (edgessl.semi). Every rule works on the run's L2-normalised backbone
+features, computed once and kept with the run (RUN/features/); `select` writes the picks as a CSV
+(rank, path) and the labelling page beside it (edgessl.labelpage).
 """
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ from edgessl import data as data_lib
 from edgessl.config import SELECT_DEFAULT as DEFAULT_RULE, SELECT_RULES as RULES
 from edgessl.errors import EdgesslError
 from edgessl.runfiles import atomic_write
+from edgessl.semi import knn_graph
 
 TYPICAL_K = 20  # neighbours in an image's typicality (TypiClust's choice)
 MIN_CLUSTER = 5  # clusters smaller than this are picked from last: outliers are not typical
 PURITY = 0.95  # coverage: the largest ball radius at which 95 % of balls stay within one k-means cluster
 HERDING_ROWS = 4096  # herding: the kernel's width is measured on at most this many images' neighbours
-HERDING_BATCH = 64  # herding, graph: stale gains re-scored at once (one matrix product instead of 64)
-DIFFUSION = 0.8  # graph: the kernel's alpha (0.8-0.95 within a point of each other on the tuning splits)
+GREEDY_BATCH = 64  # herding, graph: stale gains re-scored at once (one matrix product instead of 64)
+DIFFUSION = 0.8  # graph: the kernel's alpha (0.8-0.95: within 2.1 points on the tuning splits; docs/benchmarks.md)
 GRAPH_ROWS = 16384  # graph: the dense kernel covers at most this many images (1 GiB)
 KMEANS_ITERS = 100
 CHUNK = 2048  # rows of a distance matrix computed at once
@@ -200,9 +203,9 @@ def diffusion_kernel(x: torch.Tensor, alpha: float = DIFFUSION) -> torch.Tensor:
     over (edgessl.semi): how much of a label placed on image j reaches image i. Dense (N, N),
     symmetric, non-negative; I - alpha S is well conditioned ((1 + alpha) / (1 - alpha)), so
     float32 suffices."""
-    from edgessl.semi import knn_graph
-
-    return torch.linalg.inv(torch.eye(len(x)) - alpha * knn_graph(x).to_dense())
+    a = knn_graph(x).to_dense().mul_(-alpha)
+    a.diagonal().add_(1.0)
+    return torch.linalg.inv(a)
 
 
 def _graph(x: torch.Tensor, budget: int, labelled: list[int], g: torch.Generator) -> list[int]:
@@ -224,7 +227,7 @@ def facility_location(similarity, n: int, budget: int, labelled: list[int]) -> l
     """Greedy facility location: each step takes the row whose similarities (`similarity(rows)`:
     (len(rows), n), non-negative) most raise the sum over all n of each one's best similarity to a
     pick; labelled rows count as picks. The objective is submodular, so a gain only falls as picks
-    are added: lazy greedy re-scores only the HERDING_BATCH rows whose stale gains are the largest,
+    are added: lazy greedy re-scores only the GREEDY_BATCH rows whose stale gains are the largest,
     and takes the best of them when its fresh gain is still the largest of all."""
     best = torch.zeros(n)  # each row's similarity to its most similar pick
     for c in torch.tensor(labelled, dtype=torch.long).split(CHUNK) if labelled else ():
@@ -233,7 +236,7 @@ def facility_location(similarity, n: int, budget: int, labelled: list[int]) -> l
     gain[labelled] = -float("inf")
     picks = []
     while len(picks) < budget:
-        top = gain.topk(min(HERDING_BATCH, n - len(labelled) - len(picks))).indices
+        top = gain.topk(min(GREEDY_BATCH, n - len(labelled) - len(picks))).indices
         rows = similarity(top)
         gain[top] = (rows - best).clamp(min=0).sum(1)
         j = int(gain[top].argmax())

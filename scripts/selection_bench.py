@@ -5,7 +5,7 @@ images' known labels) against the same fine-tune on uniform random draws (`--rul
 the class-balanced draw of --labels-per-class, tested on the run's held-out images (or --test).
 Writes JSON (resumable) and prints a Markdown table.
 
-    .venv/bin/python scripts/selection_bench.py RUN --rules typical,random,balanced --seeds 3,4,5 --out runs/sel.json
+    .venv/bin/python scripts/selection_bench.py RUN --rules graph,random,balanced --seeds 3,4,5 --out runs/sel.json
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
     ap.add_argument("--per-class", default="1,2,5,10", help="budgets: N = m x the number of classes")
-    ap.add_argument("--rules", default="typical,kmeans,coverage,random",
+    ap.add_argument("--rules", default="graph,typical,herding,random",
                     help="select's rules, and balanced: the draw of --labels-per-class")
     ap.add_argument("--seeds", default="0,1,2", help="the draws (random, balanced) or the clusterings' seeds")
     ap.add_argument("--train", default="", help="finetune: labelled training images (default: the run's own)")
