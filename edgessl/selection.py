@@ -201,11 +201,11 @@ def _herding(x: torch.Tensor, budget: int, labelled: list[int], g: torch.Generat
 def diffusion_kernel(x: torch.Tensor, alpha: float = DIFFUSION) -> torch.Tensor:
     """(I - alpha S)^-1 = sum_t alpha^t S^t over the kNN graph S that fine-tuning propagates labels
     over (edgessl.semi): how much of a label placed on image j reaches image i. Dense (N, N),
-    symmetric, non-negative; I - alpha S is well conditioned ((1 + alpha) / (1 - alpha)), so
-    float32 suffices."""
+    symmetric, non-negative. I - alpha S is symmetric positive definite and well conditioned (its
+    eigenvalues lie in [1 - alpha, 1 + alpha]): a Cholesky inverse in float32 (half inv's time)."""
     a = knn_graph(x).to_dense().mul_(-alpha)
     a.diagonal().add_(1.0)
-    return torch.linalg.inv(a)
+    return torch.cholesky_inverse(torch.linalg.cholesky(a))
 
 
 def _graph(x: torch.Tensor, budget: int, labelled: list[int], g: torch.Generator) -> list[int]:
