@@ -104,10 +104,7 @@ def pick(x: torch.Tensor, budget: int, rule: str = DEFAULT_RULE, labelled: Seque
         raise EdgesslError(f"unknown selection rule {rule!r} (known: {', '.join(RULES)})")
     g = torch.Generator().manual_seed(seed)
     if rule == "random":
-        mask = torch.ones(len(x), dtype=torch.bool)
-        mask[labelled] = False
-        rows = mask.nonzero().flatten()
-        return rows[torch.randperm(len(rows), generator=g)[:budget]].tolist()
+        return _draw(len(x), labelled, budget, g).tolist()
     if rule == "coverage":
         return _coverage(x, budget, labelled, g)
     if rule == "herding":
@@ -123,6 +120,14 @@ def pick(x: torch.Tensor, budget: int, rule: str = DEFAULT_RULE, labelled: Seque
             members = (assign == c).nonzero().flatten()
             score[members] = typicality(x[members])
     return _by_cluster(assign, score, budget, labelled)
+
+
+def _draw(n: int, labelled: list[int], count: int, g: torch.Generator) -> torch.Tensor:
+    """`count` of the n rows not in `labelled`, drawn uniformly with `g`, in the order drawn."""
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[labelled] = False
+    rows = mask.nonzero().flatten()
+    return rows[torch.randperm(len(rows), generator=g)[:count]]
 
 
 def _by_cluster(assign: torch.Tensor, score: torch.Tensor, budget: int, labelled: list[int]) -> list[int]:
@@ -213,10 +218,7 @@ def _graph(x: torch.Tensor, budget: int, labelled: list[int], g: torch.Generator
     images and a draw (with `g`) of the others, so the kernel stays at most GRAPH_ROWS squared."""
     rows = torch.arange(len(x))
     if len(x) > GRAPH_ROWS:
-        others = torch.ones(len(x), dtype=torch.bool)
-        others[labelled] = False
-        others = others.nonzero().flatten()
-        drawn = others[torch.randperm(len(others), generator=g)[:max(GRAPH_ROWS - len(labelled), budget)]]
+        drawn = _draw(len(x), labelled, max(GRAPH_ROWS - len(labelled), budget), g)
         rows = torch.cat([torch.tensor(labelled, dtype=torch.long), drawn])
     z = diffusion_kernel(x[rows])
     held = labelled if len(rows) == len(x) else list(range(len(labelled)))  # the labelled images' rows in z
