@@ -23,8 +23,10 @@ def classes_of(run: str) -> int:
     return len(set(r.select(r.select(1, rule="random")["pool"], rule="random")["known_labels"]))
 
 
-def finetune(run: str, m: int, rule: str, seed: int, train: str, test: str, unlabelled: str = "auto") -> dict:
-    """The default fine-tune on N = m x classes images picked by `rule` (balanced: m per class)."""
+def finetune(run: str, m: int, rule: str, seed: int, train: str, test: str, unlabelled: str = "auto",
+             finetune_seed: int = 0) -> dict:
+    """The default fine-tune (seeded with `finetune_seed`) on N = m x classes images picked by `rule`
+    (balanced: m per class, the draw and the fine-tune seeded with `seed`)."""
     classes = classes_of(run)
     with tempfile.TemporaryDirectory() as tmp:
         quiet = dict(progress=False, log=lambda *_: None, unlabelled=unlabelled)
@@ -35,7 +37,7 @@ def finetune(run: str, m: int, rule: str, seed: int, train: str, test: str, unla
         picks, labels = chosen["picks"], chosen["known_labels"]
         csv = Path(tmp) / "labels.csv"
         csv.write_text("path,label\n" + "".join(f'"{q}",{label}\n' for q, label in zip(picks, labels)))
-        r = edgessl.finetune(run, train, test, Path(tmp) / "ft", labels=str(csv), **quiet).summary
+        r = edgessl.finetune(run, train, test, Path(tmp) / "ft", labels=str(csv), seed=finetune_seed, **quiet).summary
         return {"top1": r["test_top1"], "empty_classes": classes - len(set(labels)),
                 "unlabelled": r["unlabelled"], "select_seconds": chosen["select_seconds"]}
 
@@ -47,6 +49,8 @@ def main() -> None:
     ap.add_argument("--rules", default="graph,typical,herding,random",
                     help="select's rules, and balanced: the draw of --labels-per-class")
     ap.add_argument("--seeds", default="0,1,2", help="the draws (random, balanced) or the clusterings' seeds")
+    ap.add_argument("--finetune-seeds", default="0", help="each pick's fine-tune seeds (a rule without a seed, "
+                    "graph or herding, varies only by these); a seed other than 0 is named SEED+FINETUNE_SEED")
     ap.add_argument("--train", default="", help="finetune: labelled training images (default: the run's own)")
     ap.add_argument("--test", default="", help="finetune: test images (default: the run's held-out images)")
     ap.add_argument("--unlabelled", default="auto", help="finetune's --unlabelled; other than auto, a row's rule "
@@ -56,10 +60,11 @@ def main() -> None:
     results = load_results(Path(a.out))
     for m in [int(v) for v in a.per_class.split(",")]:
         for rule in a.rules.split(","):
-            for seed in [int(v) for v in a.seeds.split(",")]:
+            for seed, fseed in [(int(s), int(f)) for s in a.seeds.split(",") for f in a.finetune_seeds.split(",")]:
                 key = f"{m}/{rule if a.unlabelled == 'auto' else rule + ':' + a.unlabelled}/{seed}"
+                key += f"+{fseed}" if fseed else ""
                 if key not in results:
-                    results[key] = finetune(a.run, m, rule, seed, a.train, a.test, a.unlabelled)
+                    results[key] = finetune(a.run, m, rule, seed, a.train, a.test, a.unlabelled, fseed)
                     save_results(Path(a.out), results)
                     print(key, results[key], flush=True)
     print(table(results))
