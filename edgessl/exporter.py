@@ -161,6 +161,7 @@ class _Job:
     own: Optional[tuple]  # a pretraining run's own (train, held-out) images
     size: int
     rejected: Optional[dict] = None  # the int8 student's held-out kNN change, when it lost too much to ship
+    knn_original: Optional[float] = None  # `original`'s torch fp32 kNN, where the int8 gate measured it already
 
 
 def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, adapt, adapt_seconds,
@@ -190,15 +191,18 @@ def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, a
             students.setdefault(adapt_seconds, made)
         if gate and knn and own:  # measured once per student (kept with it in `students`)
             student_knn_change(model.backbone, *students[adapt_seconds], cfg, *own)
+        measured = None if with_head else students[adapt_seconds][1].get("knn_teacher")  # the backbone's kNN
         if gate and students[adapt_seconds][1].get("knn_change", 0) < -ADAPT_MAX_KNN_LOSS:
             report = students[adapt_seconds][1]
             return _Job(encoder, original, None, images, own, size, rejected={
-                k: report[k] for k in ("knn_change", "knn_student", "knn_teacher", "steps", "seconds")})
+                k: report[k] for k in ("knn_change", "knn_student", "knn_teacher", "steps", "seconds")},
+                knn_original=measured)
         student, adapted = copy.deepcopy(students[adapt_seconds][0]), dict(students[adapt_seconds][1])
         encoder = Encoder(student, getattr(model, "head", None) if with_head else None).eval()
         with torch.no_grad():
             adapted["feature_cosine_to_original"] = float(torch.nn.functional.cosine_similarity(
                 encoder(torch.from_numpy(images)), original(torch.from_numpy(images)), dim=1).mean())
+        return _Job(encoder, original, adapted, images, own, size, knn_original=measured)
     return _Job(encoder, original, adapted, images, own, size)
 
 
@@ -275,7 +279,7 @@ def _write_and_check(job: _Job, tmp: Path, out: Path, cfg, state, spec: formats.
         report["speedup_vs_fp32"] = speedup_vs_fp32(baseline, final, job.images, batch, spec.threads)
     if knn:
         isolate.step(f"measuring the kNN change of {final.name}")
-        report.update(knn_change(job.original, model, cfg, *job.own))
+        report.update(knn_change(job.original, model, cfg, *job.own, torch_fp32=job.knn_original))
     if is_classifier(state):
         isolate.step(f"measuring the top-1 agreement of {final.name}")
         report.update(top1_agreement(job.encoder, model, cfg))
@@ -347,8 +351,9 @@ def top1_agreement(classifier: nn.Module, model: Backend, cfg: Config, most: int
 
 
 def knn_change(encoder: nn.Module, model: Backend, cfg: Config, train: data_lib.ImageData,
-               val: Optional[data_lib.ImageData]) -> dict:
-    """kNN top-1 of torch fp32 features and of the exported file's, on the run's held-out split."""
+               val: Optional[data_lib.ImageData], torch_fp32: Optional[float] = None) -> dict:
+    """kNN top-1 of torch fp32 features (`torch_fp32` where it was measured) and of the exported file's,
+    on the run's held-out split."""
     from edgessl.knn import heldout_knn
 
     if val is None or train.labels is None or val.labels is None:
@@ -357,8 +362,8 @@ def knn_change(encoder: nn.Module, model: Backend, cfg: Config, train: data_lib.
         return torch.from_numpy(np.concatenate([model.features(normalize(c, cfg.data.mean, cfg.data.std).numpy())
                                                 for c in images.split(256)]))
 
-    acc = {"torch_fp32": heldout_knn(lambda x: features(encoder, x, cfg.data.mean, cfg.data.std), train, val,
-                                     cfg.run.knn_k),
+    acc = {"torch_fp32": torch_fp32 if torch_fp32 is not None else
+           heldout_knn(lambda x: features(encoder, x, cfg.data.mean, cfg.data.std), train, val, cfg.run.knn_k),
            "export": heldout_knn(exported, train, val, cfg.run.knn_k)}
     return {"knn_torch_fp32": acc["torch_fp32"], "knn_export": acc["export"],
             "knn_change": acc["export"] - acc["torch_fp32"]}

@@ -350,17 +350,30 @@ def test_a_student_that_loses_knn_gives_way_to_the_network(run_dir, tmp_path, mo
     bound it cannot meet ships the network as trained, saying why; --adapt ships the student anyway."""
     from click.testing import CliRunner
 
-    from edgessl import exporter
+    from edgessl import exporter, knn
     from edgessl.cli import cli
+    from edgessl.data import load_split
+    from edgessl.knn import heldout_knn
+    from edgessl_edge.backends import open_model
 
     monkeypatch.setattr(exporter, "ADAPT_MAX_KNN_LOSS", -101.0)  # a student would have to gain 101 points
+    measured = []  # the networks whose held-out kNN was measured: the real function, counted
+    monkeypatch.setattr(knn, "heldout_knn", lambda *a, **k: measured.append(1) or heldout_knn(*a, **k))
     r = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "a.onnx"), "--precision", "int8",
                                  "--adapt-seconds", "1", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.output.strip().splitlines()[-1])
     rejected = report["student_rejected"]
     assert report["int8_network"] == "as_trained" and "adapted" not in report
-    assert rejected["knn_teacher"] == pytest.approx(report["knn_torch_fp32"])  # the same kNN, the same torch net
+    assert rejected["knn_teacher"] == report["knn_torch_fp32"]  # the same kNN, the same torch net
+    # the gate measured the network's kNN in this process; the check (a child process) takes it, not again
+    model, cfg, _ = load_run(run_dir)
+    own, onnx_file, taken = load_split(cfg.data), open_model(tmp_path / "a.onnx"), len(measured)
+    again = exporter.knn_change(exporter.export_module(model, False), onnx_file, cfg, *own,
+                                torch_fp32=rejected["knn_teacher"])
+    assert len(measured) == taken + 1 and again == {k: report[k] for k in again}
+    assert exporter.knn_change(exporter.export_module(model, False), onnx_file, cfg, *own) == again
+    assert len(measured) == taken + 3
     assert rejected["knn_change"] == pytest.approx(rejected["knn_student"] - rejected["knn_teacher"])
     assert f"the ReLU student lost {-rejected['knn_change']:.2f} kNN points" in r.output
     meta = read_metadata(tmp_path / "a.onnx")
