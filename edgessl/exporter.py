@@ -182,7 +182,7 @@ def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, a
               data_lib.load(cfg.data.spec, size, fit=fit))
     images = run_images(source, max(16, calib_count if precision == "int8" else 16), cfg)
     encoder = original = export_module(model, with_head)
-    adapted = None
+    adapted = measured = None  # measured: `original`'s torch fp32 kNN, where the int8 gate took it
     if precision == "int8" and adapt and not is_classifier(state) and needs_adapting(model.backbone):
         if students is None or adapt_seconds not in students:
             made = distill(model.backbone, own[0].images if own else source.images, cfg, seconds=adapt_seconds,
@@ -191,7 +191,8 @@ def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, a
             students.setdefault(adapt_seconds, made)
         if gate and knn and own:  # measured once per student (kept with it in `students`)
             student_knn_change(model.backbone, *students[adapt_seconds], cfg, *own)
-        measured = None if with_head else students[adapt_seconds][1].get("knn_teacher")  # the backbone's kNN
+        if not with_head:  # the gate measured the backbone: `original` without a head
+            measured = students[adapt_seconds][1].get("knn_teacher")
         if gate and students[adapt_seconds][1].get("knn_change", 0) < -ADAPT_MAX_KNN_LOSS:
             report = students[adapt_seconds][1]
             return _Job(encoder, original, None, images, own, size, rejected={
@@ -202,8 +203,7 @@ def _prepare(model, cfg, state, precision, calib, calib_count, with_head, knn, a
         with torch.no_grad():
             adapted["feature_cosine_to_original"] = float(torch.nn.functional.cosine_similarity(
                 encoder(torch.from_numpy(images)), original(torch.from_numpy(images)), dim=1).mean())
-        return _Job(encoder, original, adapted, images, own, size, knn_original=measured)
-    return _Job(encoder, original, adapted, images, own, size)
+    return _Job(encoder, original, adapted, images, own, size, knn_original=measured)
 
 
 def student_knn_change(teacher: nn.Module, student: nn.Module, report: dict, cfg: Config,
