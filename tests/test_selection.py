@@ -107,7 +107,10 @@ def test_graph_matches_a_naive_greedy_under_a_naive_diffusion_of_the_knn_graph()
     for _ in range(300):  # sum_t alpha^t S^t
         z, term = z + term, selection.DIFFUSION * s @ term
     torch.testing.assert_close(diffusion_kernel(x.float()).double(), z, rtol=1e-4, atol=1e-5)
-    assert pick(x.float(), 10, "graph", labelled=[4, 50]) == naive_greedy(z, 10, [4, 50])
+    picks = pick(x.float(), 10, "graph", labelled=[4, 50])
+    assert picks == naive_greedy(z, 10, [4, 50])
+    # a greedy is sequential: labelling in two rounds (select --exclude) picks what one round picks
+    assert picks[:4] + pick(x.float(), 6, "graph", labelled=[4, 50] + picks[:4]) == picks
 
 
 def test_graph_above_its_size_limit_picks_from_a_seeded_draw(monkeypatch):
